@@ -1,0 +1,318 @@
+"""ViGOS, vanilla OPSD and VGS as megatron-core loss functions.
+
+Each objective is a callable object; the schedule glue binds one micro-batch's
+token description with ``functools.partial(loss, tokens)`` and returns it from
+``forward_step_func``, so megatron calls ``loss_func(output_tensor)``, which returns
+``(loss, num_tokens, report)``.
+
+``output_tensor`` is the last pipeline stage's output: vocabulary-sharded logits
+``[S, R, V/tp]`` of every row of the stream (student rows and teacher context
+rows; teacher rows computed without grad). ``tokens`` holds, for each supervised
+completion token, the row index of the student's prediction and of each
+teacher's prediction in ``output_tensor`` flattened to ``[S*R, V/tp]``.
+
+Normalisation over data-parallel ranks and micro-batches
+--------------------------------------------------------
+The schedule must run with ``config.calculate_per_token_loss=True``: megatron then
+sums the returned losses without dividing, and ``finalize_model_grads`` divides
+every gradient once by ``N = sum of the returned num_tokens`` all-reduced over
+micro-batches and data-parallel ranks. ViGOS wants each term to be a mean over
+ITS OWN tokens of the global batch::
+
+    L = sum_s lambda_s / N_s * sum_{t in s} KL_t ,   N = sum_s N_s
+
+The per-segment counts ``N_s`` are known once rollouts are parsed, before the
+schedule runs; :func:`global_segment_counts` all-reduces them over data-parallel
+ranks. The loss of a micro-batch is ``sum_t w_{s(t)} KL_t`` with
+``w_s = lambda_s * N / N_s`` and ``num_tokens`` = its supervised token count, so that
+megatron's single division by ``N`` yields exactly ``L``. The reported loss
+``sum(loss) / sum(num_tokens)`` is ``L`` as well. :func:`check_schedule_config`
+rejects a config without per-token loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vigos_megatron.config.loss import OPSDLossConfig, VGSLossConfig, ViGOSLossConfig
+from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, LogitRows, kl_rows
+
+# ViGOS segments (ids used in DistillTokens.segment)
+PERCEPTION, REASONING, REFERENCE = 0, 1, 2
+VIGOS_SEGMENTS = ("perception", "reasoning", "reference")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One term of a segmented distillation objective."""
+
+    name: str
+    #: "forward" = KL(q_T || p_S), "reverse" = KL(p_S || q_T)
+    direction: str
+    weight: float
+
+
+@dataclass
+class DistillTokens:
+    """The supervised tokens of one micro-batch (built by the data/schedule glue).
+
+    All index tensors are ``int64 [n]`` on the logits' device and index rows of the
+    last stage's output flattened to ``[S*R, V/tp]``.
+
+    Attributes:
+        student_index: row of the student's logits predicting each supervised token.
+        teacher_index: row of the responsible teacher's logits for the same token.
+        segment: segment id of each token (ViGOS: ``PERCEPTION``/``REASONING``/``REFERENCE``).
+        completion_tokens: all completion tokens of the micro-batch (supervised or not).
+        rows: rollouts in the micro-batch; ``invalid_rows`` of them are malformed.
+        correct_rows: rollouts whose boxed answer matched the reference (-1: unknown).
+    """
+
+    student_index: Tensor
+    teacher_index: Tensor
+    segment: Tensor
+    completion_tokens: int = 0
+    rows: int = 0
+    invalid_rows: int = 0
+    correct_rows: int = -1
+
+    def __post_init__(self):
+        n = self.student_index.numel()
+        for name in ("student_index", "teacher_index", "segment"):
+            t = getattr(self, name)
+            if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != n:
+                raise ValueError(f"DistillTokens.{name}: expected int64 [{n}], got {t.dtype} {tuple(t.shape)}")
+
+
+@dataclass
+class VGSTokens:
+    """Completion tokens of one micro-batch for VGS: four rows per token (``int64 [n]`` each).
+
+    ``student_image_index``/``student_text_index``: the student's predictions with the
+    image (``I,x``) and without it (``x``); ``teacher_image_index``/``teacher_text_index``
+    the teacher's. All index the last stage's output flattened to ``[S*R, V/tp]``.
+    """
+
+    student_image_index: Tensor
+    student_text_index: Tensor
+    teacher_image_index: Tensor
+    teacher_text_index: Tensor
+
+    def __post_init__(self):
+        n = self.student_image_index.numel()
+        for name in ("student_image_index", "student_text_index", "teacher_image_index", "teacher_text_index"):
+            t = getattr(self, name)
+            if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != n:
+                raise ValueError(f"VGSTokens.{name}: expected int64 [{n}], got {t.dtype} {tuple(t.shape)}")
+
+
+def check_schedule_config(config) -> None:
+    """Raise unless the megatron config uses per-token loss normalisation (see module doc)."""
+    if not getattr(config, "calculate_per_token_loss", False):
+        raise ValueError(
+            "the distillation objectives need calculate_per_token_loss=True in the megatron "
+            "model config (their normalisation is folded into the loss)"
+        )
+
+
+def global_segment_counts(segments_per_microbatch: Sequence[Tensor], num_segments: int, dp_group=None) -> Tensor:
+    """``float64 [num_segments]``: tokens of each segment over all micro-batches and DP ranks.
+
+    Call once per step, before the schedule runs, with the ``segment`` tensors of this
+    rank's micro-batches. One all-reduce over ``dp_group`` (``None``: no data parallelism).
+    """
+    device = segments_per_microbatch[0].device if segments_per_microbatch else torch.device("cpu")
+    counts = torch.zeros(num_segments, dtype=torch.float64, device=device)
+    for seg in segments_per_microbatch:
+        if seg.numel():
+            counts += torch.bincount(seg, minlength=num_segments)[:num_segments].to(torch.float64)
+    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(counts, group=dp_group)
+    return counts
+
+
+def _pair(a, b, device) -> Tensor:
+    return torch.stack([torch.as_tensor(a, dtype=torch.float64, device=device).reshape(()),
+                        torch.as_tensor(b, dtype=torch.float64, device=device).reshape(())])
+
+
+class SegmentedDistillationLoss:
+    """``L = sum_s lambda_s / N_s * sum_{t in s} clip(KL_s(t))`` over the global batch.
+
+    Args:
+        segments: the terms; ``DistillTokens.segment`` indexes this sequence.
+        global_counts: ``[len(segments)]`` tokens of each segment over the global batch
+            (from :func:`global_segment_counts`).
+        temperature, clip: as in :func:`~vigos_megatron.losses.vocab_parallel_kl.vocab_parallel_kl`.
+        tp_group: tensor-parallel group sharding the vocabulary.
+    """
+
+    def __init__(
+        self,
+        segments: Sequence[Segment],
+        global_counts: Tensor,
+        *,
+        temperature: float = 1.0,
+        clip: float | None = None,
+        tp_group=None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        if len(global_counts) != len(segments):
+            raise ValueError(f"global_counts has {len(global_counts)} entries for {len(segments)} segments")
+        for s in segments:
+            if s.direction not in ("forward", "reverse"):
+                raise ValueError(f"segment {s.name}: direction must be 'forward' or 'reverse'")
+        self.segments = tuple(segments)
+        counts = global_counts.to(torch.float64)
+        total = counts.sum()
+        lam = torch.tensor([s.weight for s in segments], dtype=torch.float64, device=counts.device)
+        self.token_weight = torch.where(counts > 0, lam * total / counts.clamp(min=1), torch.zeros_like(lam))
+        self.reverse_of_segment = torch.tensor([s.direction == "reverse" for s in segments])
+        self.temperature = temperature
+        self.clip = clip if clip is not None and clip > 0 else None
+        self.tp_group = tp_group
+        self.chunk_bytes = chunk_bytes
+
+    def __call__(self, tokens: DistillTokens, output_tensor: Tensor):
+        device = output_tensor.device
+        seg = tokens.segment.to(device)
+        n = seg.numel()
+        kl = kl_rows(
+            LogitRows(output_tensor, tokens.student_index),
+            LogitRows(output_tensor.detach(), tokens.teacher_index),
+            reverse=self.reverse_of_segment.to(device)[seg],
+            temperature=self.temperature,
+            clip=self.clip,
+            tp_group=self.tp_group,
+            chunk_bytes=self.chunk_bytes,
+        )
+        w = self.token_weight.to(device=device, dtype=torch.float32)[seg]
+        loss = (w * kl).sum()
+        report = {}
+        with torch.no_grad():
+            k = len(self.segments)
+            sums = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, seg, kl.detach().double())
+            cnts = torch.bincount(seg, minlength=k)[:k].double() if n else torch.zeros(k, dtype=torch.float64, device=device)
+            for i, s in enumerate(self.segments):
+                report[f"kl/{s.name}"] = torch.stack([sums[i], cnts[i]])
+            clipped = (kl.detach() >= self.clip).sum() if self.clip is not None else 0
+            report["clip_fraction"] = _pair(clipped, n, device)
+            report["tokens/supervised_fraction"] = _pair(n, tokens.completion_tokens, device)
+            for i, s in enumerate(self.segments):
+                report[f"tokens/{s.name}_fraction"] = _pair(cnts[i], tokens.completion_tokens, device)
+            report["rollouts/invalid_fraction"] = _pair(tokens.invalid_rows, tokens.rows, device)
+            if tokens.correct_rows >= 0:
+                report["rollouts/accuracy"] = _pair(tokens.correct_rows, tokens.rows, device)
+        num_tokens = torch.tensor(n, dtype=torch.int, device=device)
+        return loss, num_tokens, report
+
+
+def vigos_loss(cfg: ViGOSLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """ViGOS: forward KL on perception/reasoning segments of valid rows, reverse KL on invalid rows."""
+    segments = (
+        Segment("perception", "forward", cfg.lambda_perception),
+        Segment("reasoning", "forward", cfg.lambda_reasoning),
+        Segment("reference", "reverse", cfg.lambda_reference),
+    )
+    return SegmentedDistillationLoss(
+        segments, global_counts, temperature=cfg.temperature, clip=cfg.clip, tp_group=tp_group, chunk_bytes=chunk_bytes
+    )
+
+
+def opsd_loss(cfg: OPSDLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """Vanilla OPSD: one privileged teacher, forward KL on every completion token (segment 0)."""
+    return SegmentedDistillationLoss(
+        (Segment("privileged", "forward", cfg.weight),),
+        global_counts,
+        temperature=cfg.temperature,
+        clip=cfg.clip,
+        tp_group=tp_group,
+        chunk_bytes=chunk_bytes,
+    )
+
+
+class VGSLoss:
+    """Visual Gradient Steering (seed 003) on vocabulary-sharded logits.
+
+    Per completion token ``t`` (student ``p_S``, teacher ``q_T``, image ``I``, text ``x``)::
+
+        l_std = KL(p_S(.|I,x) || q_T(.|I,x))
+        log q* = log_softmax(log p_S(.|x) + log q_T(.|I,x) - log q_T(.|x))
+        l_vis = KL(p_S(.|I,x) || q*)
+        VDS   = KL(q_T(.|I,x) || q_T(.|x))
+        l_lp  = 1[VDS > Q_p(VDS)] * KL(p_S(.|x) || q_T(.|x))
+        L     = eta * mean_t (l_std + gamma_t * l_vis + lambda * l_lp)
+
+    ``Q_p`` is the quantile over the micro-batch's completion tokens (known on the last
+    stage). The mean is over all completion tokens of the global batch (megatron's
+    per-token normalisation; ``num_tokens`` = ``n``). ``p_S(.|x)`` inside ``q*`` is detached
+    unless ``detach_text_student_in_target=False``. ``q*`` is never materialised: the KL
+    sums the three logits rows chunk by chunk.
+    """
+
+    def __init__(self, cfg: VGSLossConfig, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.chunk_bytes = chunk_bytes
+
+    def _kl(self, a, b, clip=True):
+        return kl_rows(
+            a, b, reverse=True, temperature=self.cfg.temperature,
+            clip=self.cfg.clip if clip else None, tp_group=self.tp_group, chunk_bytes=self.chunk_bytes,
+        )
+
+    def gamma_per_token(self, vds: Tensor) -> Tensor:
+        c = self.cfg
+        if not c.adaptive_gamma or vds.numel() == 0:
+            return torch.full_like(vds, c.gamma)
+        lo, hi = torch.quantile(vds, torch.tensor([c.adaptive_low_quantile, c.adaptive_high_quantile], dtype=vds.dtype, device=vds.device))
+        return torch.where(vds > hi, c.gamma, torch.where(vds > lo, c.gamma / 2, 0.0)).to(vds.dtype)
+
+    def __call__(self, tokens: VGSTokens, output_tensor: Tensor):
+        c = self.cfg
+        z, zd = output_tensor, output_tensor.detach()
+        si, sx = tokens.student_image_index, tokens.student_text_index
+        ti, tx = tokens.teacher_image_index, tokens.teacher_text_index
+        n = si.numel()
+        with torch.no_grad():
+            vds = self._kl(LogitRows(zd, ti), LogitRows(zd, tx), clip=False)
+        l_std = self._kl(LogitRows(z, si), LogitRows(zd, ti))
+        target = [
+            LogitRows(zd if c.detach_text_student_in_target else z, sx),
+            LogitRows(zd, ti),
+            LogitRows(zd, tx, coef=-1.0),
+        ]
+        l_vis = self._kl(LogitRows(z, si), target)
+        gamma_t = self.gamma_per_token(vds)
+        if n:
+            threshold = torch.quantile(vds, c.lp_quantile)
+            selected = (vds > threshold).nonzero().squeeze(1)
+        else:
+            selected = torch.zeros(0, dtype=torch.int64, device=z.device)
+        l_lp = self._kl(LogitRows(z, sx[selected]), LogitRows(zd, tx[selected]))
+        loss = c.eta * ((l_std + gamma_t * l_vis).sum() + c.lambda_lp * l_lp.sum())
+        dev = z.device
+        report = {
+            "vgs/l_std": _pair(l_std.detach().sum(), n, dev),
+            "vgs/l_vis": _pair(l_vis.detach().sum(), n, dev),
+            "vgs/l_lp": _pair(l_lp.detach().sum(), n, dev),
+            "vgs/vds": _pair(vds.sum(), n, dev),
+            "vgs/lp_selected_fraction": _pair(selected.numel(), n, dev),
+        }
+        return loss, torch.tensor(n, dtype=torch.int, device=dev), report
+
+
+def build_loss(loss_cfg, global_counts: Tensor | None, *, tp_group=None):
+    """The configured objective (``loss_cfg``: :class:`~vigos_megatron.config.loss.LossConfig`)."""
+    if loss_cfg.objective == "vigos":
+        return vigos_loss(loss_cfg.vigos, global_counts, tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes)
+    if loss_cfg.objective == "opsd":
+        return opsd_loss(loss_cfg.opsd, global_counts, tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes)
+    if loss_cfg.objective == "vgs":
+        return VGSLoss(loss_cfg.vgs, tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes)
+    raise ValueError(f"unknown objective {loss_cfg.objective!r}")

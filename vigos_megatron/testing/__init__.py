@@ -1,0 +1,1 @@
+"""Support code for tests, benchmarks and the demo (tiny models, gloo process groups)."""
