@@ -118,21 +118,27 @@ def _token_maxima(sides, inv_t, n, chunk, group) -> Tensor:
 
 
 def _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group) -> Tensor:
-    """``[n, 4]`` global ``(S_a, S_b, C_a, C_b)`` (``SUM`` all-reduce #2)."""
+    """``[n, 4]`` global ``(S_a, S_b, C_a, C_b)`` (``SUM`` all-reduce #2).
+
+    With ``a' = a - m_a``, ``b' = b - m_b`` and ``dm = m_a - m_b`` (all in place):
+    ``C_a = sum e^{a'} (a' - b') + dm * S_a`` and ``C_b = -sum e^{b'} (a' - b') - dm * S_b``.
+    """
     s = torch.zeros(n, 4, dtype=torch.float32, device=m.device)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
-        a = _side_chunk(*sides[0], lo, hi, inv_t)
-        b = _side_chunk(*sides[1], lo, hi, inv_t)
-        ea = torch.exp(a - m[lo:hi, 0:1])
-        eb = torch.exp(b - m[lo:hi, 1:2])
+        a = _side_chunk(*sides[0], lo, hi, inv_t).sub_(m[lo:hi, 0:1])
+        b = _side_chunk(*sides[1], lo, hi, inv_t).sub_(m[lo:hi, 1:2])
+        ea = torch.exp(a)
+        eb = torch.exp(b)
         s[lo:hi, 0] = ea.sum(-1)
         s[lo:hi, 1] = eb.sum(-1)
-        diff = a.sub_(b)  # a - b, in place: ``a`` is not needed any more
+        d = a.sub_(b)
+        dm = m[lo:hi, 0] - m[lo:hi, 1]
         if want_a:
-            s[lo:hi, 2] = (ea * diff).sum(-1)
+            s[lo:hi, 2] = (ea.mul_(d)).sum(-1) + dm * s[lo:hi, 0]
         if want_b:
-            s[lo:hi, 3] = -(eb * diff).sum(-1)
+            s[lo:hi, 3] = -(eb.mul_(d)).sum(-1) - dm * s[lo:hi, 1]
+        del a, b, ea, eb, d
     return _all_reduce(s, dist.ReduceOp.SUM, group)
 
 
@@ -145,22 +151,33 @@ def _kl_from_stats(m: Tensor, s: Tensor, reverse: Tensor):
     return torch.where(reverse, kl_rev, kl_fwd), lse_a, lse_b
 
 
-def _side_grads(a, b, lse_a, lse_b, kl, reverse, g):
+def _side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
     """Gradients w.r.t. the two sides' (temperature-scaled) logits for one chunk.
 
-    ``a``/``b`` are overwritten. ``g`` is ``[c, 1]`` (incoming gradient / T).
+    ``a``/``b`` are consumed (overwritten). ``g`` is ``[c, 1]`` (incoming gradient / T).
+    ``mode`` is ``"forward"``, ``"reverse"`` or ``"mixed"`` (per-token ``reverse``);
+    the single-direction modes work in place on 4 chunk-sized tensors::
+
+        reverse: da = p_a (la - lb - kl),  db = q_b - p_a
+        forward: da = p_a - q_b,           db = q_b (lb - la - kl)
     """
     la = a.sub_(lse_a[:, None])  # log p_a
     lb = b.sub_(lse_b[:, None])  # log q_b
     pa = torch.exp(la)
     qb = torch.exp(lb)
-    r = reverse[:, None]
-    # reverse: da = p_a (la - lb - kl), db = q_b - p_a
-    # forward: da = p_a - q_b,          db = q_b (lb - la - kl)
-    d = la.sub_(lb)  # la - lb (la no longer needed)
-    da = torch.where(r, pa * (d - kl[:, None]), pa - qb)
-    db = torch.where(r, qb - pa, qb * (d.neg_() - kl[:, None]))
-    return da.mul_(g), db.mul_(g)
+    d = la.sub_(lb)  # la - lb
+    k = kl[:, None]
+    if mode == "reverse":
+        da = (d - k if need_b else d.sub_(k)).mul_(pa).mul_(g)
+        db = qb.sub_(pa).mul_(g) if need_b else None
+    elif mode == "forward":
+        db = d.neg_().sub_(k).mul_(qb).mul_(g) if need_b else None
+        da = pa.sub_(qb).mul_(g)
+    else:
+        r = reverse[:, None]
+        da = torch.where(r, pa * (d - k), pa - qb).mul_(g)
+        db = torch.where(r, qb - pa, qb * (d.neg_() - k)).mul_(g) if need_b else None
+    return da, db
 
 
 # --------------------------------------------------------------------------- autograd
@@ -210,6 +227,8 @@ class _VocabParallelKL(torch.autograd.Function):
         rows = [_rows(x) for x in logits]
         terms = list(zip(rows, coefs))
         sides = ((terms[:n_a], indices[:n_a]), (terms[n_a:], indices[n_a:]))
+        need_b = any(needs[n_a:])
+        mode = "mixed" if (want_a and want_b) else ("reverse" if want_a else "forward")
         grads = [
             (torch.zeros_like(r) if indices[i] is not None else torch.empty_like(r)) if needs[i] else None
             for i, r in enumerate(rows)
@@ -220,7 +239,9 @@ class _VocabParallelKL(torch.autograd.Function):
             hi = min(n, lo + chunk)
             a = _side_chunk(*sides[0], lo, hi, inv_t)
             b = _side_chunk(*sides[1], lo, hi, inv_t)
-            da, db = _side_grads(a, b, lse_a[lo:hi], lse_b[lo:hi], kl[lo:hi], reverse[lo:hi], g[lo:hi, None])
+            da, db = _side_grads(
+                a, b, lse_a[lo:hi], lse_b[lo:hi], kl[lo:hi], reverse[lo:hi], g[lo:hi, None], mode, need_b
+            )
             for i in range(k):
                 if grads[i] is None:
                     continue

@@ -1,0 +1,88 @@
+"""Configuration of the data pipeline: shards -> streaming loader -> image + prompt contexts.
+
+Loaded with ``load_config(DataConfig, "conf/data/vision_sr1_47k.yaml", overrides)``; every
+``validate()`` raises :class:`ConfigError` naming the option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vigos_megatron.config.loader import ConfigError
+
+#: every context :mod:`vigos_megatron.data.contexts` can build (``../shared/METHOD.md`` sections 1-4)
+CONTEXT_NAMES = ("student", "perception", "reasoning", "reference", "opsd", "student_text", "opsd_text")
+
+
+@dataclass
+class LoaderConfig:
+    """Streaming over the shards written by ``tools/make_webdataset.py``."""
+
+    #: directory holding ``manifest.json``, ``index.json`` and the ``shard-*.tar`` files
+    shards_dir: str = ""
+    #: prompts per data-parallel rank per batch
+    batch_size: int = 1
+    #: DataLoader worker processes per rank (0: load in the main process)
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    seed: int = 1234
+    #: shuffle the shard order every epoch
+    shuffle_shards: bool = True
+    #: samples held in the shuffle buffer (<= 1: no sample-level shuffle)
+    shuffle_buffer: int = 1000
+
+    def validate(self) -> None:
+        if not self.shards_dir:
+            raise ConfigError("shards_dir: must be set (a directory written by tools/make_webdataset.py)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+
+
+@dataclass
+class ContextConfig:
+    """Image sizing and prompt contexts (``../shared/METHOD.md`` section 2)."""
+
+    #: local directory of the HF processor (tokenizer + chat template + image processor)
+    processor_path: str = ""
+    #: YAML file of prompt templates (``conf/prompts/vigos.yaml``)
+    prompts_path: str = "conf/prompts/vigos.yaml"
+    #: qwen-vl-utils ``smart_resize`` bounds (pixels); defaults are qwen-vl-utils' (4 and 16384 merged patches)
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 16384 * 28 * 28
+    #: a sample whose longest context prompt exceeds this many tokens is dropped and counted
+    max_prompt_tokens: int = 32768
+    #: which contexts to build (subset of CONTEXT_NAMES)
+    contexts: list[str] = field(default_factory=lambda: list(CONTEXT_NAMES))
+    #: paper wording: the reasoning teacher also sees the student's description (released code: False)
+    reasoning_teacher_sees_description: bool = False
+
+    def validate(self) -> None:
+        if not self.processor_path:
+            raise ConfigError("processor_path: must be set (a local Hugging Face processor directory)")
+        if not self.prompts_path:
+            raise ConfigError("prompts_path: must be set")
+        if self.min_pixels < 1:
+            raise ConfigError(f"min_pixels: must be >= 1, got {self.min_pixels}")
+        if self.max_pixels < self.min_pixels:
+            raise ConfigError(f"max_pixels: must be >= min_pixels ({self.min_pixels}), got {self.max_pixels}")
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
+        if not self.contexts:
+            raise ConfigError("contexts: at least one context is needed")
+        for name in self.contexts:
+            if name not in CONTEXT_NAMES:
+                raise ConfigError(f"contexts: unknown context {name!r}; known: {', '.join(CONTEXT_NAMES)}")
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ConfigError(f"contexts: duplicate entries in {list(self.contexts)}")
+
+
+@dataclass
+class DataConfig:
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
