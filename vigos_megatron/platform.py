@@ -6,11 +6,12 @@ Two independent adaptations, each applied only where it is needed:
    few points even when its collectives run on gloo (``../shared/ENVIRONMENT.md``):
 
    * ``torch.cuda.current_device()`` used as a device  -> returns ``cpu``;
-   * the CUDA RNG tracker (local attention always forks it) -> forks the CPU RNG;
+   * the CUDA RNG tracker (local attention always forks it) -> forks the CPU RNG
+     (``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read / write the CPU state);
    * ``device="cuda"`` literals (pipeline schedules' token counter, optimizer,
      grad clipping) -> allocated on the CPU;
-   * ``torch.cuda.synchronize()`` in p2p communication, ``torch.cuda.current_stream()``
-     in the DDP grad buffer -> no-ops;
+   * ``torch.cuda.synchronize()`` in p2p communication and in dist_checkpointing's
+     writer, ``torch.cuda.current_stream()`` in the DDP grad buffer -> no-ops;
    * the ``param.grad.type() == 'torch.cuda.FloatTensor'`` assertion in grad clipping
      -> ``clip_grad_by_total_norm_fp32`` replaced by the same math without it.
 
@@ -54,6 +55,12 @@ _CPU_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.tensor_parallel.random",
+    # get_default_causal_mask / sliding-window mask: torch.ones(..., device="cuda") (local attention, mask=None)
+    "megatron.core.transformer.utils",
+    # dist_checkpointing save path: torch.cuda.synchronize() before writing, device="cuda" result flags
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 _TE_SUBMODULES = (
@@ -214,6 +221,8 @@ def _apply_cpu_mode() -> None:
         mod.torch = fake
     random_mod = sys.modules["megatron.core.tensor_parallel.random"]
     random_mod._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    # fork() reads the state through _get_cuda_rng_state (torch.cuda.random.get_rng_state) directly
+    random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         mod = sys.modules[name]
         if hasattr(mod, "clip_grad_by_total_norm_fp32"):

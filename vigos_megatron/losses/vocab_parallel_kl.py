@@ -107,13 +107,22 @@ def _chunk_len(n: int, v_local: int, chunk_bytes: int) -> int:
     return max(1, min(n, chunk_bytes // max(1, 4 * v_local)))
 
 
+def _side_max(terms, index_list, lo: int, hi: int, inv_t: float) -> Tensor:
+    """Per-token max of one side's scaled logits (any upper-bound shift works for stability)."""
+    if len(terms) == 1 and terms[0][1] > 0:
+        (rows, coef), idx = terms[0], index_list[0]
+        x = rows[lo:hi] if idx is None else rows.index_select(0, idx[lo:hi])
+        return x.amax(dim=-1).float() * (coef * inv_t)  # no fp32 copy of the chunk
+    return _side_chunk(terms, index_list, lo, hi, inv_t).amax(dim=-1)
+
+
 def _token_maxima(sides, inv_t, n, chunk, group) -> Tensor:
     """``[n, 2]`` global per-token maxima (``MAX`` all-reduce #1)."""
     m = torch.empty(n, 2, dtype=torch.float32, device=sides[0][0][0][0].device)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         for j, (terms, idx) in enumerate(sides):
-            m[lo:hi, j] = _side_chunk(terms, idx, lo, hi, inv_t).amax(dim=-1)
+            m[lo:hi, j] = _side_max(terms, idx, lo, hi, inv_t)
     return _all_reduce(m, dist.ReduceOp.MAX, group)
 
 
