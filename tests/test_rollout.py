@@ -1,0 +1,148 @@
+"""Completion parsing (exact token spans) and micro-batch assembly for the losses."""
+
+import pytest
+import torch
+
+from vigos_megatron.losses.objectives import PERCEPTION, REASONING, REFERENCE
+from vigos_megatron.rollout.assembly import assemble_opsd, assemble_vgs, assemble_vigos, pack_distill, pack_vgs
+from vigos_megatron.rollout.segments import TokenBytes, last_boxed, parse_completion
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from vigos_megatron.testing.tiny_qwen import write_tiny_tokenizer
+
+    return AutoTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def tb(tok):
+    return TokenBytes(tok)
+
+
+def enc(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["plain ascii 123", " é中文 mixed — dash ✓", "<|im_end|>tail", "\\boxed{x} {}}{ \n\t"],
+)
+def test_token_bytes_are_exact(tok, tb, text):
+    ids = enc(tok, text)
+    assert b"".join(tb(ids)).decode("utf-8") == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_valid_completion_spans(tok, tb):
+    desc, rea = " a red ball 中", "count 3 apples</think> \\boxed{3 {x}}"
+    text = desc + "</description>\n<think>" + rea + " trailing text<|im_end|>"
+    ids = enc(tok, text)
+    seg = parse_completion(ids, tb)
+    assert seg.valid and seg.reason == ""
+    assert tok.decode(ids[slice(*seg.description)]) == desc
+    assert tok.decode(ids[slice(*seg.reasoning)]) == rea
+    assert seg.answer == "3 {x}"
+    # the tags between the spans, the tail and EOS are unsupervised
+    assert seg.reasoning[1] < len(ids)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("no tags at all \\boxed{1}", "no </description>"),
+        ("d <think> r </description> x </think> \\boxed{1}", "no <think> after </description>"),
+        ("d</description><think> r \\boxed{1}", "no </think> after <think>"),
+        ("d</description><think> r </think> answer 1", "no \\boxed{ after </think>"),
+        ("d</description><think> r </think> \\boxed{1 {2}", "unbalanced braces in \\boxed{"),
+        ("</description><think> r </think> \\boxed{1}", "empty description"),
+        ("<|endoftext|></description><think> r </think> \\boxed{1}", "empty description"),
+    ],
+)
+def test_invalid_completions(tok, tb, text, reason):
+    seg = parse_completion(enc(tok, text), tb)
+    assert not seg.valid and seg.reason == reason
+
+
+def test_last_boxed():
+    assert last_boxed(b"\\boxed{1} then \\boxed{a{b}c}") == "a{b}c"
+    assert last_boxed(b"\\boxed{1} then \\boxed{open") == "1"
+    assert last_boxed(b"none") is None
+
+
+def _contexts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randint(1000, 2000, (n,), generator=g) for k, n in lengths.items()}
+
+
+CTX = {"student": 9, "perception": 4, "reasoning": 12, "reference": 14, "opsd": 13, "student_text": 6, "opsd_text": 7}
+
+
+def _check_alignment(mb, completions):
+    """The token after each scoring position is the scored completion token, in both rows."""
+    R = mb.input_ids.shape[0]
+    flat = mb.input_ids.T.reshape(-1)  # index p * R + r, like the [S, R, V] logits
+    nxt = lambda i: int(flat[i + R])  # noqa: E731  token at position p + 1 of the same row
+    t = mb.tokens
+    for s, te in zip(t.student_index.tolist(), t.teacher_index.tolist()):
+        assert nxt(s) == nxt(te)
+        assert s % R < mb.num_student_rows <= te % R
+        for i in (s, te):
+            assert i // R + 1 < int(mb.lengths[i % R])  # scored token is real, not padding
+    assert sum(c.numel() for c in completions) == t.completion_tokens
+
+
+@pytest.mark.parametrize("sees_description", [False, True])
+def test_vigos_assembly_alignment(tok, tb, sees_description):
+    texts = [
+        " a cat</description>\n<think> two ears</think> \\boxed{cat}<|im_end|>",  # valid
+        " broken output without tags<|im_end|>",  # invalid
+        " 中 x</description><think>y</think>\\boxed{1}",  # valid, no EOS
+    ]
+    comps = [torch.tensor(enc(tok, t)) for t in texts]
+    rolls = []
+    for i, c in enumerate(comps):
+        seg = parse_completion(c.tolist(), tb)
+        rolls.append(assemble_vigos(_contexts(CTX, i), c, seg, reasoning_teacher_sees_description=sees_description, correct=i == 0))
+    mb = pack_distill(rolls, pad_id=0, multiple=16)
+    assert mb.input_ids.shape == (3 * 3, mb.seq_length) and mb.seq_length % 16 == 0
+    _check_alignment(mb, comps)
+    seg = mb.tokens.segment
+    s0 = parse_completion(comps[0].tolist(), tb)
+    s2 = parse_completion(comps[2].tolist(), tb)
+    n_desc = (s0.description[1] - s0.description[0]) + (s2.description[1] - s2.description[0])
+    n_rea = (s0.reasoning[1] - s0.reasoning[0]) + (s2.reasoning[1] - s2.reasoning[0])
+    assert int((seg == PERCEPTION).sum()) == n_desc
+    assert int((seg == REASONING).sum()) == n_rea
+    assert int((seg == REFERENCE).sum()) == comps[1].numel()  # every token of the invalid row, EOS included
+    assert mb.tokens.invalid_rows == 1 and mb.tokens.correct_rows == 1
+    # the invalid rollout's second teacher slot is an unused (empty) row
+    assert int(mb.lengths[2 * 3 + 1]) == 0
+    # released behaviour: the reasoning teacher holds only reasoning tokens after its prompt
+    rea_len = int(mb.lengths[2 * 3 + 0])
+    expect = CTX["reasoning"] + (s0.reasoning[1] if sees_description else s0.reasoning[1] - s0.reasoning[0])
+    assert rea_len == expect
+
+
+def test_opsd_and_vgs_assembly(tok, tb):
+    comps = [torch.tensor(enc(tok, t)) for t in (" a</description><think>b</think>\\boxed{c}", " zz")]
+    mb = pack_distill([assemble_opsd(_contexts(CTX, i), c) for i, c in enumerate(comps)], pad_id=0, multiple=8)
+    _check_alignment(mb, comps)
+    assert int((mb.tokens.segment == 0).sum()) == sum(c.numel() for c in comps)
+
+    mb = pack_vgs([assemble_vgs(_contexts(CTX, i), c) for i, c in enumerate(comps)], pad_id=0, multiple=8)
+    R = mb.input_ids.shape[0]
+    assert mb.num_student_rows == 4 and R == 8
+    flat = mb.input_ids.T.reshape(-1)
+    t = mb.tokens
+    for a, b, c, d in zip(t.student_image_index, t.student_text_index, t.teacher_image_index, t.teacher_text_index):
+        toks = {int(flat[int(i) + R]) for i in (a, b, c, d)}
+        assert len(toks) == 1  # all four rows score the same completion token
+    assert not bool(mb.row_has_image[2:4].any()) and bool(mb.row_has_image[:2].all())
+
+
+def test_pack_rejects_mixed_objectives(tok, tb):
+    c = torch.tensor(enc(tok, " zz"))
+    with pytest.raises(ValueError, match="same objective"):
+        pack_distill([assemble_opsd(_contexts(CTX), c), assemble_vgs(_contexts(CTX), c)], pad_id=0)

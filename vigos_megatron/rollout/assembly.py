@@ -1,0 +1,230 @@
+"""Rollouts -> the token rows of one micro-batch stream and the loss's token indices.
+
+After a rollout, each sample has its prompt prefixes (``vigos_megatron.data.contexts``) and
+the student's completion ids. This module appends the completion tokens each context must
+score (METHOD.md section 2) and packs a micro-batch into the layout of
+``../shared/DESIGN-NOTES.md``: ``R = (Ks + Kt) * B`` rows of one padded length ``S``, the
+``Ks`` student slots first (trainable rows), then the ``Kt`` teacher slots; slot ``c`` of
+rollout ``b`` is row ``c * B + b``. The last stage's output is ``[S, R, V/tp]``, so a
+prediction at position ``p`` of row ``r`` is row ``p * R + r`` of the flattened logits:
+that is what :class:`~vigos_megatron.losses.objectives.DistillTokens` indexes.
+
+Slots per objective (an unused slot is an all-pad row):
+
+========  ======================  ==================================================
+objective student slots           teacher slots
+========  ======================  ==================================================
+vigos     student                 perception (valid) / reference (invalid); reasoning
+opsd      student                 opsd
+vgs       student, student_text   teacher image context, teacher text context
+========  ======================  ==================================================
+
+The logits at position ``p`` predict token ``p + 1``; for completion token ``j`` appended
+after a prefix of length ``L`` at offset ``o`` (``o`` = first appended completion index),
+the scoring position is ``L - 1 + j - o``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from vigos_megatron.losses.objectives import PERCEPTION, REASONING, REFERENCE, DistillTokens, VGSTokens
+from vigos_megatron.rollout.segments import CompletionSegments
+
+
+@dataclass
+class Row:
+    """One sequence of the stream: a prompt prefix plus appended completion tokens."""
+
+    context: str
+    ids: Tensor  # int64 [L]
+    has_image: bool = True
+
+
+@dataclass
+class AssembledRollout:
+    """The rows of one rollout and its supervised tokens.
+
+    ``scores`` holds ``(student_slot, student_pos, teacher_slot, teacher_pos, segment)`` per
+    supervised completion token (slots index ``student_slots`` + ``teacher_slots``).
+    """
+
+    student_slots: list[Row]
+    teacher_slots: list[Row | None]
+    scores: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    completion_tokens: int = 0
+    valid: bool = True
+    correct: bool | None = None
+
+
+def _row(contexts: dict, name: str, tail: Tensor, has_image: bool = True) -> Row:
+    if name not in contexts:
+        raise KeyError(f"context {name!r} was not encoded for this sample (have {sorted(contexts)})")
+    return Row(name, torch.cat([contexts[name].long(), tail.long()]), has_image)
+
+
+def assemble_vigos(
+    contexts: dict[str, Tensor],
+    completion: Tensor,
+    seg: CompletionSegments,
+    *,
+    reasoning_teacher_sees_description: bool = False,
+    correct: bool | None = None,
+) -> AssembledRollout:
+    """ViGOS rows: perception + reasoning teachers on valid rollouts, the reference teacher otherwise.
+
+    Args:
+        contexts: prompt prefixes by context name (``student``, ``perception``, ``reasoning``,
+            ``reference``), int64 ``[L_name]``; the student's ends with its ``<description>`` prefill.
+        completion: int64 ``[n]`` generated ids (EOS included when generated).
+        seg: :func:`~vigos_megatron.rollout.segments.parse_completion` of ``completion``.
+    """
+    n = int(completion.numel())
+    student = _row(contexts, "student", completion)
+    ls = contexts["student"].numel()
+    out = AssembledRollout([student], [None, None], completion_tokens=n, valid=seg.valid, correct=correct)
+    if not seg.valid:
+        ref = _row(contexts, "reference", completion)
+        lr = contexts["reference"].numel()
+        out.teacher_slots[0] = ref
+        out.scores = [(0, ls - 1 + j, 0, lr - 1 + j, REFERENCE) for j in range(n)]
+        return out
+    d0, d1 = seg.description
+    r0, r1 = seg.reasoning
+    # perception: image only, then the completion up to the end of the description
+    out.teacher_slots[0] = _row(contexts, "perception", completion[:d1])
+    lp = contexts["perception"].numel()
+    out.scores += [(0, ls - 1 + j, 0, lp - 1 + j, PERCEPTION) for j in range(d0, d1)]
+    # reasoning: privileged prompt then ONLY the reasoning+answer tokens (released code), or
+    # the whole completion prefix when it also sees the description (paper wording)
+    offset = 0 if reasoning_teacher_sees_description else r0
+    out.teacher_slots[1] = _row(contexts, "reasoning", completion[offset:r1])
+    lq = contexts["reasoning"].numel()
+    out.scores += [(0, ls - 1 + j, 1, lq - 1 + j - offset, REASONING) for j in range(r0, r1)]
+    return out
+
+
+def assemble_opsd(contexts: dict[str, Tensor], completion: Tensor, *, correct: bool | None = None) -> AssembledRollout:
+    """Vanilla OPSD: the privileged ``opsd`` teacher scores every completion token (segment 0)."""
+    n = int(completion.numel())
+    ls, lo = contexts["student"].numel(), contexts["opsd"].numel()
+    return AssembledRollout(
+        [_row(contexts, "student", completion)],
+        [_row(contexts, "opsd", completion)],
+        scores=[(0, ls - 1 + j, 0, lo - 1 + j, 0) for j in range(n)],
+        completion_tokens=n,
+        correct=correct,
+    )
+
+
+def assemble_vgs(
+    contexts: dict[str, Tensor],
+    completion: Tensor,
+    *,
+    teacher_image_context: str = "opsd",
+    teacher_text_context: str = "opsd_text",
+    correct: bool | None = None,
+) -> AssembledRollout:
+    """VGS: student with/without image, teacher with/without image, all on every completion token.
+
+    ``teacher_*_context`` select the teacher's prompts: ``student``/``student_text`` for a
+    separate teacher checkpoint (setting a), ``opsd``/``opsd_text`` for the privileged
+    self-distillation setting (b). ``scores`` rows are ``(0, p_SI, 0, p_TI, 0)`` and the
+    text-only positions are recovered by :func:`pack_vgs`.
+    """
+    n = int(completion.numel())
+    rows_s = [_row(contexts, "student", completion), _row(contexts, "student_text", completion, has_image=False)]
+    rows_t = [_row(contexts, teacher_image_context, completion), _row(contexts, teacher_text_context, completion, has_image=False)]
+    return AssembledRollout(rows_s, rows_t, completion_tokens=n, correct=correct)
+
+
+@dataclass
+class MicroBatchStream:
+    """Token rows of one micro-batch and where the loss reads its logits.
+
+    Attributes:
+        input_ids: int64 ``[R, S]`` (pad-filled; causal attention makes right padding inert).
+        lengths: int64 ``[R]`` real tokens per row (0 for an unused slot).
+        row_context: context name per row ("" for unused slots).
+        row_has_image: bool ``[R]``; row ``r`` belongs to rollout ``r % B``.
+        num_student_rows: ``Ks * B`` leading trainable rows.
+        rollouts: ``B``; ``seq_length``: ``S``.
+    """
+
+    input_ids: Tensor
+    lengths: Tensor
+    row_context: list[str]
+    row_has_image: Tensor
+    num_student_rows: int
+    rollouts: int
+    seq_length: int
+    tokens: DistillTokens | VGSTokens | None = None
+
+
+def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int) -> MicroBatchStream:
+    if not rollouts:
+        raise ValueError("pack: empty micro-batch")
+    B = len(rollouts)
+    ks, kt = len(rollouts[0].student_slots), len(rollouts[0].teacher_slots)
+    if any(len(r.student_slots) != ks or len(r.teacher_slots) != kt for r in rollouts):
+        raise ValueError("pack: rollouts of one micro-batch must come from the same objective (same slots)")
+    slots = [r.student_slots + r.teacher_slots for r in rollouts]
+    longest = max(row.ids.numel() for s in slots for row in s if row is not None)
+    S = -(-longest // multiple) * multiple
+    R = (ks + kt) * B
+    ids = torch.full((R, S), pad_id, dtype=torch.long)
+    lengths = torch.zeros(R, dtype=torch.long)
+    names = [""] * R
+    has_image = torch.zeros(R, dtype=torch.bool)
+    for b, rows in enumerate(slots):
+        for c, row in enumerate(rows):
+            if row is None:
+                continue
+            r = c * B + b
+            ids[r, : row.ids.numel()] = row.ids
+            lengths[r] = row.ids.numel()
+            names[r] = row.context
+            has_image[r] = row.has_image
+    return MicroBatchStream(ids, lengths, names, has_image, ks * B, B, S)
+
+
+def pack_distill(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64) -> MicroBatchStream:
+    """Pack ViGOS/OPSD rollouts; ``tokens`` is the micro-batch's :class:`DistillTokens`."""
+    mb = _pack(rollouts, pad_id, multiple)
+    B, R = mb.rollouts, mb.input_ids.shape[0]
+    ks = mb.num_student_rows // B
+    sidx, tidx, seg = [], [], []
+    for b, r in enumerate(rollouts):
+        for s_slot, s_pos, t_slot, t_pos, segment in r.scores:
+            sidx.append(s_pos * R + s_slot * B + b)
+            tidx.append(t_pos * R + (ks + t_slot) * B + b)
+            seg.append(segment)
+    known = [r.correct for r in rollouts if r.correct is not None]
+    mb.tokens = DistillTokens(
+        torch.tensor(sidx, dtype=torch.long),
+        torch.tensor(tidx, dtype=torch.long),
+        torch.tensor(seg, dtype=torch.long),
+        completion_tokens=sum(r.completion_tokens for r in rollouts),
+        rows=B,
+        invalid_rows=sum(not r.valid for r in rollouts),
+        correct_rows=sum(known) if len(known) == B else -1,
+    )
+    return mb
+
+
+def pack_vgs(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64) -> MicroBatchStream:
+    """Pack VGS rollouts; ``tokens`` is the micro-batch's :class:`VGSTokens` (every completion token)."""
+    mb = _pack(rollouts, pad_id, multiple)
+    B, R = mb.rollouts, mb.input_ids.shape[0]
+    idx = [[], [], [], []]
+    for b, r in enumerate(rollouts):
+        rows = r.student_slots + r.teacher_slots
+        n = r.completion_tokens
+        for c, row in enumerate(rows):
+            prefix = row.ids.numel() - n
+            idx[c] += [(prefix - 1 + j) * R + c * B + b for j in range(n)]
+    mb.tokens = VGSTokens(*(torch.tensor(i, dtype=torch.long) for i in idx))
+    return mb
