@@ -12,6 +12,8 @@ Two independent adaptations, each applied only where it is needed:
      grad clipping) -> allocated on the CPU;
    * ``torch.cuda.synchronize()`` in p2p communication and in dist_checkpointing's
      writer, ``torch.cuda.current_stream()`` in the DDP grad buffer -> no-ops;
+   * ``weight.data.cuda()`` in ``LanguageModule.setup_embeddings_and_output_layer`` (tied
+     embeddings at PP>1) -> the CPU tensor, only while that method runs;
    * the ``param.grad.type() == 'torch.cuda.FloatTensor'`` assertion in grad clipping
      -> ``clip_grad_by_total_norm_fp32`` replaced by the same math without it.
 
@@ -211,6 +213,36 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.mul_(clip_coeff)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Within this block only, ``tensor.cuda()`` returns the tensor itself (CPU-only machine)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _patch_tied_embedding_sync() -> None:
+    """Tied embeddings at PP>1: ``LanguageModule.setup_embeddings_and_output_layer`` moves the
+    shared weight with ``weight.data.cuda()`` before all-reducing it over the embedding group;
+    on CPU the all-reduce runs on the CPU tensor (gloo). Same method, ``.cuda()`` neutral inside it."""
+    from megatron.core.models.common.language_module import language_module as lm
+
+    original = lm.LanguageModule.setup_embeddings_and_output_layer
+    if getattr(original, "__vigos_cpu__", False):
+        return
+
+    def setup_embeddings_and_output_layer(self, *a, **k):
+        with _tensor_cuda_is_identity():
+            return original(self, *a, **k)
+
+    setup_embeddings_and_output_layer.__vigos_cpu__ = True
+    setup_embeddings_and_output_layer.__doc__ = original.__doc__
+    lm.LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def _apply_cpu_mode() -> None:
     import importlib
 
@@ -223,6 +255,7 @@ def _apply_cpu_mode() -> None:
     random_mod._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
     # fork() reads the state through _get_cuda_rng_state (torch.cuda.random.get_rng_state) directly
     random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    _patch_tied_embedding_sync()
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         mod = sys.modules[name]
         if hasattr(mod, "clip_grad_by_total_norm_fp32"):
