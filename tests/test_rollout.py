@@ -79,22 +79,25 @@ def _contexts(lengths, seed=0):
 CTX = {"student": 9, "perception": 4, "reasoning": 12, "reference": 14, "opsd": 13, "student_text": 6, "opsd_text": 7}
 
 
-def _check_alignment(mb, completions):
+def _row_pos(i, mb, layout):
+    R, S = mb.input_ids.shape
+    return (i // S, i % S) if layout == "bsv" else (i % R, i // R)
+
+
+def _check_alignment(mb, completions, layout="bsv"):
     """The token after each scoring position is the scored completion token, in both rows."""
-    R = mb.input_ids.shape[0]
-    flat = mb.input_ids.T.reshape(-1)  # index p * R + r, like the [S, R, V] logits
-    nxt = lambda i: int(flat[i + R])  # noqa: E731  token at position p + 1 of the same row
     t = mb.tokens
     for s, te in zip(t.student_index.tolist(), t.teacher_index.tolist()):
-        assert nxt(s) == nxt(te)
-        assert s % R < mb.num_student_rows <= te % R
-        for i in (s, te):
-            assert i // R + 1 < int(mb.lengths[i % R])  # scored token is real, not padding
+        (rs, ps), (rt, pt) = _row_pos(s, mb, layout), _row_pos(te, mb, layout)
+        assert int(mb.input_ids[rs, ps + 1]) == int(mb.input_ids[rt, pt + 1])
+        assert rs < mb.num_student_rows <= rt
+        assert ps + 1 < int(mb.lengths[rs]) and pt + 1 < int(mb.lengths[rt])  # scored tokens are real
     assert sum(c.numel() for c in completions) == t.completion_tokens
 
 
+@pytest.mark.parametrize("layout", ["bsv", "sbv"])
 @pytest.mark.parametrize("sees_description", [False, True])
-def test_vigos_assembly_alignment(tok, tb, sees_description):
+def test_vigos_assembly_alignment(tok, tb, sees_description, layout):
     texts = [
         " a cat</description>\n<think> two ears</think> \\boxed{cat}<|im_end|>",  # valid
         " broken output without tags<|im_end|>",  # invalid
@@ -105,9 +108,9 @@ def test_vigos_assembly_alignment(tok, tb, sees_description):
     for i, c in enumerate(comps):
         seg = parse_completion(c.tolist(), tb)
         rolls.append(assemble_vigos(_contexts(CTX, i), c, seg, reasoning_teacher_sees_description=sees_description, correct=i == 0))
-    mb = pack_distill(rolls, pad_id=0, multiple=16)
+    mb = pack_distill(rolls, pad_id=0, multiple=16, logits_layout=layout)
     assert mb.input_ids.shape == (3 * 3, mb.seq_length) and mb.seq_length % 16 == 0
-    _check_alignment(mb, comps)
+    _check_alignment(mb, comps, layout)
     seg = mb.tokens.segment
     s0 = parse_completion(comps[0].tolist(), tb)
     s2 = parse_completion(comps[2].tolist(), tb)
@@ -134,10 +137,9 @@ def test_opsd_and_vgs_assembly(tok, tb):
     mb = pack_vgs([assemble_vgs(_contexts(CTX, i), c) for i, c in enumerate(comps)], pad_id=0, multiple=8)
     R = mb.input_ids.shape[0]
     assert mb.num_student_rows == 4 and R == 8
-    flat = mb.input_ids.T.reshape(-1)
     t = mb.tokens
     for a, b, c, d in zip(t.student_image_index, t.student_text_index, t.teacher_image_index, t.teacher_text_index):
-        toks = {int(flat[int(i) + R]) for i in (a, b, c, d)}
+        toks = {int(mb.input_ids[r, p + 1]) for r, p in (_row_pos(int(i), mb, "bsv") for i in (a, b, c, d))}
         assert len(toks) == 1  # all four rows score the same completion token
     assert not bool(mb.row_has_image[2:4].any()) and bool(mb.row_has_image[:2].all())
 

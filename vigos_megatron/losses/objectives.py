@@ -5,11 +5,12 @@ token description with ``functools.partial(loss, tokens)`` and returns it from
 ``forward_step_func``, so megatron calls ``loss_func(output_tensor)``, which returns
 ``(loss, num_tokens, report)``.
 
-``output_tensor`` is the last pipeline stage's output: vocabulary-sharded logits
-``[S, R, V/tp]`` of every row of the stream (student rows and teacher context
-rows; teacher rows computed without grad). ``tokens`` holds, for each supervised
-completion token, the row index of the student's prediction and of each
-teacher's prediction in ``output_tensor`` flattened to ``[S*R, V/tp]``.
+``output_tensor`` is the last pipeline stage's output: vocabulary-sharded logits of
+every row of the stream (student rows and teacher context rows; teacher rows computed
+without grad), ``[R, S, V/tp]`` from megatron's GPTModel (or ``[S, R, V/tp]``).
+``tokens`` holds, for each supervised completion token, the index of the student's
+prediction and of the teacher's prediction in ``output_tensor`` flattened over its
+leading dimensions to ``[R*S, V/tp]`` (see ``vigos_megatron.rollout.assembly``).
 
 Normalisation over data-parallel ranks and micro-batches
 --------------------------------------------------------
@@ -62,7 +63,7 @@ class DistillTokens:
     """The supervised tokens of one micro-batch (built by the data/schedule glue).
 
     All index tensors are ``int64 [n]`` on the logits' device and index rows of the
-    last stage's output flattened to ``[S*R, V/tp]``.
+    last stage's output flattened over its leading dimensions (``[R*S, V/tp]``).
 
     Attributes:
         student_index: row of the student's logits predicting each supervised token.
@@ -95,7 +96,7 @@ class VGSTokens:
 
     ``student_image_index``/``student_text_index``: the student's predictions with the
     image (``I,x``) and without it (``x``); ``teacher_image_index``/``teacher_text_index``
-    the teacher's. All index the last stage's output flattened to ``[S*R, V/tp]``.
+    the teacher's. All index the last stage's output flattened over its leading dimensions.
     """
 
     student_image_index: Tensor

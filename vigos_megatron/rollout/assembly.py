@@ -5,9 +5,11 @@ the student's completion ids. This module appends the completion tokens each con
 score (METHOD.md section 2) and packs a micro-batch into the layout of
 ``../shared/DESIGN-NOTES.md``: ``R = (Ks + Kt) * B`` rows of one padded length ``S``, the
 ``Ks`` student slots first (trainable rows), then the ``Kt`` teacher slots; slot ``c`` of
-rollout ``b`` is row ``c * B + b``. The last stage's output is ``[S, R, V/tp]``, so a
-prediction at position ``p`` of row ``r`` is row ``p * R + r`` of the flattened logits:
-that is what :class:`~vigos_megatron.losses.objectives.DistillTokens` indexes.
+rollout ``b`` is row ``c * B + b``. The loss reads the last stage's logits flattened over
+their leading dimensions: megatron's GPTModel (hence Qwen2.5-VL) returns them batch-first,
+``[R, S, V/tp]`` (``logits_layout="bsv"``, the default), so the prediction at position ``p``
+of row ``r`` is flat row ``r * S + p``; with ``"sbv"`` (``[S, R, V/tp]``) it is ``p * R + r``.
+That is what :class:`~vigos_megatron.losses.objectives.DistillTokens` indexes.
 
 Slots per objective (an unused slot is an all-pad row):
 
@@ -164,6 +166,14 @@ class MicroBatchStream:
     tokens: DistillTokens | VGSTokens | None = None
 
 
+def _flat_index(layout: str, R: int, S: int):
+    if layout == "bsv":
+        return lambda row, pos: row * S + pos
+    if layout == "sbv":
+        return lambda row, pos: pos * R + row
+    raise ValueError(f"logits_layout must be 'bsv' or 'sbv', got {layout!r}")
+
+
 def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int) -> MicroBatchStream:
     if not rollouts:
         raise ValueError("pack: empty micro-batch")
@@ -191,16 +201,19 @@ def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int) -> Micro
     return MicroBatchStream(ids, lengths, names, has_image, ks * B, B, S)
 
 
-def pack_distill(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64) -> MicroBatchStream:
+def pack_distill(
+    rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64, logits_layout: str = "bsv"
+) -> MicroBatchStream:
     """Pack ViGOS/OPSD rollouts; ``tokens`` is the micro-batch's :class:`DistillTokens`."""
     mb = _pack(rollouts, pad_id, multiple)
     B, R = mb.rollouts, mb.input_ids.shape[0]
+    flat = _flat_index(logits_layout, R, mb.seq_length)
     ks = mb.num_student_rows // B
     sidx, tidx, seg = [], [], []
     for b, r in enumerate(rollouts):
         for s_slot, s_pos, t_slot, t_pos, segment in r.scores:
-            sidx.append(s_pos * R + s_slot * B + b)
-            tidx.append(t_pos * R + (ks + t_slot) * B + b)
+            sidx.append(flat(s_slot * B + b, s_pos))
+            tidx.append(flat((ks + t_slot) * B + b, t_pos))
             seg.append(segment)
     known = [r.correct for r in rollouts if r.correct is not None]
     mb.tokens = DistillTokens(
@@ -215,16 +228,19 @@ def pack_distill(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int
     return mb
 
 
-def pack_vgs(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64) -> MicroBatchStream:
+def pack_vgs(
+    rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64, logits_layout: str = "bsv"
+) -> MicroBatchStream:
     """Pack VGS rollouts; ``tokens`` is the micro-batch's :class:`VGSTokens` (every completion token)."""
     mb = _pack(rollouts, pad_id, multiple)
     B, R = mb.rollouts, mb.input_ids.shape[0]
+    flat = _flat_index(logits_layout, R, mb.seq_length)
     idx = [[], [], [], []]
     for b, r in enumerate(rollouts):
         rows = r.student_slots + r.teacher_slots
         n = r.completion_tokens
         for c, row in enumerate(rows):
             prefix = row.ids.numel() - n
-            idx[c] += [(prefix - 1 + j) * R + c * B + b for j in range(n)]
+            idx[c] += [flat(c * B + b, prefix - 1 + j) for j in range(n)]
     mb.tokens = VGSTokens(*(torch.tensor(i, dtype=torch.long) for i in idx))
     return mb
