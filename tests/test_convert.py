@@ -24,9 +24,10 @@ def tiny(tmp_path_factory):
 
 
 def assert_bit_exact(a_dir, b_dir):
+    """Same tensor names AS STORED (key layout preserved), dtypes and bits."""
     from vigos_megatron.convert.converters import load_hf_state
 
-    a, b = load_hf_state(a_dir), load_hf_state(b_dir)
+    a, b = load_hf_state(a_dir, canonical=False), load_hf_state(b_dir, canonical=False)
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -49,6 +50,22 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(tiny, tmp_path, kind):
         assert (tmp_path / "back" / f).is_file(), f
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "back")
     assert model.config.tie_word_embeddings == (kind == "tied")
+
+
+def test_round_trip_keeps_the_current_key_layout(tiny, tmp_path):
+    """A source in transformers' current layout (model.language_model.*) comes back in it."""
+    from vigos_megatron.convert.converters import hf_to_megatron, megatron_to_hf
+    from vigos_megatron.convert.hf_checkpoint import canonical_hf_name, stored_key_layout
+
+    src = tmp_path / "current"
+    shutil.copytree(tiny["untied"], src)
+    assert stored_key_layout(src) == "hub"
+    _rewrite_safetensors(src, lambda sd: {canonical_hf_name(k): v for k, v in sd.items()})
+    assert stored_key_layout(src) == "current"
+    hf_to_megatron(src, tmp_path / "run", quiet=True)
+    megatron_to_hf(tmp_path / "run", tmp_path / "back", quiet=True)
+    assert stored_key_layout(tmp_path / "back") == "current"
+    assert_bit_exact(src, tmp_path / "back")
 
 
 def test_cli_round_trip_with_sharded_output(tiny, tmp_path):
@@ -133,3 +150,22 @@ def test_megatron_to_hf_refusals(tiny, tmp_path):
     cfg_file.write_text(json.dumps(wider))
     with pytest.raises(CheckpointError, match=r"shape mismatch for language_model\.decoder\.layers\.mlp\.linear_fc2\.weight"):
         megatron_to_hf(ckpt, tmp_path / "z", quiet=True)
+
+
+def test_import_verification_catches_an_inexact_tensor(tiny):
+    """verify_against_hf fails, naming the tensor, when one imported weight differs from the source."""
+    from vigos_megatron.convert.converters import load_hf_into, verify_against_hf
+    from vigos_megatron.convert.hf_checkpoint import CheckpointError
+    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+
+    with local_model_parallel():
+        builder = QwenVLBuilder.from_hf(tiny["untied"])
+        chunks = builder.build(init_weights=False)
+        load_hf_into(builder, chunks, tiny["untied"])
+        assert verify_against_hf(builder, chunks, tiny["untied"]) > 50
+        name, p = next((n, p) for n, p in chunks[0].named_parameters() if n.endswith("final_layernorm.weight"))
+        with torch.no_grad():
+            p.add_(1e-3)
+        with pytest.raises(CheckpointError, match=r"norm\.weight: differs from the source"):
+            verify_against_hf(builder, chunks, tiny["untied"])

@@ -21,11 +21,17 @@ from pathlib import Path
 import torch
 
 from vigos_megatron.convert.hf_checkpoint import (
+    CURRENT_LAYOUT,
+    HUB_LAYOUT,
     CheckpointError,
     canonical_hf_name,
     check_hf_weights,
     copy_tokenizer_processor_files,
+    hf_name_in_layout,
+    read_key_layout,
+    safetensors_files,
     save_safetensors_sharded,
+    stored_key_layout,
 )
 from vigos_megatron.convert.megatron_checkpoint import (
     HF_SUBDIR,
@@ -56,6 +62,77 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
+def _hub_named_source(hf_dir):
+    """megatron-bridge state source presenting a current-layout checkpoint under hub names.
+
+    megatron-bridge 0.6.2's Qwen2.5-VL mappings name HF tensors in the hub layout
+    (``model.layers.*``, ``visual.*``) and silently skip (log only) any mapping whose HF tensor
+    is absent, so a ``model.language_model.*`` checkpoint would load nothing. Same pattern as
+    the bridge's own WAN/Flux state sources: subclass its safetensors source, rename keys.
+    """
+    from megatron.bridge.models.hf_pretrained.state import SafeTensorsStateSource
+
+    class HubNamedSource(SafeTensorsStateSource):
+        def get_all_keys(self):
+            return sorted(hf_name_in_layout(k, HUB_LAYOUT) for k in super().get_all_keys())
+
+        def load_tensors(self, keys_to_load):
+            stored = {k: hf_name_in_layout(k, CURRENT_LAYOUT) for k in keys_to_load}
+            loaded = super().load_tensors(list(stored.values()))
+            return {k: loaded[v] for k, v in stored.items() if v in loaded}
+
+    return HubNamedSource(str(hf_dir))
+
+
+def load_hf_into(builder, chunks, hf_dir) -> None:
+    """Load HF weights (either key layout) into ``chunks`` with the bridge's declarative mappings."""
+    if stored_key_layout(hf_dir) == HUB_LAYOUT:
+        builder.bridge.load_hf_weights(chunks, str(hf_dir))
+        return
+    from megatron.bridge.models.hf_pretrained.state import StateDict
+
+    pretrained = builder.bridge._pretrained_wrapper_cls.from_pretrained(str(hf_dir))
+    pretrained._state_dict_accessor = StateDict(_hub_named_source(hf_dir))
+    builder.bridge._model_bridge.load_weights_hf_to_megatron(pretrained, chunks)
+
+
+def verify_against_hf(builder, chunks, hf_dir, *, show_progress: bool = False) -> int:
+    """Export ``chunks`` and compare every tensor bit-exactly with ``hf_dir``'s; return the count.
+
+    Catches any mapping the bridge skipped or transformed inexactly (it only logs a skip).
+    Reads one source tensor at a time.
+    """
+    from safetensors import safe_open
+
+    stored = {}
+    for f in safetensors_files(hf_dir):
+        with safe_open(str(f), framework="pt") as sf:
+            stored.update({canonical_hf_name(k): (f, k) for k in sf.keys()})
+    bad, seen = [], set()
+    handles = {}
+    try:
+        for name, tensor in export_state(builder, chunks, key_layout=CURRENT_LAYOUT, show_progress=show_progress):
+            seen.add(name)
+            if name not in stored:
+                bad.append(f"{name}: not in the source")
+                continue
+            f, key = stored[name]
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt").__enter__()
+            src = handles[f].get_tensor(key)
+            if src.dtype != tensor.dtype or src.shape != tensor.shape or not torch.equal(src, tensor.to(src.device)):
+                bad.append(f"{name}: differs from the source after import")
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    missing = sorted(set(stored) - seen)
+    bad += [f"{n}: in the source but not imported" for n in missing]
+    if bad:
+        head = "\n  ".join(bad[:20])
+        raise CheckpointError(f"{hf_dir}: import is not exact ({len(bad)} tensors):\n  {head}")
+    return len(seen)
+
+
 def hf_to_megatron(hf_model, output, *, quiet: bool = False) -> Path:
     """Convert a HF Qwen2.5-VL directory to a Megatron run directory; returns the checkpoint dir."""
     from vigos_megatron.models.parallel import local_model_parallel
@@ -70,21 +147,23 @@ def hf_to_megatron(hf_model, output, *, quiet: bool = False) -> Path:
     with local_model_parallel():
         builder = QwenVLBuilder.from_hf(hf_config, dtype=config_dtype(hf_config))
         chunks = builder.build(init_weights=False)
-        builder.bridge.load_hf_weights(chunks, str(hf_dir))  # per-tensor progress bar
+        load_hf_into(builder, chunks, hf_dir)  # per-tensor progress bar
+        n = verify_against_hf(builder, chunks, hf_dir)
+        _log(f"[hf->megatron] verified: {n} tensors imported bit-exactly", quiet)
         _log(f"[hf->megatron] writing distributed checkpoint to {out}", quiet)
         ckpt = save_model_checkpoint(chunks, out, 0, hf_source_dir=hf_dir)
     _log(f"[hf->megatron] done in {time.time() - t0:.1f}s: {ckpt}", quiet)
     return ckpt
 
 
-def export_state(builder, chunks, *, show_progress: bool = True):
-    """``(canonical HF name, tensor)`` for every HF tensor; the tied ``lm_head`` is left out as HF does."""
+def export_state(builder, chunks, *, key_layout: str = HUB_LAYOUT, show_progress: bool = True):
+    """``(HF name in key_layout, tensor)`` for every HF tensor; the tied ``lm_head`` is left out as HF does."""
     tied = bool(getattr(builder.hf_config, "tie_word_embeddings", False))
     seen = set()
     for name, tensor in builder.export_hf_weights(chunks, show_progress=show_progress):
-        name = canonical_hf_name(name)
-        if tied and name == "lm_head.weight":
+        if tied and canonical_hf_name(name) == "lm_head.weight":
             continue
+        name = hf_name_in_layout(name, key_layout)
         if name in seen:
             raise CheckpointError(f"export produced {name} twice")
         seen.add(name)
@@ -111,7 +190,7 @@ def megatron_to_hf(checkpoint, output, *, quiet: bool = False, max_shard_bytes: 
 
         n_expected = len(expected_shapes(hf_config)) - int(bool(hf_config.tie_word_embeddings))
         paths = save_safetensors_sharded(
-            export_state(builder, chunks, show_progress=not quiet),
+            export_state(builder, chunks, key_layout=read_key_layout(hf_src), show_progress=not quiet),
             out,
             max_shard_bytes=max_shard_bytes,
             total=n_expected,
@@ -125,16 +204,14 @@ def megatron_to_hf(checkpoint, output, *, quiet: bool = False, max_shard_bytes: 
     return out
 
 
-def load_hf_state(hf_dir) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory under canonical names (tests / inspection)."""
+def load_hf_state(hf_dir, *, canonical: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory, under canonical names or as stored (tests / inspection)."""
     from safetensors.torch import load_file
-
-    from vigos_megatron.convert.hf_checkpoint import safetensors_files
 
     out = {}
     for f in safetensors_files(hf_dir):
         for k, v in load_file(str(f)).items():
-            out[canonical_hf_name(k)] = v
+            out[canonical_hf_name(k) if canonical else k] = v
     return out
 
 

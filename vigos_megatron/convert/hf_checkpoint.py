@@ -8,7 +8,10 @@ directory's config declares (built on the meta device), and refuses a missing te
 shape mismatch or an unexpected tensor with a message naming the file and the tensor.
 
 Both HF key layouts are accepted: transformers >= 4.52 (``model.language_model.*``,
-``model.visual.*``) and the hub's original one (``model.layers.*``, ``visual.*``).
+``model.visual.*``, "current") and the hub's original one (``model.layers.*``, ``visual.*``,
+"hub", which is also what transformers 5.x ``save_pretrained`` writes). The converters
+remember the source's layout (``hf/key_layout.json`` in each Megatron checkpoint) and export
+in it, so HF -> Megatron -> HF reproduces every tensor under its original name.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ _LEGACY_PREFIXES = (
 )
 
 
+HUB_LAYOUT, CURRENT_LAYOUT = "hub", "current"
+KEY_LAYOUT_FILE = "key_layout.json"
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory cannot be converted; the message names the file and tensor."""
 
@@ -51,6 +58,55 @@ def canonical_hf_name(name: str) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+def hf_name_in_layout(name: str, layout: str) -> str:
+    """``name`` (either layout) written in ``layout`` ("hub" or "current")."""
+    name = canonical_hf_name(name)
+    if layout == CURRENT_LAYOUT:
+        return name
+    if layout != HUB_LAYOUT:
+        raise ValueError(f"unknown HF key layout {layout!r}")
+    for old, new in _LEGACY_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def stored_key_layout(hf_dir) -> str:
+    """The key layout of the safetensors in ``hf_dir``."""
+    from safetensors import safe_open
+
+    for f in safetensors_files(hf_dir):
+        with safe_open(str(f), framework="pt") as sf:
+            if any(k.startswith(tuple(new for _, new in _LEGACY_PREFIXES)) for k in sf.keys()):
+                return CURRENT_LAYOUT
+    return HUB_LAYOUT
+
+
+def record_key_layout(src_dir, dst_dir) -> str:
+    """Write ``dst_dir/key_layout.json``: the layout of ``src_dir``'s weights, or the one it recorded."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    if (src / KEY_LAYOUT_FILE).is_file():
+        layout = read_key_layout(src)
+    else:
+        try:
+            layout = stored_key_layout(src)
+        except CheckpointError:  # no weights next to the config: the hub layout
+            layout = HUB_LAYOUT
+    (dst / KEY_LAYOUT_FILE).write_text(json.dumps({"hf_key_layout": layout}) + "\n")
+    return layout
+
+
+def read_key_layout(hf_dir) -> str:
+    """The layout recorded in ``hf_dir/key_layout.json`` (the hub layout when absent)."""
+    f = Path(hf_dir) / KEY_LAYOUT_FILE
+    if not f.is_file():
+        return HUB_LAYOUT
+    layout = json.loads(f.read_text()).get("hf_key_layout")
+    if layout not in (HUB_LAYOUT, CURRENT_LAYOUT):
+        raise CheckpointError(f"{f}: unknown hf_key_layout {layout!r}")
+    return layout
 
 
 def safetensors_files(hf_dir) -> list[Path]:

@@ -8,7 +8,8 @@ training at every save)::
       iter_0000010/                        # one dist_checkpointing checkpoint (loads at any TP/PP)
         metadata.json, common.pt, *.distcp # sharded tensors: "model" entries (+ "optimizer" ones in training)
         hf/                                # what rebuilds the model: HF config.json (+ tokenizer,
-                                           # processor and generation files when the source had them)
+                                           # processor and generation files when the source had them,
+                                           # key_layout.json: the HF tensor-name layout to export in)
         vigos_checkpoint.json              # iteration, TP/PP it was written at, format version
 
 Tensor keys are megatron-core's global names (``language_model.decoder.layers.1...``,
@@ -86,7 +87,7 @@ def save_model_checkpoint(
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
 
-    from vigos_megatron.convert.hf_checkpoint import copy_tokenizer_processor_files
+    from vigos_megatron.convert.hf_checkpoint import copy_tokenizer_processor_files, record_key_layout
 
     run = Path(run_dir)
     ckpt = run / iter_dir_name(iteration)
@@ -112,6 +113,7 @@ def save_model_checkpoint(
             raise CheckpointError(f"{src}: no config.json to store with the checkpoint")
         (hf / "config.json").write_text((src / "config.json").read_text())
         copy_tokenizer_processor_files(src, hf)
+        record_key_layout(src, hf)
         info = {
             "format_version": FORMAT_VERSION,
             "iteration": iteration,
