@@ -148,3 +148,16 @@ def test_pack_rejects_mixed_objectives(tok, tb):
     c = torch.tensor(enc(tok, " zz"))
     with pytest.raises(ValueError, match="same objective"):
         pack_distill([assemble_opsd(_contexts(CTX), c), assemble_vgs(_contexts(CTX), c)], pad_id=0)
+
+
+def test_pack_to_a_common_seq_length(tok, tb):
+    from vigos_megatron.rollout.assembly import padded_length
+
+    comps = [torch.tensor(enc(tok, t)) for t in (" a</description><think>b</think>\\boxed{c}", " zz")]
+    rolls = [assemble_opsd(_contexts(CTX, i), c) for i, c in enumerate(comps)]
+    S = padded_length(rolls, 8) + 16  # e.g. the step's longest micro-batch
+    mb = pack_distill(rolls[:1], pad_id=0, seq_length=S)
+    assert mb.seq_length == S and mb.input_ids.shape[1] == S
+    _check_alignment(mb, comps[:1])
+    with pytest.raises(ValueError, match="shorter than the longest row"):
+        pack_distill(rolls, pad_id=0, seq_length=4)

@@ -174,7 +174,21 @@ def _flat_index(layout: str, R: int, S: int):
     raise ValueError(f"logits_layout must be 'bsv' or 'sbv', got {layout!r}")
 
 
-def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int) -> MicroBatchStream:
+def longest_row(rollouts: list[AssembledRollout]) -> int:
+    """Tokens of the longest row (student or teacher) of ``rollouts``."""
+    return max(row.ids.numel() for r in rollouts for row in r.student_slots + r.teacher_slots if row is not None)
+
+
+def padded_length(rollouts: list[AssembledRollout], multiple: int) -> int:
+    """``S`` for ``rollouts``: the longest row rounded up to ``multiple``.
+
+    All micro-batches of one schedule call must share ``S``: pass the step's value (over all
+    its rollouts) as ``seq_length`` to :func:`pack_distill` / :func:`pack_vgs`.
+    """
+    return -(-longest_row(rollouts) // multiple) * multiple
+
+
+def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int, seq_length: int | None) -> MicroBatchStream:
     if not rollouts:
         raise ValueError("pack: empty micro-batch")
     B = len(rollouts)
@@ -182,8 +196,12 @@ def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int) -> Micro
     if any(len(r.student_slots) != ks or len(r.teacher_slots) != kt for r in rollouts):
         raise ValueError("pack: rollouts of one micro-batch must come from the same objective (same slots)")
     slots = [r.student_slots + r.teacher_slots for r in rollouts]
-    longest = max(row.ids.numel() for s in slots for row in s if row is not None)
-    S = -(-longest // multiple) * multiple
+    if seq_length is None:
+        S = padded_length(rollouts, multiple)
+    elif seq_length < longest_row(rollouts):
+        raise ValueError(f"pack: seq_length={seq_length} is shorter than the longest row ({longest_row(rollouts)} tokens)")
+    else:
+        S = seq_length
     R = (ks + kt) * B
     ids = torch.full((R, S), pad_id, dtype=torch.long)
     lengths = torch.zeros(R, dtype=torch.long)
@@ -202,10 +220,19 @@ def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int) -> Micro
 
 
 def pack_distill(
-    rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64, logits_layout: str = "bsv"
+    rollouts: list[AssembledRollout],
+    *,
+    pad_id: int,
+    multiple: int = 64,
+    seq_length: int | None = None,
+    logits_layout: str = "bsv",
 ) -> MicroBatchStream:
-    """Pack ViGOS/OPSD rollouts; ``tokens`` is the micro-batch's :class:`DistillTokens`."""
-    mb = _pack(rollouts, pad_id, multiple)
+    """Pack ViGOS/OPSD rollouts; ``tokens`` is the micro-batch's :class:`DistillTokens`.
+
+    ``S`` is ``seq_length`` when given (the step's common length), else the longest row
+    rounded up to ``multiple``.
+    """
+    mb = _pack(rollouts, pad_id, multiple, seq_length)
     B, R = mb.rollouts, mb.input_ids.shape[0]
     flat = _flat_index(logits_layout, R, mb.seq_length)
     ks = mb.num_student_rows // B
@@ -229,10 +256,15 @@ def pack_distill(
 
 
 def pack_vgs(
-    rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64, logits_layout: str = "bsv"
+    rollouts: list[AssembledRollout],
+    *,
+    pad_id: int,
+    multiple: int = 64,
+    seq_length: int | None = None,
+    logits_layout: str = "bsv",
 ) -> MicroBatchStream:
     """Pack VGS rollouts; ``tokens`` is the micro-batch's :class:`VGSTokens` (every completion token)."""
-    mb = _pack(rollouts, pad_id, multiple)
+    mb = _pack(rollouts, pad_id, multiple, seq_length)
     B, R = mb.rollouts, mb.input_ids.shape[0]
     flat = _flat_index(logits_layout, R, mb.seq_length)
     idx = [[], [], [], []]

@@ -1,0 +1,43 @@
+"""Worker: one ViGOS training step of the student+teacher stage under TP/PP (gloo).
+
+Usage: torchrun ... schedule_parity.py --tp T --pp P --hf DIR --out FILE [--teacher-hf DIR]
+
+Runs :func:`schedule_common.run_step` (megatron schedule, DDP, ``finalize_model_grads``, a plain
+SGD step) and, on rank 0, saves ``{"loss", "grads" (HF name -> full float64 gradient),
+"checks" (summed over ranks), ...}`` to FILE for the test to compare with PP=1.
+"""
+
+import argparse
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, required=True)
+    ap.add_argument("--pp", type=int, required=True)
+    ap.add_argument("--hf", required=True)
+    ap.add_argument("--teacher-hf", default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+    import torch.distributed as dist
+
+    from schedule_common import run_step
+    from vigos_megatron.testing.distributed import destroy, init_gloo
+
+    ps = init_gloo(args.tp, args.pp)
+    res = run_step(args.hf, args.tp, args.pp, ps, teacher_hf=args.teacher_hf)
+    keys = sorted(res["checks"])
+    summed = torch.tensor([res["checks"][k] for k in keys], dtype=torch.int64)
+    dist.all_reduce(summed)
+    res["checks"] = dict(zip(keys, summed.tolist()))
+    res["world_size"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        res.pop("reports")  # the last stage's; rank 0 is not on it under PP
+        torch.save(res, args.out)
+        print(f"RESULT loss={res['loss']!r} checks={res['checks']}", flush=True)
+    destroy()
+
+
+if __name__ == "__main__":
+    main()

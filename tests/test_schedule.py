@@ -1,0 +1,224 @@
+"""The frozen teacher inside the student's pipeline schedule (vigos_megatron.schedule), real tiny Qwen2.5-VL.
+
+Inputs (tests/dist/schedule_common.py): synthetic samples -> ContextEncoder -> fixed valid and
+invalid completions -> parse_completion -> assemble_vigos -> 2 micro-batches of 2 rollouts
+(R = 6 rows: 2 student, 4 teacher slots) padded to one S.
+
+* fast: the stream batches line up (every supervised token is the same completion token in the
+  student row and in its teacher row, after padding to the step's S);
+* fast: at PP=1, the loss and the student gradients of the stage path (megatron schedule, DDP,
+  finalize_model_grads) equal a direct computation: student and teacher models run separately on
+  the same rows, float64 ViGOS by hand on the supervised tokens; the teacher is perturbed so
+  that it differs from the student;
+* slow: PP=2 and TP=2xPP=2 give the PP=1 loss and student gradients (by HF name, gathered over
+  TP/PP by megatron-bridge's export), with a separate teacher checkpoint; the teacher gets no
+  grad, stays bit-identical after an SGD step and holds no DDP buffer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+DIST = Path(__file__).parent / "dist"
+if str(DIST) not in sys.path:
+    sys.path.insert(0, str(DIST))
+
+import schedule_common as sc  # noqa: E402
+
+#: fp32 end to end: relative tolerance on the loss and on the flattened student gradient
+REL_TOL = 1e-5
+#: per HF tensor (its gradient norm can be 1e-6 of the largest): error relative to its own norm
+PER_TENSOR_REL_TOL = 1e-4
+#: teacher perturbation in the single-process test (so that teacher != student)
+TEACHER_NOISE = 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp("sched")
+    return {
+        "base": base,
+        "student": write_tiny_checkpoint(base / "student", seed=0),
+        "teacher": write_tiny_checkpoint(base / "teacher", seed=3),
+        # tied embeddings: at PP>1 the first and last stages hold a copy of the word embedding
+        # and finalize_model_grads all-reduces its gradient through the stage's
+        # shared_embedding_or_output_weight()
+        "student_tied": write_tiny_checkpoint(base / "student_tied", tie_word_embeddings=True, seed=1),
+        "teacher_tied": write_tiny_checkpoint(base / "teacher_tied", tie_word_embeddings=True, seed=4),
+    }
+
+
+# ----------------------------------------------------------------------------- fast
+
+
+def test_stream_batches_align_student_and_teacher_tokens(tiny):
+    inputs = sc.build_inputs(tiny["student"])
+    assert inputs.valid == [True, False, True, False]
+    assert len(inputs.batches) == 2
+    S = inputs.batches[0].seq_length
+    for b in inputs.batches:
+        assert (b.rows, b.num_student_rows, b.rollouts, b.seq_length) == (6, 2, 2, S)
+        assert S % sc.SEQ_MULTIPLE == 0
+        ids = torch.cat([b.student.input_ids, b.teacher.input_ids])  # the stream [R, S]
+        flat = ids.reshape(-1)
+        t = b.tokens
+        # logits at flat index i predict the token at flat index i + 1 of the same row
+        assert ((t.student_index % S) < S - 1).all() and ((t.teacher_index % S) < S - 1).all()
+        assert torch.equal(flat[t.student_index + 1], flat[t.teacher_index + 1])
+        assert (t.student_index // S < b.num_student_rows).all() and (t.teacher_index // S >= b.num_student_rows).all()
+        # one grid line per image row, patches in the same order
+        for rows in (b.student, b.teacher):
+            assert rows.pixel_values.shape[0] == int(rows.image_grid_thw.prod(dim=1).sum())
+        # invalid rollout (b = 1): its reasoning slot (row 5) is an unused all-pad row, no image
+        assert rows.image_grid_thw.shape[0] == 3
+    # the two micro-batches were packed to different lengths (rounded up to SEQ_MULTIPLE) and
+    # padded to one S: one of them holds at least SEQ_MULTIPLE trailing all-pad columns
+    pad = sc.pad_id(tiny["student"])
+    longest = []
+    for b in inputs.batches:
+        real = torch.cat([b.student.input_ids, b.teacher.input_ids]) != pad  # [R, S]
+        longest.append(int(real.any(dim=0).nonzero().max()) + 1)
+    assert min(longest) <= S - sc.SEQ_MULTIPLE < max(longest) <= S
+
+
+def _vigos_reference(batches, student, teacher, lambdas):
+    """float64 ViGOS over the whole step, student and teacher run separately (autograd into the student)."""
+    per_seg = [[], [], []]
+    for b in batches:
+        zs = student(**b.student.model_kwargs())
+        with torch.no_grad():
+            zt = teacher(**b.teacher.model_kwargs())
+        assert zs.shape[:2] == (b.num_student_rows, b.seq_length) and zt.shape[:2] == (b.rows - b.num_student_rows, b.seq_length)
+        flat = torch.cat([zs, zt]).reshape(b.rows * b.seq_length, -1).double()
+        ls = torch.log_softmax(flat[b.tokens.student_index], -1)
+        lt = torch.log_softmax(flat[b.tokens.teacher_index], -1)
+        forward = (lt.exp() * (lt - ls)).sum(-1)  # KL(q_T || p_S)
+        reverse = (ls.exp() * (ls - lt)).sum(-1)  # KL(p_S || q_T)
+        seg = b.tokens.segment
+        kl = torch.where(seg == 2, reverse, forward)
+        for s in range(3):
+            per_seg[s].append(kl[seg == s])
+    terms = [torch.cat(v) for v in per_seg]
+    return sum(lam * t.mean() for lam, t in zip(lambdas, terms) if t.numel())
+
+
+def test_stage_path_equals_direct_computation_pp1(tiny):
+    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.schedule import LOSS_KEY, StudentTeacherStage, reduce_reports, run_stream_schedule
+
+    t0 = time.perf_counter()
+    hf = tiny["student"]
+    with local_model_parallel() as ps:
+        inputs = sc.build_inputs(hf)
+        _, student, teacher = sc.build_models(hf, 1, 1)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * TEACHER_NOISE)
+        cfg, counts, loss_fn = sc.make_loss(inputs.batches, ps)
+        assert counts.tolist() == [17.0, 34.0, 40.0]  # perception, reasoning, reference tokens of the step
+
+        student.train()
+        ref_loss = _vigos_reference(inputs.batches, student, teacher,
+                                    (cfg.lambda_perception, cfg.lambda_reasoning, cfg.lambda_reference))
+        ref_loss.backward()
+        ref_grads = {n: p.grad.detach().double().clone() for n, p in student.named_parameters()}
+        student.zero_grad(set_to_none=True)
+
+        stage = StudentTeacherStage(student, teacher)
+        model = sc.wrap_ddp(stage)
+        model.train()
+        assert teacher.training is False and student.training is True
+        model.zero_grad_buffer()
+        reports = run_stream_schedule([model], inputs.batches, loss_fn)
+        loss = reduce_reports(reports, ps.get_data_parallel_group())[LOSS_KEY]
+        grads = {n: p.main_grad.double() for n, p in student.named_parameters()}
+
+    loss_err = abs(loss - float(ref_loss)) / abs(float(ref_loss))
+    flat_ref = torch.cat([ref_grads[n].reshape(-1) for n in sorted(ref_grads)])
+    flat = torch.cat([grads[n].reshape(-1) for n in sorted(grads)])
+    grad_err = float((flat - flat_ref).norm() / flat_ref.norm())
+    worst = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in grads)
+    print(f"PP=1 stage vs direct: loss {loss:.6e} (ref {float(ref_loss):.6e}, rel err {loss_err:.2e}); "
+          f"grad rel err {grad_err:.2e} (worst tensor {worst:.2e}); {time.perf_counter() - t0:.1f}s")
+    assert float(ref_loss) > 0
+    assert loss_err < REL_TOL
+    assert grad_err < REL_TOL
+    assert worst < PER_TENSOR_REL_TOL
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(float(v.norm()) > 0 for v in ref_grads.values()), "every student tensor should get a gradient"
+
+
+# ----------------------------------------------------------------------------- slow (torchrun)
+
+
+@pytest.fixture(scope="module")
+def pp1_reference(tiny):
+    """``reference(kind)``: the PP=1 single-process step for ``kind`` ("" or "_tied"), computed once."""
+    from vigos_megatron.models.parallel import local_model_parallel
+
+    cache = {}
+
+    def reference(kind: str) -> dict:
+        if kind not in cache:
+            t0 = time.perf_counter()
+            with local_model_parallel() as ps:
+                cache[kind] = sc.run_step(tiny["student" + kind], 1, 1, ps, teacher_hf=tiny["teacher" + kind])
+            print(f"PP=1 reference step{kind}: {time.perf_counter() - t0:.1f}s")
+        return cache[kind]
+
+    return reference
+
+
+def _compare(res: dict, ref: dict, layout: str) -> None:
+    assert sorted(res["grads"]) == sorted(ref["grads"])
+    names = sorted(ref["grads"])
+    loss_err = abs(res["loss"] - ref["loss"]) / abs(ref["loss"])
+    flat_ref = torch.cat([ref["grads"][n].reshape(-1) for n in names])
+    flat = torch.cat([res["grads"][n].reshape(-1) for n in names])
+    grad_err = float((flat - flat_ref).norm() / flat_ref.norm())
+    per = {n: float((res["grads"][n] - ref["grads"][n]).norm() / ref["grads"][n].norm()) for n in names}
+    worst = max(per, key=per.get)
+    families = {}
+    for n in names:
+        fam = "visual" if n.startswith("visual.") else "language"
+        families.setdefault(fam, []).append(n)
+    fam_err = {
+        fam: float(torch.cat([(res["grads"][n] - ref["grads"][n]).reshape(-1) for n in ns]).norm()
+                   / torch.cat([ref["grads"][n].reshape(-1) for n in ns]).norm())
+        for fam, ns in families.items()
+    }
+    print(f"{layout}: loss {res['loss']:.8e} vs PP=1 {ref['loss']:.8e} (rel err {loss_err:.2e}); "
+          f"student grad rel err {grad_err:.2e}, by family {', '.join(f'{k} {v:.2e}' for k, v in fam_err.items())}, "
+          f"worst tensor {worst} {per[worst]:.2e}; checks {res['checks']}")
+    assert ref["loss"] > 0 and flat_ref.norm() > 0
+    assert loss_err < REL_TOL
+    assert grad_err < REL_TOL
+    assert per[worst] < PER_TENSOR_REL_TOL
+    c = res["checks"]
+    for key in ("teacher_grad_not_none", "teacher_requires_grad", "teacher_changed", "teacher_in_ddp_buffers",
+                "teacher_main_grad", "teacher_in_train_mode", "student_not_in_ddp_buffers"):
+        assert c[key] == 0, (layout, key, c[key])
+    assert c["student_changed"] > 0
+    assert (res["rows"], res["seq_length"]) == (ref["rows"], ref["seq_length"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,tp,pp", [("_tied", 1, 2), ("", 2, 2)], ids=["pp2-tied", "tp2xpp2-untied"])
+def test_pipeline_layouts_match_pp1(torchrun, tiny, pp1_reference, kind, tp, pp):
+    ref = pp1_reference(kind)
+    out = tiny["base"] / f"result{kind}_tp{tp}_pp{pp}.pt"
+    t0 = time.perf_counter()
+    torchrun("schedule_parity.py", tp * pp, "--tp", tp, "--pp", pp, "--hf", tiny["student" + kind],
+             "--teacher-hf", tiny["teacher" + kind], "--out", out)
+    wall = time.perf_counter() - t0
+    res = torch.load(out, weights_only=False)
+    assert res["world_size"] == tp * pp
+    _compare(res, ref, f"TP={tp} PP={pp}{kind.replace('_', ' ')} ({wall:.1f}s launch)")

@@ -1,0 +1,114 @@
+"""The ``forward_step_func`` of megatron's schedule for the student+teacher stream, and running it.
+
+``get_forward_backward_func()`` is called with ``seq_length=S`` and ``micro_batch_size=R``
+(``R = (Ks + Kt) * B`` rows: student rows then teacher rows) so that its p2p buffers are
+``[S, R, H]``. On the last stage :func:`forward_step_func` returns
+``(logits [R, S, V/tp], partial(loss, tokens))``; the objective
+(:mod:`vigos_megatron.losses.objectives`) needs ``config.calculate_per_token_loss=True``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from vigos_megatron.losses.objectives import check_schedule_config
+from vigos_megatron.schedule.batch import StreamBatch
+
+#: report key holding ``[sum of returned losses, sum of num_tokens]`` of a micro-batch
+LOSS_KEY = "loss"
+
+
+class ReportedLoss:
+    """An objective whose report also carries ``[loss, num_tokens]`` (megatron's reported loss).
+
+    ``sum(loss) / sum(num_tokens)`` over micro-batches and data-parallel ranks is the step's
+    objective (the value whose gradient ``finalize_model_grads`` produces).
+    """
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __call__(self, tokens, output_tensor):
+        loss, num_tokens, report = self.objective(tokens, output_tensor)
+        report = dict(report)
+        report[LOSS_KEY] = torch.stack([loss.detach().double().reshape(()), num_tokens.double().reshape(())])
+        return loss, num_tokens, report
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def forward_step_func(data_iterator, model, *, loss_fn):
+    """One micro-batch: ``model`` (the DDP-wrapped :class:`StudentTeacherStage`) on the next :class:`StreamBatch`.
+
+    Bind ``loss_fn`` (e.g. ``ReportedLoss(vigos_loss(...))``) with ``functools.partial``.
+    Returns ``(output, partial(loss_fn, batch.tokens))``; output is ``[S, R, H]`` or, on the
+    last stage, ``[R, S, V/tp]``.
+    """
+    batch: StreamBatch = next(data_iterator).to(_device())
+    output = model(batch)
+    return output, partial(loss_fn, batch.tokens)
+
+
+def run_stream_schedule(model: list, batches: Sequence[StreamBatch], loss_fn, *, forward_only: bool = False,
+                        pg_collection=None) -> list[dict]:
+    """Run megatron's pipeline schedule over ``batches`` (one iteration); return the last stage's reports.
+
+    ``model``: this rank's chunks (one DDP-wrapped stage, no virtual pipeline). All batches must
+    share ``(R, S)``. With a ``finalize_model_grads_func`` in the config (and not
+    ``forward_only``) the gradients are finalised (DP reduction, embedding all-reduce, division
+    by the global token count). The returned list is empty on stages other than the last.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    if not batches:
+        raise ValueError("run_stream_schedule: no micro-batches")
+    check_schedule_config(get_model_config(model[0]))
+    shapes = {(b.rows, b.seq_length, b.num_student_rows) for b in batches}
+    if len(shapes) != 1:
+        raise ValueError(f"micro-batches of one schedule call must share (R, S, Ns); got {sorted(shapes)}")
+    (rows, seq, _), = shapes
+    kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step_func, loss_fn=loss_fn),
+        data_iterator=iter(batches),
+        model=model,
+        num_microbatches=len(batches),
+        seq_length=seq,
+        micro_batch_size=rows,
+        forward_only=forward_only,
+        **kwargs,
+    )
+
+
+def reduce_reports(reports: Sequence[dict], dp_group=None) -> dict[str, float]:
+    """``{key: sum(numerator) / sum(denominator)}`` over micro-batches and data-parallel ranks.
+
+    Every report value is a ``[numerator, denominator]`` pair; ``reports[LOSS_KEY]`` gives the
+    step's loss. Call on the last pipeline stage (other stages get ``{}``); all ranks of
+    ``dp_group`` must call it.
+    """
+    if not reports:
+        return {}
+    keys = sorted(set().union(*reports))
+    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        gathered = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(gathered, keys, group=dp_group)
+        keys = sorted(set().union(*gathered))
+    sums = torch.zeros(len(keys), 2, dtype=torch.float64)
+    for rep in reports:
+        for i, k in enumerate(keys):
+            if k in rep:
+                sums[i] += torch.as_tensor(rep[k], dtype=torch.float64).detach().cpu().reshape(2)
+    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        dev = _device()
+        sums = sums.to(dev)
+        dist.all_reduce(sums, group=dp_group)
+        sums = sums.cpu()
+    return {k: float(sums[i, 0] / sums[i, 1]) if sums[i, 1] != 0 else float("nan") for i, k in enumerate(keys)}
