@@ -1,6 +1,7 @@
 """vocab_parallel_kl and the ViGOS objective vs float64 full-vocabulary references at TP=1, 2, 4."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def test_kl_parity_tensor_parallel(torchrun, tp):
     # every rank compares its vocabulary shard of values and gradients with the float64
     # reference; an all-gather on the loss path raises; exit code is non-zero on any failure
     out = torchrun("kl_parity.py", tp)
-    assert out.count("0 failures") == tp
+    # ranks print concurrently (lines may interleave): count occurrences, not lines
+    assert len(re.findall(r"edge cases, 0 failures", out)) == tp
 
 
 @pytest.mark.slow
@@ -34,5 +36,4 @@ def test_kl_parity_tensor_parallel(torchrun, tp):
 def test_vigos_normalisation_across_dp_and_microbatches(torchrun, dp, microbatches):
     # megatron schedule + DDP + finalize_model_grads vs the float64 objective of the global batch
     out = torchrun("dp_equivalence.py", dp, str(microbatches))
-    lines = [l for l in out.splitlines() if "grad rel err" in l]
-    assert len(lines) == dp
+    assert len(re.findall(r"grad rel err", out)) == dp  # the worker exits non-zero unless all ranks pass
