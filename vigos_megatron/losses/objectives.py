@@ -58,6 +58,16 @@ class Segment:
     weight: float
 
 
+def _check_token_indices(obj, names) -> None:
+    """Every named field is an int64 1-D tensor with as many entries as the first."""
+    n = getattr(obj, names[0]).numel()
+    for name in names:
+        t = getattr(obj, name)
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.numel() != n:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{type(obj).__name__}.{name}: expected int64 [{n}], got {got}")
+
+
 @dataclass
 class DistillTokens:
     """The supervised tokens of one micro-batch (built by the data/schedule glue).
@@ -83,11 +93,7 @@ class DistillTokens:
     correct_rows: int = -1
 
     def __post_init__(self):
-        n = self.student_index.numel()
-        for name in ("student_index", "teacher_index", "segment"):
-            t = getattr(self, name)
-            if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != n:
-                raise ValueError(f"DistillTokens.{name}: expected int64 [{n}], got {t.dtype} {tuple(t.shape)}")
+        _check_token_indices(self, ("student_index", "teacher_index", "segment"))
 
 
 @dataclass
@@ -105,11 +111,7 @@ class VGSTokens:
     teacher_text_index: Tensor
 
     def __post_init__(self):
-        n = self.student_image_index.numel()
-        for name in ("student_image_index", "student_text_index", "teacher_image_index", "teacher_text_index"):
-            t = getattr(self, name)
-            if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != n:
-                raise ValueError(f"VGSTokens.{name}: expected int64 [{n}], got {t.dtype} {tuple(t.shape)}")
+        _check_token_indices(self, ("student_image_index", "student_text_index", "teacher_image_index", "teacher_text_index"))
 
 
 def check_schedule_config(config) -> None:
