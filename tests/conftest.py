@@ -18,3 +18,15 @@ def torchrun():
         return run_torchrun(DIST_DIR / script, nproc, *args, timeout=timeout, env=env)
 
     return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests run only where a CUDA device is present (and the CPU is not forced)."""
+    from vigos_megatron.runtime import use_cuda
+
+    if use_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none present, or VIGOS_FORCE_CPU set)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

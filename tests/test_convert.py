@@ -69,7 +69,9 @@ def test_round_trip_keeps_the_current_key_layout(tiny, tmp_path):
 
 
 def test_cli_round_trip_with_sharded_output(tiny, tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    from vigos_megatron.testing.distributed import subprocess_env
+
+    env = subprocess_env()  # the caller's environment, PYTHONPATH kept (a GPU image installs packages there)
     r = subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf-model",
                         str(tiny["untied"]), "--output", str(tmp_path / "run")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -11,25 +11,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_py(code: str, env_extra=None, pythonpath=()):
+def run_py(code: str, env_extra=None, pythonpath=(), drop=()):
+    """Run ``code`` in a fresh interpreter with the caller's environment (PYTHONPATH kept)."""
     import os
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), str(ROOT)])
-    env.update(env_extra or {})
+    from vigos_megatron.testing.distributed import subprocess_env
+
+    env = subprocess_env(env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), env["PYTHONPATH"]])
+    for name in drop:
+        env.pop(name, None)
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out.stdout
 
 
 def test_cpu_machine_without_te_gets_both_adaptations():
+    # a CPU machine, or a GPU machine with the CPU forced (VIGOS_FORCE_CPU=1): the same adaptations
     out = run_py(
         """
         import torch
-        from vigos_megatron import platform
-        assert not torch.cuda.is_available()
+        from vigos_megatron import platform, runtime
+        assert not runtime.use_cuda() and runtime.backend() == "gloo"
+        import importlib.util
+        te_absent = importlib.util.find_spec("transformer_engine") is None
         st = platform.activate()
-        assert st.cpu_mode and st.te_standin, st
+        assert st.cpu_mode, st
+        assert st.te_standin == te_absent, st
         assert platform.activate() == st  # idempotent
 
         # (a) megatron-core's CUDA touch-points now work on the CPU
@@ -52,6 +60,8 @@ def test_cpu_machine_without_te_gets_both_adaptations():
 
         # (b) megatron-bridge imports; megatron-core still sees no usable TE
         import megatron.bridge  # noqa: F401
+        if not st.te_standin:  # a GPU machine with a real TE: (b) does not apply
+            print("ok"); raise SystemExit(0)
         from megatron.core.models.gpt import gpt_layer_specs
         from megatron.core.utils import is_te_min_version
         assert gpt_layer_specs.HAVE_TE is False
@@ -65,7 +75,8 @@ def test_cpu_machine_without_te_gets_both_adaptations():
         else:
             raise AssertionError("stand-in class instantiated")
         print("ok")
-        """
+        """,
+        env_extra={"VIGOS_FORCE_CPU": "1"},
     )
     assert out.strip().endswith("ok")
 
@@ -82,8 +93,11 @@ def test_nothing_patched_where_a_gpu_is_present():
         assert torch.cuda.current_device is real_current_device
         from megatron.core.pipeline_parallel import schedules
         assert schedules.torch is torch
+        from vigos_megatron import runtime
+        assert runtime.backend() == "nccl"
         print("ok")
-        """
+        """,
+        drop=("VIGOS_FORCE_CPU",),
     )
     assert out.strip().endswith("ok")
 
@@ -104,5 +118,6 @@ def test_no_standin_where_te_is_installed(tmp_path):
         print("ok")
         """,
         pythonpath=[tmp_path],
+        drop=("VIGOS_FORCE_CPU",),
     )
     assert out.strip().endswith("ok")

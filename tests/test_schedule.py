@@ -90,8 +90,11 @@ def test_stream_batches_align_student_and_teacher_tokens(tiny):
 
 def _vigos_reference(batches, student, teacher, lambdas):
     """float64 ViGOS over the whole step, student and teacher run separately (autograd into the student)."""
+    from vigos_megatron.runtime import model_device
+
     per_seg = [[], [], []]
     for b in batches:
+        b = b.to(model_device(student))
         zs = student(**b.student.model_kwargs())
         with torch.no_grad():
             zt = teacher(**b.teacher.model_kwargs())
@@ -121,7 +124,7 @@ def test_stage_path_equals_direct_computation_pp1(tiny):
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for p in teacher.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * TEACHER_NOISE)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * TEACHER_NOISE)
         cfg, counts, loss_fn = sc.make_loss(inputs.batches, ps)
         assert counts.tolist() == [17.0, 34.0, 40.0]  # perception, reasoning, reference tokens of the step
 

@@ -2,7 +2,7 @@
 
 Two independent adaptations, each applied only where it is needed:
 
-1. **CPU mode** (no CUDA device present). megatron-core 0.19 assumes CUDA at a
+1. **CPU mode** (no CUDA device present, or ``VIGOS_FORCE_CPU=1``: see :mod:`vigos_megatron.runtime`). megatron-core 0.19 assumes CUDA at a
    few points even when its collectives run on gloo (``../shared/ENVIRONMENT.md``):
 
    * ``torch.cuda.current_device()`` used as a device  -> returns ``cpu``;
@@ -86,7 +86,10 @@ class PlatformStatus:
 
 
 def needs_cpu_mode() -> bool:
-    return not torch.cuda.is_available()
+    """No CUDA device, or the CPU forced with ``VIGOS_FORCE_CPU=1`` (:mod:`vigos_megatron.runtime`)."""
+    from vigos_megatron import runtime
+
+    return not runtime.use_cuda()
 
 
 def needs_te_standin() -> bool:

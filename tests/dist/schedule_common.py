@@ -81,7 +81,7 @@ def pad_id(hf_dir) -> int:
     return AutoTokenizer.from_pretrained(hf_dir).pad_token_id
 
 
-def build_models(hf_dir, tp: int, pp: int, teacher_hf=None):
+def build_models(hf_dir, tp: int, pp: int, teacher_hf=None, dtype=torch.float32):
     """(builder, student chunk, teacher chunk) for this rank's stage.
 
     The teacher is the frozen replica of the student, or (``teacher_hf``) a separate frozen
@@ -91,7 +91,7 @@ def build_models(hf_dir, tp: int, pp: int, teacher_hf=None):
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
     from vigos_megatron.models.teacher import build_teacher_replica, freeze_
 
-    builder = QwenVLBuilder.from_hf(hf_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    builder = QwenVLBuilder.from_hf(hf_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype)
     student = builder.build_from_hf(hf_dir)
     if teacher_hf is None:
         teacher = build_teacher_replica(builder, student).chunks
@@ -120,13 +120,13 @@ def wrap_ddp(stage):
     return DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), stage)
 
 
-def run_step(hf_dir, tp: int, pp: int, ps, teacher_hf=None):
+def run_step(hf_dir, tp: int, pp: int, ps, teacher_hf=None, dtype=torch.float32):
     """One training step of the stage path. Returns a dict of what the checks need (this rank)."""
     from vigos_megatron.schedule.forward_step import LOSS_KEY, reduce_reports, run_stream_schedule
     from vigos_megatron.schedule.stage import StudentTeacherStage
 
     inputs = build_inputs(hf_dir)
-    builder, student, teacher = build_models(hf_dir, tp, pp, teacher_hf)
+    builder, student, teacher = build_models(hf_dir, tp, pp, teacher_hf, dtype=dtype)
     stage = StudentTeacherStage(student, teacher)
     model = wrap_ddp(stage)
     _, counts, loss_fn = make_loss(inputs.batches, ps)
@@ -137,7 +137,10 @@ def run_step(hf_dir, tp: int, pp: int, ps, teacher_hf=None):
     model.zero_grad_buffer()
     reports = run_stream_schedule([model], inputs.batches, loss_fn)
     red = reduce_reports(reports, ps.get_data_parallel_group())
-    loss = broadcast_from_last_stage(torch.tensor([red.get(LOSS_KEY, float("nan"))], dtype=torch.float64), ps)
+    from vigos_megatron.runtime import compute_device
+
+    loss = broadcast_from_last_stage(
+        torch.tensor([red.get(LOSS_KEY, float("nan"))], dtype=torch.float64, device=compute_device()), ps).cpu()
 
     grads = grads_by_hf_name(builder, student)
     # a plain SGD step on the student (the only parameters with gradient buffers)

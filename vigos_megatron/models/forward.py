@@ -18,8 +18,19 @@ from functools import partial
 import torch
 
 
+def batch_to(batch: dict, device) -> dict:
+    """``batch`` with every tensor moved to ``device`` (non-tensors kept)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def chunk_forward(model, batch: dict) -> torch.Tensor:
-    """Run one model chunk on ``batch`` (no pipeline schedule: PP=1, or stage-local under PP)."""
+    """Run one model chunk on ``batch`` (no pipeline schedule: PP=1, or stage-local under PP).
+
+    The inputs are moved to the model's device first (they are usually built on the CPU).
+    """
+    from vigos_megatron.runtime import model_device
+
+    batch = batch_to(batch, model_device(model))
     return model(
         input_ids=batch["input_ids"],
         pixel_values=batch.get("pixel_values"),

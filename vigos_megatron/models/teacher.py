@@ -33,7 +33,9 @@ class TeacherReplica:
 
         if group is None or not dist.is_initialized():
             return self.local_param_bytes
-        t = torch.tensor([self.local_param_bytes], dtype=torch.int64)
+        from vigos_megatron.runtime import compute_device
+
+        t = torch.tensor([self.local_param_bytes], dtype=torch.int64, device=compute_device())
         dist.all_reduce(t, group=group)
         return int(t.item())
 

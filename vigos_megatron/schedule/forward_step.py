@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vigos_megatron.losses.objectives import check_schedule_config
+from vigos_megatron.runtime import compute_device, model_device
 from vigos_megatron.schedule.batch import StreamBatch
 
 #: report key holding ``[sum of returned losses, sum of num_tokens]`` of a micro-batch
@@ -39,8 +40,6 @@ class ReportedLoss:
         return loss, num_tokens, report
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def forward_step_func(data_iterator, model, *, loss_fn):
@@ -50,7 +49,7 @@ def forward_step_func(data_iterator, model, *, loss_fn):
     Returns ``(output, partial(loss_fn, batch.tokens))``; output is ``[S, R, H]`` or, on the
     last stage, ``[R, S, V/tp]``.
     """
-    batch: StreamBatch = next(data_iterator).to(_device())
+    batch: StreamBatch = next(data_iterator).to(model_device(model))
     output = model(batch)
     return output, partial(loss_fn, batch.tokens)
 
@@ -107,7 +106,7 @@ def reduce_reports(reports: Sequence[dict], dp_group=None) -> dict[str, float]:
             if k in rep:
                 sums[i] += torch.as_tensor(rep[k], dtype=torch.float64).detach().cpu().reshape(2)
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        dev = _device()
+        dev = compute_device()
         sums = sums.to(dev)
         dist.all_reduce(sums, group=dp_group)
         sums = sums.cpu()

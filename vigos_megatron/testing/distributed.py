@@ -1,10 +1,12 @@
-"""Running real multi-process (gloo) cases from tests, benchmarks and demos.
+"""Running real multi-process cases from tests, benchmarks and demos.
 
 Launcher side: :func:`run_torchrun` starts ``python -m torch.distributed.run
---standalone --nproc_per_node=N script args...`` in a subprocess and raises with
-the captured output when it fails. Worker side: :func:`init_gloo` initialises the
-default process group (gloo), the platform adaptations and megatron-core's
-model-parallel groups.
+--standalone --nproc_per_node=N script args...`` in a subprocess, keeping the caller's
+environment (``PYTHONPATH`` included), and raises with the captured output when it fails.
+By default it forces every rank onto the CPU with gloo (``VIGOS_FORCE_CPU=1``), so multi-rank
+cases run the same on a CPU machine and on a machine with fewer GPUs than ranks.
+Worker side: :func:`init_gloo` = :func:`vigos_megatron.runtime.init_distributed` (the backend
+follows the hardware and the forced-CPU setting).
 """
 
 from __future__ import annotations
@@ -14,9 +16,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vigos_megatron.runtime import FORCE_CPU_ENV
 
-def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600, env: dict | None = None) -> str:
-    """Run ``script`` on ``nproc`` gloo processes; return combined stdout+stderr or raise."""
+
+def subprocess_env(extra: dict | None = None) -> dict:
+    """The caller's environment plus the repository root on ``PYTHONPATH`` (never dropped) and offline HF."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    root = str(Path(__file__).resolve().parents[2])
+    parts = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600, env: dict | None = None,
+                 force_cpu: bool = True) -> str:
+    """Run ``script`` on ``nproc`` processes; return combined stdout+stderr or raise.
+
+    ``force_cpu=False`` lets the ranks use GPUs (NCCL) where there are enough of them.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -26,13 +49,7 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 60
         str(script),
         *map(str, args),
     ]
-    full_env = dict(os.environ)
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    full_env["PYTHONUNBUFFERED"] = "1"
-    full_env.setdefault("HF_HUB_OFFLINE", "1")
-    full_env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    root = str(Path(__file__).resolve().parents[2])
-    full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env = subprocess_env({FORCE_CPU_ENV: "1"} if force_cpu else None)
     if env:
         full_env.update(env)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
@@ -43,30 +60,13 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 60
 
 
 def init_gloo(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234):
-    """Worker-side: gloo default group + platform adaptations + megatron parallel state."""
-    import torch
-    import torch.distributed as dist
+    """Worker-side: default group + platform adaptations + megatron parallel state (see module doc)."""
+    from vigos_megatron.runtime import init_distributed
 
-    from vigos_megatron import platform
-
-    platform.activate()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    from megatron.core import parallel_state, tensor_parallel
-
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-    )
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return parallel_state
+    return init_distributed(tensor_model_parallel_size, pipeline_model_parallel_size, seed=seed)
 
 
 def destroy():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from vigos_megatron.runtime import destroy_distributed
 
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_distributed()

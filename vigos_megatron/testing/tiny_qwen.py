@@ -271,3 +271,24 @@ def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb
             "tie_word_embeddings": tie_word_embeddings}
     (out / "tiny_qwen.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def image_text_batch(hf_dir, n: int = 2, *, seed: int = 0) -> dict:
+    """A processor batch of ``n`` image+text prompts of equal length (no padding) for checkpoint ``hf_dir``.
+
+    Returns ``input_ids [n, S]``, ``pixel_values [patches, D]`` and ``image_grid_thw [n, 3]`` on the CPU.
+    """
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(hf_dir)
+    rng = np.random.RandomState(seed)
+    images = [Image.fromarray((rng.rand(56, 84, 3) * 255).astype("uint8")) for _ in range(n)]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"<think>count {i}</think>"}]}
+            for i in range(n)]
+    texts = [proc.apply_chat_template([m], tokenize=False, add_generation_prompt=True) for m in msgs]
+    inp = proc(text=texts, images=images, return_tensors="pt")
+    if not bool(inp["attention_mask"].all()):
+        raise RuntimeError("image_text_batch: prompts of unequal length")
+    return {k: inp[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
