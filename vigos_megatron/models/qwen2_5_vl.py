@@ -101,12 +101,12 @@ def transformer_engine_available() -> bool:
     import importlib.util
     import sys
 
-    from vigos_megatron import platform
+    from vigos_megatron import platform, runtime
 
     mod = sys.modules.get("transformer_engine")
     if mod is not None:
-        return not platform.is_te_standin(mod) and torch.cuda.is_available()
-    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+        return not platform.is_te_standin(mod) and runtime.use_cuda()
+    return importlib.util.find_spec("transformer_engine") is not None and runtime.use_cuda()
 
 
 def resolve_transformer_impl(transformer_impl: str) -> str:
@@ -205,7 +205,9 @@ class QwenVLBuilder:
             )
         p = self.provider
         p._pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
-        p.use_cpu_initialization = not torch.cuda.is_available() or meta_device
+        from vigos_megatron import runtime
+
+        p.use_cpu_initialization = not runtime.use_cuda() or meta_device
         p.perform_initialization = bool(init_weights) and not meta_device
         p.init_model_with_meta_device = bool(meta_device)
         # Qwen25VLModel needs explicit stage flags (None would drop the vision tower).
@@ -217,7 +219,7 @@ class QwenVLBuilder:
         else:
             model = p.provide(pre_process=pre, post_process=post)
             if not p.use_cpu_initialization:
-                model.cuda(torch.cuda.current_device())
+                model.cuda(runtime.compute_device())
         from megatron.core import tensor_parallel
         from megatron.core.enums import ModelType
 
