@@ -1,6 +1,6 @@
-"""Benchmark: chunked vocab-parallel KL vs the naive path (all-gather + log_softmax + KL).
+"""Benchmark: vocab-parallel KL (chunked torch, fused Triton) vs the naive path (log_softmax + KL).
 
-Prints a table of forward+backward time and peak memory per process. Each
+CPU mode (default): a table of forward+backward time and peak memory per process. Each
 measurement runs in fresh processes (``torch.distributed.run``, gloo; one process
 per tensor-parallel rank) so that peak-RSS readings do not mix. Peak memory is
 the high-water mark of the process's resident set above what it held once its
@@ -9,6 +9,21 @@ temporaries and the returned gradient, not the inputs.
 
     .venv/bin/python benchmarks/bench_kl.py                 # the issue's table
     .venv/bin/python benchmarks/bench_kl.py --tokens 256 --vocab 32768 --long-tokens 0   # quick
+
+GPU mode (``--device cuda``, one process, TP=1): chunked torch (``impl="torch"``), Triton
+(``impl="triton"``) and naive (fp32 log_softmax + KL) at ``--gpu-tokens`` (default 1024 and
+8192) x ``--vocab`` bf16, both directions, forward+backward: median time (CUDA events), the
+bandwidth reached on the bytes that must move (read both sides in forward, read both and
+write the gradient in backward: ``5 x tokens x V x 2`` bytes) as a fraction of the measured
+device copy bandwidth (``y.copy_(x)``, read + write), and peak extra memory
+(``max_memory_allocated`` above the inputs, and of that beyond the returned gradient).
+``--block-v``/``--num-warps`` override the Triton launch parameters (tuning).
+
+    .venv/bin/python benchmarks/bench_kl.py --device cuda
+    .venv/bin/python benchmarks/bench_kl.py --device cuda --gpu-tokens 8192 --paths triton --block-v 4096 2048
+
+``--device cpu`` runs the same in-process table on CPU tensors (smoke test of the harness:
+small shapes; the Triton path needs ``TRITON_INTERPRET=1``; no memory columns).
 """
 
 from __future__ import annotations
@@ -32,8 +47,8 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def _naive_kl(student, teacher, tp_group, temperature=1.0):
-    """All-gather the vocabulary, full log-softmax, forward KL (what the project avoids)."""
+def _naive_kl(student, teacher, tp_group, temperature=1.0, direction="forward"):
+    """All-gather the vocabulary, full fp32 log-softmax, KL (what the project avoids)."""
     import torch
 
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
@@ -43,7 +58,145 @@ def _naive_kl(student, teacher, tp_group, temperature=1.0):
         teacher = gather_from_tensor_model_parallel_region(teacher, group=tp_group)
     ls = torch.log_softmax(student.float() / temperature, dim=-1)
     lt = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    if direction == "reverse":
+        return (ls.exp() * (ls - lt)).sum(-1)
     return (lt.exp() * (lt - ls)).sum(-1)
+
+
+# --------------------------------------------------------------------------- in-process (GPU) mode
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, reps: int) -> list[float]:
+    """Seconds per call of ``fn`` (CUDA events on GPU, wall clock on CPU), after one warm-up call."""
+    import torch
+
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)
+
+
+def copy_bandwidth(device, nbytes: int, reps: int) -> float:
+    """Device copy bandwidth in bytes/s: ``y.copy_(x)`` reads and writes ``nbytes`` each."""
+    import torch
+
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    t = _timed(lambda: y.copy_(x), device, reps)
+    return 2 * nbytes / t[len(t) // 2]
+
+
+def _kl_fn(path, direction, clip, config):
+    """``fn(student, teacher) -> [n]`` fp32 KL of one path."""
+    import torch
+
+    from vigos_megatron.losses.vocab_parallel_kl import vocab_parallel_kl
+
+    if path == "naive":
+        def naive(s, t):
+            kl = _naive_kl(s, t, None, direction=direction)
+            return torch.where(kl > clip, torch.full_like(kl, clip), kl) if clip else kl
+        return naive
+    if path == "triton" and config is not None:
+        from vigos_megatron.losses.triton_kl import triton_kl_rows
+        from vigos_megatron.losses.vocab_parallel_kl import LogitRows
+
+        def tuned(s, t):
+            rev = torch.full((s.shape[0],), direction == "reverse", dtype=torch.bool, device=s.device)
+            return triton_kl_rows([LogitRows(s)], [LogitRows(t)], reverse=rev, want_a=direction == "reverse",
+                                  want_b=direction == "forward", temperature=1.0, clip=clip, config=config)
+        return tuned
+    impl = "torch" if path == "chunked" else "triton"
+    return lambda s, t: vocab_parallel_kl(s, t, direction=direction, clip=clip, impl=impl)
+
+
+def measure(path, tokens, direction, args, device, config=None) -> dict:
+    """Median forward+backward time and peak extra memory of one path at ``tokens x vocab``."""
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    s = (torch.randn(tokens, args.vocab, generator=g, device=device) * 2).to(dtype).requires_grad_()
+    t = (s.detach().float() + torch.randn(tokens, args.vocab, generator=g, device=device)).to(dtype)
+    fn = _kl_fn(path, direction, args.clip, config)
+
+    def step():
+        s.grad = None
+        fn(s, t).sum().backward()
+
+    times = _timed(step, device, args.reps)
+    peak = None
+    if device.type == "cuda":
+        s.grad = None
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    grad_bytes = tokens * args.vocab * s.element_size()
+    del s, t
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"path": path, "tokens": tokens, "direction": direction, "time_s": times[len(times) // 2],
+            "peak_bytes": peak, "grad_bytes": grad_bytes, "moved_bytes": 5 * grad_bytes}
+
+
+def inprocess_main(args) -> None:
+    import torch
+
+    from vigos_megatron import platform
+
+    platform.activate()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device on this machine")
+    configs = [None]
+    if args.block_v or args.num_warps:
+        from vigos_megatron.losses.triton_kl import DEFAULT_CONFIG, KernelConfig
+
+        configs = [KernelConfig(b, w, b, w) for b in (args.block_v or [DEFAULT_CONFIG.fwd_block_v])
+                   for w in (args.num_warps or [DEFAULT_CONFIG.fwd_num_warps])]
+    bw = copy_bandwidth(device, args.copy_bytes, max(3, args.reps))
+    rows = []
+    for tokens in args.gpu_tokens:
+        for direction in ("forward", "reverse"):
+            for path in args.paths:
+                for cfg in configs if path == "triton" else [None]:
+                    r = measure(path, tokens, direction, args, device, cfg)
+                    r["config"] = "" if cfg is None else f"block {cfg.fwd_block_v} warps {cfg.fwd_num_warps}"
+                    rows.append(r)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    gib = 2**30
+    print(f"\nforward+backward on {name}, {args.dtype} logits, vocab {args.vocab}, TP=1, clip {args.clip}, "
+          f"median of {args.reps}; device copy bandwidth {bw / 1e12:.2f} TB/s (y.copy_(x), read + write)")
+    print(f"{'path':<9}{'tokens':>7}{'direction':>10}{'time ms':>10}{'moved GB':>10}{'TB/s':>7}{'of copy bw':>11}"
+          f"{'peak extra GiB':>16}{'beyond grad GiB':>17}  config")
+    for r in rows:
+        rate = r["moved_bytes"] / r["time_s"]
+        mem = ("n/a", "n/a") if r["peak_bytes"] is None else (
+            f"{r['peak_bytes'] / gib:.3f}", f"{(r['peak_bytes'] - r['grad_bytes']) / gib:.3f}")
+        print(f"{r['path']:<9}{r['tokens']:>7}{r['direction']:>10}{r['time_s'] * 1e3:>10.2f}{r['moved_bytes'] / 1e9:>10.2f}"
+              f"{rate / 1e12:>7.2f}{rate / bw:>10.1%}{mem[0]:>16}{mem[1]:>17}  {r['config']}")
 
 
 def worker(args) -> None:
@@ -112,9 +265,21 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunk-bytes", type=int, default=64 << 20)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    g = p.add_argument_group("in-process mode (GPU)")
+    g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="run the in-process table on this device")
+    g.add_argument("--gpu-tokens", type=int, nargs="+", default=[1024, 8192])
+    g.add_argument("--paths", nargs="+", choices=["chunked", "triton", "naive"], default=["chunked", "triton", "naive"])
+    g.add_argument("--clip", type=float, default=0.05, help="hard clip (<= 0: off)")
+    g.add_argument("--copy-bytes", type=int, default=2 << 30, help="size of the copy-bandwidth probe")
+    g.add_argument("--block-v", type=int, nargs="+", default=None, help="Triton block sizes to sweep")
+    g.add_argument("--num-warps", type=int, nargs="+", default=None, help="Triton warp counts to sweep")
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.device is not None:
+        args.clip = args.clip if args.clip > 0 else None
+        inprocess_main(args)
         return
     rows = []
     for tp in args.tp:

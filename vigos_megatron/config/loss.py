@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from vigos_megatron.config.loader import ConfigError
 
 OBJECTIVES = ("vigos", "opsd", "vgs")
+#: KL implementations (vigos_megatron.losses.vocab_parallel_kl.kl_rows): "auto" = Triton on CUDA, torch otherwise
+KL_IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -85,9 +87,13 @@ class LossConfig:
     vgs: VGSLossConfig = field(default_factory=VGSLossConfig)
     #: bytes of one fp32 [chunk, V/tp] work tensor inside the KL (bounds the loss's memory)
     chunk_bytes: int = 64 * 1024 * 1024
+    #: KL implementation: "auto" (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
+    impl: str = "auto"
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.impl not in KL_IMPLS:
+            raise ConfigError(f"impl: must be one of {KL_IMPLS}, got {self.impl!r}")
         if self.chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes: must be >= 4096, got {self.chunk_bytes}")

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.config.loss import OPSDLossConfig, VGSLossConfig, ViGOSLossConfig
-from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, LogitRows, kl_rows
+from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, IMPLS, LogitRows, kl_rows
 
 # ViGOS segments (ids used in DistillTokens.segment)
 PERCEPTION, REASONING, REFERENCE = 0, 1, 2
@@ -139,6 +139,11 @@ def global_segment_counts(segments_per_microbatch: Sequence[Tensor], num_segment
     return counts
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
+
+
 def _pair(a, b, device) -> Tensor:
     return torch.stack([torch.as_tensor(a, dtype=torch.float64, device=device).reshape(()),
                         torch.as_tensor(b, dtype=torch.float64, device=device).reshape(())])
@@ -153,6 +158,7 @@ class SegmentedDistillationLoss:
             (from :func:`global_segment_counts`).
         temperature, clip: as in :func:`~vigos_megatron.losses.vocab_parallel_kl.vocab_parallel_kl`.
         tp_group: tensor-parallel group sharding the vocabulary.
+        impl: KL implementation, ``"auto"`` | ``"torch"`` | ``"triton"`` (see ``kl_rows``).
     """
 
     def __init__(
@@ -164,7 +170,9 @@ class SegmentedDistillationLoss:
         clip: float | None = None,
         tp_group=None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        impl: str = "auto",
     ):
+        _check_impl(impl)
         if len(global_counts) != len(segments):
             raise ValueError(f"global_counts has {len(global_counts)} entries for {len(segments)} segments")
         for s in segments:
@@ -180,6 +188,7 @@ class SegmentedDistillationLoss:
         self.clip = clip if clip is not None and clip > 0 else None
         self.tp_group = tp_group
         self.chunk_bytes = chunk_bytes
+        self.impl = impl
 
     def __call__(self, tokens: DistillTokens, output_tensor: Tensor):
         device = output_tensor.device
@@ -193,6 +202,7 @@ class SegmentedDistillationLoss:
             clip=self.clip,
             tp_group=self.tp_group,
             chunk_bytes=self.chunk_bytes,
+            impl=self.impl,
         )
         w = self.token_weight.to(device=device, dtype=torch.float32)[seg]
         loss = (w * kl).sum()
@@ -215,7 +225,7 @@ class SegmentedDistillationLoss:
         return loss, num_tokens, report
 
 
-def vigos_loss(cfg: ViGOSLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def vigos_loss(cfg: ViGOSLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES, impl="auto"):
     """ViGOS: forward KL on perception/reasoning segments of valid rows, reverse KL on invalid rows."""
     segments = (
         Segment("perception", "forward", cfg.lambda_perception),
@@ -223,11 +233,12 @@ def vigos_loss(cfg: ViGOSLossConfig, global_counts: Tensor, *, tp_group=None, ch
         Segment("reference", "reverse", cfg.lambda_reference),
     )
     return SegmentedDistillationLoss(
-        segments, global_counts, temperature=cfg.temperature, clip=cfg.clip, tp_group=tp_group, chunk_bytes=chunk_bytes
+        segments, global_counts, temperature=cfg.temperature, clip=cfg.clip, tp_group=tp_group, chunk_bytes=chunk_bytes,
+        impl=impl,
     )
 
 
-def opsd_loss(cfg: OPSDLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def opsd_loss(cfg: OPSDLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES, impl="auto"):
     """Vanilla OPSD: one privileged teacher, forward KL on every completion token (segment 0)."""
     return SegmentedDistillationLoss(
         (Segment("privileged", "forward", cfg.weight),),
@@ -236,6 +247,7 @@ def opsd_loss(cfg: OPSDLossConfig, global_counts: Tensor, *, tp_group=None, chun
         clip=cfg.clip,
         tp_group=tp_group,
         chunk_bytes=chunk_bytes,
+        impl=impl,
     )
 
 
@@ -258,15 +270,18 @@ class VGSLoss:
     sums the three logits rows chunk by chunk.
     """
 
-    def __init__(self, cfg: VGSLossConfig, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, cfg: VGSLossConfig, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
+        _check_impl(impl)
         self.cfg = cfg
         self.tp_group = tp_group
         self.chunk_bytes = chunk_bytes
+        self.impl = impl
 
     def _kl(self, a, b, clip=True):
         return kl_rows(
             a, b, reverse=True, temperature=self.cfg.temperature,
             clip=self.cfg.clip if clip else None, tp_group=self.tp_group, chunk_bytes=self.chunk_bytes,
+            impl=self.impl,
         )
 
     def gamma_per_token(self, vds: Tensor) -> Tensor:
@@ -312,10 +327,11 @@ class VGSLoss:
 
 def build_loss(loss_cfg, global_counts: Tensor | None, *, tp_group=None):
     """The configured objective (``loss_cfg``: :class:`~vigos_megatron.config.loss.LossConfig`)."""
+    kw = dict(tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes, impl=loss_cfg.impl)
     if loss_cfg.objective == "vigos":
-        return vigos_loss(loss_cfg.vigos, global_counts, tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes)
+        return vigos_loss(loss_cfg.vigos, global_counts, **kw)
     if loss_cfg.objective == "opsd":
-        return opsd_loss(loss_cfg.opsd, global_counts, tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes)
+        return opsd_loss(loss_cfg.opsd, global_counts, **kw)
     if loss_cfg.objective == "vgs":
-        return VGSLoss(loss_cfg.vgs, tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes)
+        return VGSLoss(loss_cfg.vgs, **kw)
     raise ValueError(f"unknown objective {loss_cfg.objective!r}")

@@ -43,6 +43,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 Direction = Literal["forward", "reverse"]
+Impl = Literal["auto", "torch", "triton"]
+IMPLS = ("auto", "torch", "triton")
 
 #: Default bytes of ONE fp32 work tensor ``[chunk, V/tp]``; about 6 are alive at once.
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
@@ -330,6 +332,23 @@ def _check_vocab(v_local: int, vocab_size: int | None, group, device) -> None:
             )
 
 
+def _use_triton(impl: str, device: torch.device, n_student: int, n_teacher: int) -> bool:
+    """``"auto"``: Triton for CUDA tensors when importable and the call fits its kernels, else torch."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        return True
+    if device.type != "cuda":
+        return False
+    try:
+        from vigos_megatron.losses.triton_kl import unsupported_reason
+    except ImportError:  # no triton on this CUDA machine: the torch implementation
+        return False
+    return unsupported_reason(n_student, n_teacher, device) is None
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -343,6 +362,7 @@ def kl_rows(
     tp_group=None,
     vocab_size: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    impl: Impl = "auto",
 ) -> Tensor:
     """Per-token KL between two (possibly composite, row-selected) vocab-sharded sides.
 
@@ -357,7 +377,11 @@ def kl_rows(
             gradient. ``None`` or ``<= 0`` disables it.
         tp_group: tensor-parallel group over which the vocabulary is sharded (``None``: not sharded).
         vocab_size: optional full vocabulary size, checked against ``V/tp * tp``.
-        chunk_bytes: size of one fp32 ``[chunk, V/tp]`` work tensor; bounds the temporaries.
+        chunk_bytes: size of one fp32 ``[chunk, V/tp]`` work tensor; bounds the temporaries
+            (torch implementation only).
+        impl: ``"torch"`` (this module, chunked), ``"triton"`` (fused kernels of
+            :mod:`vigos_megatron.losses.triton_kl`: CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise).
 
     Returns:
         fp32 ``[n]`` per-token KL.
@@ -382,6 +406,13 @@ def kl_rows(
     else:
         rev = torch.full((n,), bool(reverse), dtype=torch.bool, device=ref.device)
         want_a, want_b = bool(reverse), not bool(reverse)
+    if _use_triton(impl, ref.device, len(s_terms), len(t_terms)):
+        from vigos_megatron.losses.triton_kl import triton_kl_rows
+
+        return triton_kl_rows(
+            s_terms, t_terms, reverse=rev, want_a=want_a, want_b=want_b,
+            temperature=temperature, clip=clip, tp_group=tp_group,
+        )
     terms = s_terms + t_terms
     chunk = _chunk_len(n, ref.shape[-1], chunk_bytes)
     meta = (len(s_terms), tuple(float(t.coef) for t in terms), rev, 1.0 / float(temperature), clip, tp_group, chunk, want_a, want_b)
@@ -401,6 +432,7 @@ def vocab_parallel_kl(
     tp_group=None,
     vocab_size: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    impl: Impl = "auto",
 ) -> Tensor:
     """Per-token KL between student and teacher, summed over the full sharded vocabulary.
 
@@ -412,6 +444,7 @@ def vocab_parallel_kl(
         clip: hard per-token clamp on the global sum (value ``clip``, gradient 0 above it);
             ``None`` or ``<= 0`` disables it.
         tp_group: the tensor-parallel group sharding the vocabulary, or ``None``.
+        impl: ``"auto"`` | ``"torch"`` | ``"triton"``, as in :func:`kl_rows`.
 
     Returns:
         fp32 tensor of shape ``student_logits.shape[:-1]``. Its gradient w.r.t.
@@ -435,5 +468,6 @@ def vocab_parallel_kl(
         tp_group=tp_group,
         vocab_size=vocab_size,
         chunk_bytes=chunk_bytes,
+        impl=impl,
     )
     return out.view(student_logits.shape[:-1])
