@@ -1,0 +1,689 @@
+"""Per-GPU memory estimate of a ViGOS run of Qwen2.5-VL on Megatron-Core (TP x PP x DP).
+
+:func:`estimate_memory` answers "does this layout fit?" for any Qwen2.5-VL shape, parallel
+layout and workload; :func:`estimate_for_config` does it for a training config;
+:func:`choose_layout` / :func:`smallest_world_size` search layouts (the recipes use them).
+Everything is counted in bytes on one GPU of the worst pipeline stage. A step has two phases
+that never overlap, so ``peak = static + max(train phase, rollout phase)``.
+
+**Static** (held for the whole run), with ``n`` = the student parameters on this rank (its
+``1/tp`` shard of its ``L/pp`` language layers, the embedding on the first stage, the final
+norm and output layer on the last, the tied output layer copy on the last stage when PP > 1,
+and the whole HF vision tower on every TP rank of the first stage: it is replicated, not split)
+and ``t`` the trainable part of ``n`` (the vision tower is left out when it is frozen):
+
+* student parameters ``2 n`` (bf16);
+* gradient buffer ``4 t`` (megatron DDP with ``grad_reduce_in_fp32``) or ``2 t``;
+* optimizer states ``12 t / dp`` with the distributed optimizer (fp32 main weights + Adam's two
+  moments, sharded over data parallelism; ``12 t`` without it or at DP = 1);
+* teacher parameters ``2 n`` (bf16 replica of the same shards; no gradients, no optimizer state).
+
+**Training phase** (scoring + update of one micro-batch stream; ``B`` rollouts per micro-batch,
+``Ks`` student rows and ``Kt`` teacher rows per rollout, all padded to ``S = prompt +
+completion`` rounded up to ``seq_multiple``; ``Ks, Kt`` = 1, 2 for ViGOS, 1, 1 for OPSD, 2, 2 for
+VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-batches in flight
+(1F1B):
+
+* student language activations, per layer and student token, from what autograd saves (bf16
+  activations, no sequence parallelism; ``H`` hidden, ``F`` FFN, ``a``/``g`` query/KV heads, ``d``
+  head dim)::
+
+      sdpa / local (torch RMSNorm)   2 (10H + 4) + 8d + [2ad + 2gd + 2(a + 2g)d + 4a + 2ad + 10F] / tp
+      local (unfused attention)      2 (10H + 4) + 8d + [8ad + 10F] / tp + per row (2 a / tp) S^2 + S^2 (mask)
+      transformer_engine             2 (4H + 4)  + 8d + [2ad + 2gd + 2(a + 2g)d + 4a + 2ad + 6F] / tp
+
+  (``selective`` recomputation drops the softmax statistics ``4a/tp``, and the ``S^2`` terms of
+  the unfused attention, keeping a 4-byte RNG state per layer); with ``full`` recomputation only
+  each layer's input ``2H`` per token stays (plus the fp32 rotary table ``4d`` per token), and
+  backward re-runs one layer at a time (a transient). Stages > 0 do not count their first
+  layer's input (it is the received stream tensor); the first stage adds the int64 ids (and a
+  bool mask at TP > 1), the last the final norm and the output layer's input. The ``local`` and ``sdpa`` coefficients are checked exactly against the tensors
+  autograd saves in the tiny model (tests/test_recipes.py); ``transformer_engine`` follows what
+  TE's fused norm+linear, fused attention and SwiGLU save (not measured here: no TE on CPU).
+* teacher rows: run under ``no_grad``, so they keep nothing; only a transient working set of
+  one layer (bounded by the sum of that layer's outputs).
+* student vision tower (first stage): per patch, ``2 * 1176`` (pixels) ``+ 12 h_v + 8`` (merger,
+  window index) ``+ depth * (30 h_v + 8 + 8 d_v + 4 a_v + 8 I_v)`` (HF blocks with SDPA), or ``depth * 2 h_v``
+  for the blocks when they are checkpointed (``vision_recompute``: HF gradient checkpointing of
+  the vision blocks); checked exactly on the tiny model too. An image of ``T`` LM tokens has
+  ``4 T`` patches.
+* received pipeline tensors ``2 S R H`` per micro-batch in flight on stages > 0 (the whole stream,
+  teacher rows included); sent outputs are deallocated (``deallocate_pipeline_outputs``).
+* logits (last stage) only at the positions the loss reads: ``C`` student and ``C`` teacher
+  rows per rollout for ViGOS/OPSD (twice that for VGS), bf16 ``[rows, V/tp]`` kept for the
+  KL's backward, the student logits' gradient, and the KL's fp32 chunk temporaries (4 x
+  ``loss.chunk_bytes``).
+
+**Rollout phase** (generation of a round of ``b = min(prompts per DP rank, max_batch_size)``
+prompts by :class:`~vigos_megatron.rollout.engine.MegatronRolloutEngine`):
+
+* KV cache ``b * (prompt + completion) * (L / pp) * 2 * (g / tp) * d * 2`` bytes (bf16 keys and
+  values of this stage's layers, the KV heads split over TP);
+* the round's input embeddings ``2 b P H`` and image embeddings ``2 b T H`` (first stage);
+* the transient of the largest of: one prefill row group (``prefill_max_tokens`` tokens) through
+  one layer (with the engine's local attention: ``4 (a/tp) P^2`` bytes of scores and
+  probabilities per prompt row), or the vision tower over all the round's images at once
+  (the engine encodes a round's images in one call).
+
+Not counted (the reserve covers them): the CUDA context, NCCL buffers, allocator fragmentation,
+megatron's small buffers. ``reserve_gib`` (default 5 GiB) is kept free of the card's usable memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1024**3
+MIB = 1024**2
+#: pixels of one LM image token: a 2 x 2 merge of 14 x 14 patches
+PIXELS_PER_IMAGE_TOKEN = 28 * 28
+#: usable memory of an "80 GB" A100/H100 as torch reports it (GiB), and what to keep free
+GPU_80GB_GIB = 79.0
+DEFAULT_RESERVE_GIB = 5.0
+
+LAYER_SPECS = ("local", "sdpa", "transformer_engine")
+RECOMPUTE = ("none", "selective", "full")
+OBJECTIVES = ("vigos", "opsd", "vgs")
+
+#: rows per rollout in the training stream: (student rows, teacher rows)
+STREAM_ROWS = {"vigos": (1, 2), "opsd": (1, 1), "vgs": (2, 2)}
+#: rows per rollout that show the image: (student, teacher)
+IMAGE_ROWS = {"vigos": (1, 2), "opsd": (1, 1), "vgs": (1, 1)}
+#: logits rows the loss reads per completion token: (student, teacher)
+LOGIT_ROWS = {"vigos": (1, 1), "opsd": (1, 1), "vgs": (2, 2)}
+
+
+class LayoutError(ValueError):
+    """A parallel layout that the model or the batch cannot take; the message names the option."""
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """Qwen2.5-VL's HF vision tower (``vision_config``)."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_token(self) -> int:
+        return self.spatial_merge_size**2
+
+    def params(self) -> int:
+        """Exact parameter count: patch embedding (no bias), blocks, patch merger."""
+        h, i = self.hidden_size, self.intermediate_size
+        block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
+        m = h * self.patches_per_token
+        merger = h + (m * m + m) + (m * self.out_hidden_size + self.out_hidden_size)
+        return self.patch_dim * h + self.depth * block + merger
+
+    def block_bytes_per_patch(self) -> int:
+        """Bytes autograd saves per patch in one block (bf16, SDPA attention)."""
+        h = self.hidden_size
+        return 30 * h + 8 + 8 * self.head_dim + 4 * self.num_heads + 8 * self.intermediate_size
+
+    def stored_bytes_per_patch(self, checkpointed: bool) -> int:
+        """Bytes kept for backward per patch: pixels + merger + blocks (inputs only when checkpointed)."""
+        h = self.hidden_size
+        ends = 2 * self.patch_dim + 12 * h + 4 + 4  # pixels, merger, int64 window index + its inverse (per merged token)
+        blocks = self.depth * (2 * h if checkpointed else self.block_bytes_per_patch())
+        return ends + blocks
+
+    def forward_bytes_per_patch(self) -> int:
+        """Upper bound of the live tensors per patch of a no-grad pass through one block."""
+        return 12 * self.hidden_size + 8 * self.intermediate_size
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers the estimate needs (Qwen2.5-VL language model + vision tower)."""
+
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    vision: VisionShape
+    name: str = ""
+
+    @classmethod
+    def from_hf(cls, source, name: str = "") -> "ModelShape":
+        """From a ``Qwen2_5_VLConfig``, a ``config.json`` dict, a HF directory, or a size name ("7b")."""
+        raw = _raw_config(source)
+        text = raw.get("text_config") or raw
+        vis = raw["vision_config"]
+        heads = text["num_attention_heads"]
+        return cls(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            ffn_hidden_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=text["num_key_value_heads"],
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            vision=VisionShape(
+                depth=vis["depth"],
+                hidden_size=vis["hidden_size"],
+                intermediate_size=vis["intermediate_size"],
+                num_heads=vis["num_heads"],
+                out_hidden_size=vis["out_hidden_size"],
+                in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+                patch_size=vis.get("patch_size", 14),
+                temporal_patch_size=vis.get("temporal_patch_size", 2),
+                spatial_merge_size=vis.get("spatial_merge_size", 2),
+            ),
+            name=name or (source if isinstance(source, str) else ""),
+        )
+
+    # ---------------------------------------------------------------- layout checks
+
+    def check_layout(self, tp: int, pp: int) -> None:
+        """TP divides the attention heads, the KV heads and the (unpadded) vocabulary; PP the layers."""
+        if tp < 1 or pp < 1:
+            raise LayoutError(f"parallel.tp and parallel.pp must be >= 1, got tp={tp}, pp={pp}")
+        for what, n in (("num_attention_heads", self.num_attention_heads),
+                        ("num_key_value_heads", self.num_key_value_heads), ("vocab_size", self.vocab_size)):
+            if n % tp:
+                raise LayoutError(f"parallel.tp: {tp} does not divide the model's {what}={n}")
+        if self.num_layers % pp:
+            raise LayoutError(f"parallel.pp: {pp} does not divide the model's num_hidden_layers={self.num_layers}")
+
+    # ---------------------------------------------------------------- parameters
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    def layer_params(self, tp: int = 1) -> int:
+        """One transformer layer on one TP rank: QKV (+bias), proj, SwiGLU MLP, two RMSNorms (replicated)."""
+        h, f, q = self.hidden_size, self.ffn_hidden_size, self.qkv_width
+        attn_out = self.num_attention_heads * self.head_dim
+        return 2 * h + (q * h + q + h * attn_out + 3 * f * h) // tp
+
+    def stage_params(self, tp: int, pp: int, stage: int) -> tuple[int, int]:
+        """``(language, vision)`` parameters on one rank of pipeline stage ``stage``."""
+        self.check_layout(tp, pp)
+        if not 0 <= stage < pp:
+            raise LayoutError(f"stage {stage} outside [0, {pp})")
+        h, v = self.hidden_size, self.vocab_size // tp
+        lang = self.num_layers // pp * self.layer_params(tp)
+        if stage == 0:
+            lang += v * h  # word embeddings
+        if stage == pp - 1:
+            lang += h  # final norm
+            if not self.tie_word_embeddings or pp > 1:
+                lang += v * h  # output layer (a synchronised copy of the embedding when tied and PP > 1)
+        vision = self.vision.params() if stage == 0 else 0
+        return lang, vision
+
+    def param_count(self) -> int:
+        """Unique parameters of the model (what a TP=PP=1 build holds)."""
+        lang, vision = self.stage_params(1, 1, 0)
+        return lang + vision
+
+    # ---------------------------------------------------------------- activations
+
+    def layer_bytes_per_token(self, tp: int, spec: str, recompute: str = "none") -> int:
+        """Bytes autograd keeps per token in one language layer (bf16; see the module docstring)."""
+        _check_choice("layer_spec", spec, LAYER_SPECS)
+        _check_choice("recompute", recompute, RECOMPUTE)
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        a, g = self.num_attention_heads, self.num_key_value_heads
+        if recompute == "full":
+            return 2 * h
+        lse = 0 if recompute == "selective" else 4 * a
+        flash_attn = 2 * a * d + 2 * g * d + 2 * (a + 2 * g) * d + lse + 2 * a * d
+        if spec == "transformer_engine":
+            return 2 * (4 * h + 4) + 8 * d + (flash_attn + 6 * f) // tp
+        if spec == "sdpa" or recompute == "selective":
+            return 2 * (10 * h + 4) + 8 * d + (flash_attn + 10 * f) // tp
+        return 2 * (10 * h + 4) + 8 * d + (8 * a * d + 10 * f) // tp  # local, unfused attention
+
+    def layer_extra_bytes(self, rows: int, seq: int, tp: int, spec: str, recompute: str = "none") -> int:
+        """Bytes per layer and micro-batch that are not per token: the unfused (local) attention's
+        bf16 probabilities ``[rows, a/tp, S, S]`` and its bool causal mask ``[S, S]``; the int32 RNG
+        state a selective checkpoint keeps."""
+        if recompute == "selective":
+            return 4
+        if spec != "local" or recompute != "none":
+            return 0
+        return rows * (2 * self.num_attention_heads // tp) * seq * seq + seq * seq
+
+    def forward_bytes_per_token(self, tp: int) -> int:
+        """Upper bound of the live tensors per token of a no-grad pass through one layer."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        return 14 * h + (2 * self.qkv_width + 2 * self.num_attention_heads * self.head_dim + 8 * f) // tp
+
+    def kv_bytes_per_token(self, tp: int, pp: int) -> int:
+        """bf16 keys and values of one token in this stage's layers."""
+        return (self.num_layers // pp) * 2 * (self.num_key_value_heads // tp) * self.head_dim * 2
+
+
+def _raw_config(source) -> dict:
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, str):
+        from vigos_megatron.models.hf_configs import QWEN2_5_VL_SIZES, qwen2_5_vl_values
+
+        if source.lower() in QWEN2_5_VL_SIZES:
+            return qwen2_5_vl_values(source)
+        p = Path(source)
+        if (p / "config.json").is_file():
+            return json.loads((p / "config.json").read_text())
+        raise LayoutError(f"model: {source!r} is neither a Qwen2.5-VL size ({', '.join(QWEN2_5_VL_SIZES)}) "
+                          f"nor a directory with a config.json")
+    if isinstance(source, Path):
+        return _raw_config(str(source))
+    to_dict = getattr(source, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    raise LayoutError(f"model: cannot read a Qwen2.5-VL config from {type(source).__name__}")
+
+
+def as_model_shape(model) -> ModelShape:
+    return model if isinstance(model, ModelShape) else ModelShape.from_hf(model)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise LayoutError(f"{name}: must be one of {choices}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a step does, independent of the layout (defaults: the model card's ViGOS recipe)."""
+
+    #: longest prompt (student or teacher context) and completion, in tokens
+    prompt_tokens: int = 32768
+    completion_tokens: int = 4096
+    #: LM tokens of the largest image (qwen-vl-utils' default max_pixels: 16384)
+    image_tokens: int = 16384
+    #: prompts per optimizer step over all DP ranks, and rollouts per micro-batch
+    global_batch_size: int = 32
+    micro_batch_size: int = 1
+    #: prompts generated together (``sampling.max_batch_size``)
+    rollout_batch_size: int = 32
+    #: the rollout engine prefills row groups of at most this many tokens
+    prefill_max_tokens: int = 32768
+    seq_multiple: int = 64
+    objective: str = "vigos"
+    recompute: str = "full"
+    #: checkpoint the HF vision blocks of the student (HF gradient checkpointing)
+    vision_recompute: bool = True
+    freeze_vision: bool = False
+    #: layer spec of the training forward, and the attention the rollout engine uses
+    layer_spec: str = "sdpa"
+    rollout_layer_spec: str = "local"
+    grad_reduce_in_fp32: bool = True
+    distributed_optimizer: bool = True
+    #: logits only at the positions the loss reads (else every position of every row)
+    logits_at_loss_positions_only: bool = True
+    loss_chunk_bytes: int = 64 * MIB
+
+    def validate(self) -> None:
+        for name in ("prompt_tokens", "completion_tokens", "global_batch_size", "micro_batch_size",
+                     "rollout_batch_size", "prefill_max_tokens", "seq_multiple", "loss_chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.image_tokens < 0:
+            raise LayoutError(f"image_tokens: must be >= 0, got {self.image_tokens}")
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("recompute", self.recompute, RECOMPUTE)
+        _check_choice("layer_spec", self.layer_spec, LAYER_SPECS)
+        _check_choice("rollout_layer_spec", self.rollout_layer_spec, LAYER_SPECS)
+
+    @property
+    def seq_length(self) -> int:
+        s = self.prompt_tokens + self.completion_tokens
+        return -(-s // self.seq_multiple) * self.seq_multiple
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "Workload":
+        """The workload of a :class:`~vigos_megatron.config.train.PretrainConfig` (GPU planning).
+
+        ``model.transformer_impl`` "auto" is planned as "sdpa" (the layer spec without Transformer
+        Engine, which keeps more than TE's); the rollout engine runs megatron's local attention.
+        The student's vision blocks are assumed checkpointed when ``model.recompute`` is "full".
+        """
+        impl = cfg.model.transformer_impl
+        spec = "sdpa" if impl == "auto" else impl
+        ctx = cfg.data.context
+        values = dict(
+            prompt_tokens=ctx.max_prompt_tokens,
+            completion_tokens=cfg.sampling.max_new_tokens,
+            image_tokens=min(ctx.max_pixels // PIXELS_PER_IMAGE_TOKEN, ctx.max_prompt_tokens),
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size,
+            rollout_batch_size=cfg.sampling.max_batch_size,
+            seq_multiple=cfg.train.seq_multiple,
+            objective=cfg.loss.objective,
+            recompute=cfg.model.recompute,
+            vision_recompute=cfg.model.recompute == "full",
+            freeze_vision=cfg.model.freeze_vision,
+            layer_spec=spec,
+            distributed_optimizer=cfg.optimizer.distributed_optimizer,
+            loss_chunk_bytes=cfg.loss.chunk_bytes,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU on the worst pipeline stage (``stage``) of a ``tp x pp x dp`` layout."""
+
+    tp: int
+    pp: int
+    dp: int
+    stage: int
+    static: dict
+    train: dict
+    rollout: dict
+    #: peak bytes of every pipeline stage
+    stage_peaks: tuple
+    #: student parameters on one rank of ``stage`` (language, vision)
+    rank_params: tuple
+    #: unique parameters of the model (sum over one rank of every stage, un-sharded)
+    model_params: int
+    workload: Workload = field(default_factory=Workload)
+
+    @property
+    def static_bytes(self) -> int:
+        return sum(self.static.values())
+
+    @property
+    def train_bytes(self) -> int:
+        return sum(self.train.values())
+
+    @property
+    def rollout_bytes(self) -> int:
+        return sum(self.rollout.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.static_bytes + max(self.train_bytes, self.rollout_bytes)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def fits(self, gpu_memory_gib: float = GPU_80GB_GIB, reserve_gib: float = DEFAULT_RESERVE_GIB) -> bool:
+        return self.peak_bytes <= (gpu_memory_gib - reserve_gib) * GIB
+
+    def table(self) -> str:
+        """A readable breakdown (GiB)."""
+        w = self.workload
+        lines = [
+            f"layout tp={self.tp} pp={self.pp} dp={self.dp} (world {self.tp * self.pp * self.dp}); "
+            f"worst stage {self.stage} of {self.pp}",
+            f"workload: {w.objective}, prompt {w.prompt_tokens} + completion {w.completion_tokens} tokens "
+            f"(S={w.seq_length}), image {w.image_tokens} tokens, {w.micro_batch_size} rollout(s)/micro-batch, "
+            f"recompute={w.recompute}, vision_recompute={w.vision_recompute}, spec={w.layer_spec}, "
+            f"rollout batch {min(w.rollout_batch_size, w.global_batch_size // self.dp)}",
+            f"student params on this rank: {self.rank_params[0]:,} language + {self.rank_params[1]:,} vision",
+        ]
+        for title, part in (("static", self.static), ("training phase", self.train), ("rollout phase", self.rollout)):
+            lines.append(f"  {title}: {sum(part.values()) / GIB:8.2f} GiB")
+            lines += [f"    {k:<52} {v / GIB:8.2f}" for k, v in part.items()]
+        lines.append(f"  peak = static + max(training, rollout): {self.peak_gib:.2f} GiB "
+                     f"(stages: {', '.join(f'{p / GIB:.1f}' for p in self.stage_peaks)})")
+        return "\n".join(lines)
+
+
+def estimate_memory(model, *, tp: int, pp: int, dp: int, workload: Workload | None = None,
+                    **workload_fields) -> MemoryEstimate:
+    """Per-GPU memory of ``model`` at ``tp x pp x dp`` (see the module docstring for every term).
+
+    Args:
+        model: a :class:`ModelShape`, a ``Qwen2_5_VLConfig``, a ``config.json`` dict, a HF
+            directory or a size name ("3b", "7b", "32b", "72b").
+        tp, pp, dp: tensor, pipeline and data parallel sizes.
+        workload: the step's shape; ``workload_fields`` (``prompt_tokens=``, ``completion_tokens=``,
+            ``micro_batch_size=``, ``recompute=``, ...) replace single fields of it.
+
+    Raises:
+        LayoutError: a layout the model or the batch cannot take, naming the option.
+    """
+    m = as_model_shape(model)
+    w = dataclasses.replace(workload or Workload(), **workload_fields)
+    w.validate()
+    m.check_layout(tp, pp)
+    if dp < 1:
+        raise LayoutError(f"dp: must be >= 1, got {dp}")
+    if w.global_batch_size % dp:
+        raise LayoutError(f"train.global_batch_size: {w.global_batch_size} does not split over dp={dp}")
+    per_rank = w.global_batch_size // dp
+    if per_rank % w.micro_batch_size:
+        raise LayoutError(f"train.micro_batch_size: {w.micro_batch_size} does not divide the {per_rank} "
+                          f"prompts per data-parallel rank")
+    stages = [_stage(m, w, tp, pp, dp, s, per_rank) for s in range(pp)]
+    peaks = tuple(sum(st.values()) + max(sum(tr.values()), sum(ro.values())) for st, tr, ro, _ in stages)
+    worst = max(range(pp), key=lambda s: peaks[s])
+    static, train, rollout, params = stages[worst]
+    total = sum(sum(m.stage_params(1, pp, s)) for s in range(pp)) - (pp > 1 and m.tie_word_embeddings) * (
+        m.vocab_size * m.hidden_size)
+    return MemoryEstimate(tp=tp, pp=pp, dp=dp, stage=worst, static=static, train=train, rollout=rollout,
+                          stage_peaks=peaks, rank_params=params, model_params=total, workload=w)
+
+
+def stage_activation_bytes(model, *, tp: int, pp: int, stage: int, rows: int, seq: int, spec: str,
+                           recompute: str = "none", logit_rows: int | None = None,
+                           final_norm_spec: str | None = None) -> int:
+    """Bytes autograd keeps for one micro-batch of ``rows`` student rows of ``seq`` tokens on one
+    rank of pipeline stage ``stage`` (bf16; the received stream tensor and parameters excluded).
+
+    Its layers' per-token and per-layer terms (:meth:`ModelShape.layer_bytes_per_token`,
+    :meth:`ModelShape.layer_extra_bytes`); with full recomputation the fp32 rotary table ``4d``
+    per token, and on stages > 0 the first layer's checkpointed input is the received tensor (not
+    counted here); on the first stage the int64 input ids (and the vocabulary-parallel
+    embedding's bool mask at TP > 1); on the last stage the final norm over every position and
+    the output layer's input at ``logit_rows`` positions (default: every position).
+    """
+    m = as_model_shape(model)
+    h = m.hidden_size
+    tok = rows * seq
+    total = (m.num_layers // pp) * (m.layer_bytes_per_token(tp, spec, recompute) * tok
+                                   + m.layer_extra_bytes(rows, seq, tp, spec, recompute))
+    if recompute == "full":
+        total += 4 * m.head_dim * tok
+    if stage == 0:
+        total += (8 + (tp > 1)) * tok
+    elif recompute == "full":
+        total -= 2 * h * tok
+    if stage == pp - 1:
+        norm = (2 * h + 4) if (final_norm_spec or spec) == "transformer_engine" else (8 * h + 4)
+        total += norm * tok + 2 * h * (tok if logit_rows is None else logit_rows)
+    return total
+
+
+def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_rank: int):
+    first, last = s == 0, s == pp - 1
+    lang, vision = m.stage_params(tp, pp, s)
+    n = lang + vision
+    trainable = lang + (0 if w.freeze_vision else vision)
+    shard = dp if (w.distributed_optimizer and dp > 1) else 1
+    static = {
+        "student parameters (bf16)": 2 * n,
+        f"gradient buffer ({'fp32' if w.grad_reduce_in_fp32 else 'bf16'})": (4 if w.grad_reduce_in_fp32 else 2) * trainable,
+        f"optimizer states (fp32 main + Adam m, v; /{shard})": -(-12 * trainable // shard),
+        "teacher parameters (bf16, frozen)": 2 * n,
+    }
+
+    # ---- training phase
+    h, v_local = m.hidden_size, m.vocab_size // tp
+    layers = m.num_layers // pp
+    ks, kt = STREAM_ROWS[w.objective]
+    img_s, img_t = IMAGE_ROWS[w.objective]
+    ls, lt = LOGIT_ROWS[w.objective]
+    mb = w.micro_batch_size
+    seq = w.seq_length
+    ns, nt = ks * mb, kt * mb
+    rows = ns + nt
+    tok_s = ns * seq
+    in_flight = min(pp - s, per_rank // mb)
+    patches = w.image_tokens * m.vision.patches_per_token
+    n_logit_s = ls * mb * w.completion_tokens if w.logits_at_loss_positions_only else ns * seq
+    n_logit_t = lt * mb * w.completion_tokens if w.logits_at_loss_positions_only else nt * seq
+
+    per_mb = stage_activation_bytes(m, tp=tp, pp=pp, stage=s, rows=ns, seq=seq, spec=w.layer_spec,
+                                    recompute=w.recompute, logit_rows=n_logit_s, final_norm_spec=w.layer_spec)
+    title = f"student activations, {layers} layers x {in_flight} micro-batch(es) ({w.recompute} recompute)"
+    train = {title: in_flight * per_mb}
+    if first and not w.freeze_vision:
+        train[f"student vision activations ({'checkpointed' if w.vision_recompute else 'stored'})"] = (
+            in_flight * mb * img_s * patches * m.vision.stored_bytes_per_patch(w.vision_recompute))
+    if not first:
+        train["received pipeline stream tensors"] = in_flight * 2 * seq * rows * h
+    if last:
+        train["logits at the loss positions (bf16) + student grad"] = (n_logit_s + n_logit_t + n_logit_s) * v_local * 2
+        train["KL chunk temporaries (fp32)"] = min(4 * w.loss_chunk_bytes, 4 * 4 * v_local * (n_logit_s + n_logit_t))
+    transients = {
+        "teacher rows, one layer (no grad)": nt * seq * m.forward_bytes_per_token(tp)
+        + (nt * (4 * m.num_attention_heads // tp) * seq * seq + seq * seq if w.layer_spec == "local" else 0),
+    }
+    if w.recompute == "full":
+        transients["one student layer recomputed in backward"] = (
+            m.layer_bytes_per_token(tp, w.layer_spec) * tok_s + m.layer_extra_bytes(ns, seq, tp, w.layer_spec))
+    if first:
+        transients["teacher vision tower (no grad) + image embeddings"] = mb * (
+            patches * m.vision.forward_bytes_per_patch() + img_t * w.image_tokens * h * 2)
+        if w.vision_recompute and not w.freeze_vision:
+            transients["one student vision block recomputed"] = mb * img_s * patches * m.vision.block_bytes_per_patch()
+    key = max(transients, key=transients.get)
+    train[f"largest transient: {key}"] = transients[key]
+
+    # ---- rollout phase
+    b = min(per_rank, w.rollout_batch_size)
+    plen, total_len = w.prompt_tokens, w.prompt_tokens + w.completion_tokens
+    kv = b * total_len * m.kv_bytes_per_token(tp, pp)
+    rollout = {f"rollout KV cache ({b} x {total_len} tokens, {layers} layers)": kv}
+    if first:
+        rollout["round embeddings (text + images)"] = 2 * b * plen * h + 2 * b * w.image_tokens * h
+    group = max(1, min(b, w.prefill_max_tokens // plen))
+    prefill = group * plen * m.forward_bytes_per_token(tp)
+    if w.rollout_layer_spec == "local":
+        prefill += group * (4 * m.num_attention_heads // tp) * plen * plen + plen * plen
+    r_trans = {f"prefill of {group} prompt(s) through one layer": prefill}
+    if first:
+        r_trans[f"vision tower over the round's {b} image(s) (no grad)"] = b * patches * m.vision.forward_bytes_per_patch()
+    key = max(r_trans, key=r_trans.get)
+    rollout[f"largest transient: {key}"] = r_trans[key]
+    return static, train, rollout, (lang, vision)
+
+
+def estimate_for_config(cfg, world_size: int, model=None, **workload_fields) -> MemoryEstimate:
+    """The estimate of a :class:`~vigos_megatron.config.train.PretrainConfig` on ``world_size`` GPUs.
+
+    ``model``: the shape to plan for; default the ``config.json`` under ``model.hf_path`` /
+    ``model.init_checkpoint``. The layout is checked with
+    :func:`~vigos_megatron.config.train.validate_layout` first.
+    """
+    from vigos_megatron.config.train import _hf_config_json, validate_layout
+
+    layout = validate_layout(cfg, world_size)
+    if model is None:
+        raw = _hf_config_json(cfg)
+        if raw is None:
+            raise LayoutError("model: no config.json under model.hf_path / model.init_checkpoint; pass model= "
+                              "(a size name such as '7b' or a Qwen2_5_VLConfig)")
+        model = raw
+    return estimate_memory(model, tp=layout.tp, pp=layout.pp, dp=layout.dp,
+                           workload=Workload.from_config(cfg, **workload_fields))
+
+
+# --------------------------------------------------------------------------- layout search
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(model, world_size: int, workload: Workload | None = None, *, max_tp: int = 8):
+    """Every ``(tp, pp, dp)`` with ``tp * pp * dp = world_size`` the model and the batch accept (TP <= ``max_tp``)."""
+    m = as_model_shape(model)
+    w = workload or Workload()
+    out = []
+    for tp in _divisors(world_size):
+        if tp > max_tp:
+            continue
+        for pp in _divisors(world_size // tp):
+            dp = world_size // (tp * pp)
+            try:
+                m.check_layout(tp, pp)
+            except LayoutError:
+                continue
+            if w.global_batch_size % dp or (w.global_batch_size // dp) % w.micro_batch_size:
+                continue
+            out.append((tp, pp, dp))
+    return out
+
+
+def choose_layout(model, world_size: int, workload: Workload | None = None, *, max_tp: int = 8,
+                  tune_rollout_batch: bool = False, gpu_memory_gib: float = GPU_80GB_GIB,
+                  reserve_gib: float = DEFAULT_RESERVE_GIB) -> MemoryEstimate | None:
+    """The preferred layout on ``world_size`` GPUs that fits, or None.
+
+    Preference: the smallest model-parallel group ``tp * pp`` (the most data parallelism), then
+    the fewer pipeline stages, then the larger rollout batch, then the lower peak.
+    ``tune_rollout_batch``: also try rollout batches (``sampling.max_batch_size``) halving from
+    the workload's down to 1 for each layout, keeping the largest that fits.
+    """
+    w = workload or Workload()
+    fitting = []
+    for tp, pp, dp in candidate_layouts(model, world_size, w, max_tp=max_tp):
+        batch = min(w.rollout_batch_size, w.global_batch_size // dp)
+        while batch >= 1:
+            est = estimate_memory(model, tp=tp, pp=pp, dp=dp, workload=dataclasses.replace(w, rollout_batch_size=batch))
+            if est.fits(gpu_memory_gib, reserve_gib):
+                fitting.append(est)
+                break
+            if not tune_rollout_batch:
+                break
+            batch //= 2
+    if not fitting:
+        return None
+    return min(fitting, key=lambda e: (e.tp * e.pp, e.pp, -e.workload.rollout_batch_size, e.peak_bytes))
+
+
+#: GPU counts the recipes consider (1 node of up to 8 GPUs, then whole nodes)
+WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def smallest_world_size(model, workload: Workload | None = None, *, world_sizes=WORLD_SIZES,
+                        **kwargs) -> MemoryEstimate | None:
+    """The estimate of the chosen layout at the smallest GPU count in ``world_sizes`` that fits."""
+    for n in world_sizes:
+        est = choose_layout(model, n, workload, **kwargs)
+        if est is not None:
+            return est
+    return None
