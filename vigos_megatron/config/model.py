@@ -1,4 +1,8 @@
-"""Configuration of the policy model (Qwen2.5-VL under Megatron-Core)."""
+"""Configuration of the policy model (Qwen2.5-VL under Megatron-Core) and its frozen teacher.
+
+The parallel layout is NOT set here: ``parallel.tp`` / ``parallel.pp`` of the training config
+(:mod:`vigos_megatron.config.train`) are the one place for it.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +10,47 @@ from dataclasses import dataclass
 
 from vigos_megatron.config.loader import ConfigError
 
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-DTYPES = ("float32", "bfloat16", "float16")
+TRANSFORMER_IMPLS = ("auto", "local", "sdpa", "transformer_engine")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
 class ModelConfig:
-    """Which checkpoint to build, and how to shard and run it.
+    """Which checkpoint to build, how to run it, and where the teacher comes from.
 
-    ``hf_path`` is a Hugging Face Qwen2.5-VL directory (config.json, optionally weights,
-    tokenizer and processor files). ``megatron_checkpoint`` (optional) is a run or checkpoint
-    directory written by ``tools/convert_hf_to_megatron.py`` or by training; when set, weights
-    are loaded from it instead of from ``hf_path``.
+    Initial weights: ``init_checkpoint`` (a run or ``iter_*`` directory written by
+    ``tools/convert_hf_to_megatron.py``) when set, else the Hugging Face directory ``hf_path``.
+    The frozen teacher is rebuilt from the same initial weights at every launch (it is never
+    saved), unless ``teacher_hf_path`` names a separate checkpoint of the same architecture
+    (VGS setting (a)).
     """
 
     hf_path: str = ""
-    megatron_checkpoint: str = ""
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    #: parameter dtype: float32 (CPU/tests), bfloat16 (GPU training)
-    dtype: str = "float32"
-    #: "auto": Transformer Engine layer spec and fused kernels when TE is installed, else local spec
+    init_checkpoint: str = ""
+    teacher_hf_path: str = ""
+    #: parameter dtype; "auto": bfloat16 on GPU (fp32 main weights in the optimizer), float32 on CPU
+    dtype: str = "auto"
+    #: "auto": Transformer Engine layer spec when TE is installed, else "sdpa" on a GPU
+    #: (core attention on torch SDPA, vigos_megatron.models.specs) and "local" on the CPU
     transformer_impl: str = "auto"
+    #: activation recomputation of the student's transformer layers
+    recompute: str = "none"
+    #: keep the student's vision tower frozen (no gradients, no optimizer state for it)
+    freeze_vision: bool = False
     #: build on the meta device (no weights materialised); for memory planning only
     meta_device: bool = False
-    #: build the frozen teacher replica next to the student
-    build_teacher: bool = True
 
     def validate(self) -> None:
-        if self.tensor_model_parallel_size < 1:
-            raise ConfigError(f"tensor_model_parallel_size: must be >= 1, got {self.tensor_model_parallel_size}")
-        if self.pipeline_model_parallel_size < 1:
-            raise ConfigError(f"pipeline_model_parallel_size: must be >= 1, got {self.pipeline_model_parallel_size}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"transformer_impl: must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"recompute: must be one of {RECOMPUTE}, got {self.recompute!r}")
 
-    @property
-    def torch_dtype(self):
+    def torch_dtype(self, use_cuda: bool):
         import torch
 
-        return getattr(torch, self.dtype)
+        name = ("bfloat16" if use_cuda else "float32") if self.dtype == "auto" else self.dtype
+        return getattr(torch, name)

@@ -110,13 +110,21 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_transformer_impl(transformer_impl: str) -> str:
-    """"auto" -> "transformer_engine" when TE is usable, else "local"."""
+    """"auto" -> "transformer_engine" when TE is usable; else "sdpa" on a GPU
+    (:func:`vigos_megatron.runtime.use_cuda`) and "local" on the CPU. "local" and "sdpa"
+    (:mod:`vigos_megatron.models.specs`) can be asked for anywhere."""
+    from vigos_megatron import runtime
+
     if transformer_impl == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
+        if transformer_engine_available():
+            return "transformer_engine"
+        return "sdpa" if runtime.use_cuda() else "local"
     if transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise ModelBuildError("transformer_impl='transformer_engine' but Transformer Engine (with CUDA) is not available")
-    if transformer_impl not in ("local", "transformer_engine"):
-        raise ModelBuildError(f"transformer_impl: unknown value {transformer_impl!r}")
+    if transformer_impl not in ("local", "sdpa", "transformer_engine"):
+        raise ModelBuildError(
+            f"transformer_impl: unknown value {transformer_impl!r} (auto, local, sdpa, transformer_engine)"
+        )
     return transformer_impl
 
 
@@ -145,8 +153,14 @@ class QwenVLBuilder:
         pipeline_model_parallel_size: int = 1,
         dtype: torch.dtype = torch.float32,
         transformer_impl: str = "auto",
+        recompute: str = "none",
     ) -> "QwenVLBuilder":
-        """``source``: a HF directory or a ``Qwen2_5_VLConfig``."""
+        """``source``: a HF directory or a ``Qwen2_5_VLConfig``.
+
+        ``recompute``: activation recomputation of the language model's layers in training mode
+        (``"none"``, ``"selective"``: core attention, ``"full"``: every layer's input, one layer per
+        unit). Modules in eval mode (the frozen teacher, generation) never recompute.
+        """
         from vigos_megatron import platform
 
         platform.activate()
@@ -177,8 +191,11 @@ class QwenVLBuilder:
         provider.autocast_dtype = dtype
         provider.bf16 = dtype == torch.bfloat16
         provider.fp16 = dtype == torch.float16
+        _apply_recompute(provider, recompute)
         if impl == "local":
             _apply_local_settings(provider)
+        elif impl == "sdpa":
+            _apply_sdpa_settings(provider)
         provider.finalize()
         return cls(hf_config=hf_config, bridge=bridge, provider=provider, transformer_impl=impl)
 
@@ -249,6 +266,20 @@ class QwenVLBuilder:
             yield name, tensor
 
 
+def _apply_recompute(provider, recompute: str) -> None:
+    if recompute == "none":
+        provider.recompute_granularity = None
+    elif recompute == "selective":
+        provider.recompute_granularity = "selective"
+        provider.recompute_modules = ["core_attn"]
+    elif recompute == "full":
+        provider.recompute_granularity = "full"
+        provider.recompute_method = "uniform"
+        provider.recompute_num_layers = 1
+    else:
+        raise ModelBuildError(f"recompute: unknown value {recompute!r} (none, selective, full)")
+
+
 def _apply_local_settings(provider) -> None:
     """megatron-core's local layer spec, local attention, all fusions off."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -267,6 +298,21 @@ def _apply_local_settings(provider) -> None:
     ):
         if hasattr(provider, flag):
             setattr(provider, flag, False)
+
+
+def _apply_sdpa_settings(provider) -> None:
+    """The local settings with core attention on torch's SDPA (:mod:`vigos_megatron.models.specs`).
+
+    On a GPU also megatron-core's fused SwiGLU (``bias_activation_fusion``: ``torch.compile``d,
+    keeps only the fc1 output for backward instead of also ``silu(gate)``); the CPU keeps the
+    unfused activation (no compilation in CPU runs and tests).
+    """
+    from vigos_megatron import runtime
+    from vigos_megatron.models.specs import sdpa_block_spec
+
+    _apply_local_settings(provider)
+    provider.transformer_layer_spec = sdpa_block_spec
+    provider.bias_activation_fusion = runtime.use_cuda()
 
 
 # --------------------------------------------------------------------------- accounting
