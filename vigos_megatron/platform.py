@@ -21,8 +21,10 @@ Two independent adaptations, each applied only where it is needed:
    ``torch`` attribute that forwards everything to the real ``torch`` except
    tensor factories (``device="cuda"`` -> CPU) and ``torch.cuda`` (a few CPU
    equivalents). No global torch function changes except ``torch.cuda.current_device``.
-   Not covered (raise as before): the distributed optimizer's and the fp16
-   optimizer's type-string checks, autocast, sequence and context parallelism.
+   * the distributed optimizer's and the bf16/fp16 optimizer's ``param.type()`` checks
+     (``'torch.cuda.FloatTensor'`` ...) -> CPU tensors answer their CUDA type string, only
+     while those optimizers' constructors run.
+   Not covered (raise as before): autocast, sequence and context parallelism.
 
 2. **No Transformer Engine** (any machine without TE, GPU ones included).
    megatron-bridge imports ``transformer_engine.pytorch`` at import time (its LoRA
@@ -31,6 +33,19 @@ Two independent adaptations, each applied only where it is needed:
    already concluded that TE is absent. The stand-in answers lower-case attributes
    with sub-modules and capitalised ones with classes that refuse instantiation,
    so nothing can silently run a fake TE kernel.
+
+3. **Torch Adam in the distributed optimizer** (neither Apex nor TE: megatron-core falls back to
+   ``torch.optim.AdamW``, whose per-parameter state holds a ``step`` tensor). Two defects of
+   ``DistributedOptimizer`` on that path, fixed around the same methods:
+
+   * ``load_state_dict`` gives every parameter the SAME ``step`` tensor object; AdamW then
+     increments it in place once per parameter per step (after one step on 47 parameters the
+     step reads 49 instead of 3, and the bias correction is wrong): each parameter gets its own
+     copy after the load;
+   * loading the layout-independent checkpoint format (``fully_reshardable``) copies every
+     tensor of a parameter's state from the loaded ones and fails with ``KeyError: 'step'``
+     (the step is restored separately, from the parameter groups): the step entry is marked as
+     not loaded (``None``: skipped by megatron's own check).
 
 Call :func:`activate` once per process before building megatron models or
 importing megatron-bridge. It is idempotent and returns what it applied.
@@ -63,6 +78,8 @@ _CPU_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.async_utils",
+    # local_multi_tensor_l2_norm (grad norm without apex/TE): torch.tensor(..., device="cuda")
+    "megatron.core.utils",
 )
 
 _TE_SUBMODULES = (
@@ -107,7 +124,48 @@ def activate() -> PlatformStatus:
     if not _STATE.get("te") and needs_te_standin():
         _install_te_standin()
         _STATE["te"] = True
+    if not _STATE.get("torch_adam") and needs_torch_adam_fix():
+        _patch_distopt_torch_adam_step()
+        _STATE["torch_adam"] = True
     return status()
+
+
+def needs_torch_adam_fix() -> bool:
+    """megatron-core's distributed optimizer runs on torch's AdamW (no Apex, no TE)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def _patch_distopt_torch_adam_step() -> None:
+    """See the module docstring, item 3."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.__dict__["_set_main_param_and_optimizer_states"]
+    if getattr(original, "__vigos_torch_adam__", False):
+        return
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors:
+            tensors = {**tensors, "step": None}
+        return original(self, model_param, tensors)
+
+    _set_main_param_and_optimizer_states.__vigos_torch_adam__ = True
+    _set_main_param_and_optimizer_states.__doc__ = original.__doc__
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+    original_load = DistributedOptimizer.__dict__["load_state_dict"]
+
+    def load_state_dict(self, state_dict):
+        out = original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.clone()  # one step counter per parameter, as torch's AdamW keeps them
+        return out
+
+    load_state_dict.__doc__ = original_load.__doc__
+    DistributedOptimizer.load_state_dict = load_state_dict
 
 
 def status() -> PlatformStatus:
@@ -246,6 +304,51 @@ def _patch_tied_embedding_sync() -> None:
     lm.LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+@contextlib.contextmanager
+def _tensor_type_reports_cuda():
+    """Within this block only, ``tensor.type()`` (no argument) of a CPU tensor answers the CUDA type
+    string (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``), as megatron's type checks expect."""
+    original = torch.Tensor.type
+
+    def type_(self, *a, **k):
+        out = original(self, *a, **k)
+        if not a and not k and isinstance(out, str) and out.startswith("torch.") and not out.startswith("torch.cuda."):
+            return "torch.cuda." + out[len("torch."):]
+        return out
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _patch_optimizer_type_checks() -> None:
+    """The distributed optimizer and the fp16/bf16 optimizer sort the model's parameters by
+    ``param.type()`` strings (``'torch.cuda.FloatTensor'``, ...) while building their groups and
+    raise on anything else. Same constructors, CPU tensors reported with their CUDA type string
+    only while they run (the groups they build hold the real CPU tensors)."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    targets = [(optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+               (distrib_optimizer.DistributedOptimizer, "__init__")]
+    for cls, name in targets:
+        original = cls.__dict__[name]
+        if getattr(original, "__vigos_cpu__", False):
+            continue
+
+        def make(fn):
+            def wrapped(self, *a, **k):
+                with _tensor_type_reports_cuda():
+                    return fn(self, *a, **k)
+
+            wrapped.__vigos_cpu__ = True
+            wrapped.__doc__ = fn.__doc__
+            return wrapped
+
+        setattr(cls, name, make(original))
+
+
 def _apply_cpu_mode() -> None:
     import importlib
 
@@ -259,6 +362,7 @@ def _apply_cpu_mode() -> None:
     # fork() reads the state through _get_cuda_rng_state (torch.cuda.random.get_rng_state) directly
     random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     _patch_tied_embedding_sync()
+    _patch_optimizer_type_checks()
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         mod = sys.modules[name]
         if hasattr(mod, "clip_grad_by_total_norm_fp32"):

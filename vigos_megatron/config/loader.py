@@ -40,15 +40,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
 
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{p}: {_describe(e)}") from None
-        except Exception as e:  # YAML syntax errors
-            raise ConfigError(f"{p}: {e}") from None
+        cfg = _merge_file(cfg, Path(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -62,6 +54,63 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         raise ConfigError(_describe(e)) from None
     _validate_tree(obj)
     return obj
+
+
+#: top-level YAML key mapping a dotted config key to a YAML file merged there first
+COMPOSE_KEY = "compose"
+
+
+def _load_yaml(p: Path):
+    from omegaconf import OmegaConf
+
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return OmegaConf.load(p)
+    except Exception as e:  # YAML syntax errors
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def _resolve(ref: str, base: Path) -> Path:
+    """A composed file: relative to the including file's directory, else to the working directory."""
+    p = Path(ref)
+    if p.is_absolute() or p.is_file():
+        return p
+    return base / p
+
+
+def _merge_file(cfg, p: Path, depth: int = 0):
+    """Merge YAML file ``p`` into ``cfg``. ``compose: {model: conf/model/tiny.yaml, ...}`` merges each
+    named file at its key first, so the file's own values override the composed pieces."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if depth > 8:
+        raise ConfigError(f"{p}: compose nesting deeper than 8 (a cycle?)")
+    raw = _load_yaml(p)
+    composed = raw.pop(COMPOSE_KEY, None) if OmegaConf.is_dict(raw) else None
+    if composed is not None:
+        if not OmegaConf.is_dict(composed):
+            raise ConfigError(f"{p}: '{COMPOSE_KEY}' must map config keys to YAML files")
+        for key, ref in composed.items():
+            piece = _load_yaml(_resolve(str(ref), p.parent))
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([]) if piece is None else _at_key(str(key), piece))
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"{p}: {COMPOSE_KEY}.{key} ({ref}): {_describe(e)}") from None
+    try:
+        return OmegaConf.merge(cfg, raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{p}: {_describe(e)}") from None
+
+
+def _at_key(key: str, piece):
+    from omegaconf import OmegaConf
+
+    node = piece
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(node)))
 
 
 def _describe(e) -> str:

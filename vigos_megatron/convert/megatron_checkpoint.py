@@ -38,6 +38,20 @@ def iter_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def write_tracker(run_dir, iteration: int) -> None:
+    """Point ``RUN/latest_checkpointed_iteration.txt`` at ``iteration`` atomically (temp file,
+    fsync, rename): a crash leaves either the previous or the new number, never a torn file."""
+    import os
+
+    run = Path(run_dir)
+    tmp = run / f".{TRACKER_FILE}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run / TRACKER_FILE)
+
+
 def resolve_checkpoint(path) -> Path:
     """``RUN`` (tracker file) or ``RUN/iter_*`` -> the checkpoint directory, or a clear error."""
     p = Path(path)
@@ -123,7 +137,7 @@ def save_model_checkpoint(
             },
         }
         (ckpt / INFO_FILE).write_text(json.dumps(info, indent=2))
-        (run / TRACKER_FILE).write_text(f"{iteration}\n")
+        write_tracker(run, iteration)
     if dist.is_initialized():
         dist.barrier()
     return ckpt

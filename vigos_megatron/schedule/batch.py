@@ -147,11 +147,13 @@ def make_stream_batches(
     image_token_id: int,
     spatial_merge_size: int,
     multiple: int = 64,
+    pack=pack_distill,
 ) -> list[StreamBatch]:
     """Split ``rollouts`` (with ``vision[i]`` the image inputs of rollout ``i``) into micro-batches of one ``S``.
 
-    Consecutive groups of ``rollouts_per_micro_batch`` rollouts are packed with
-    :func:`~vigos_megatron.rollout.assembly.pack_distill` to one ``S``: the longest row of the
+    Consecutive groups of ``rollouts_per_micro_batch`` rollouts are packed with ``pack``
+    (:func:`~vigos_megatron.rollout.assembly.pack_distill` for ViGOS/OPSD,
+    :func:`~vigos_megatron.rollout.assembly.pack_vgs` for VGS) to one ``S``: the longest row of the
     step rounded up to ``multiple`` (the schedule sizes every p2p buffer with it).
     """
     if len(rollouts) != len(vision):
@@ -163,7 +165,7 @@ def make_stream_batches(
     S = padded_length(list(rollouts), multiple)
     return [
         stream_batch(
-            pack_distill([rollouts[i] for i in g], pad_id=pad_id, seq_length=S, logits_layout="bsv"),
+            pack([rollouts[i] for i in g], pad_id=pad_id, seq_length=S, logits_layout="bsv"),
             [vision[i] for i in g], image_token_id=image_token_id, spatial_merge_size=spatial_merge_size,
         )
         for g in groups

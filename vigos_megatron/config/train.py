@@ -1,0 +1,249 @@
+"""Configuration of a ViGOS training run (``examples/pretrain_vigos.py --config conf/X.yaml``).
+
+A training YAML composes the model / loss / data pieces of ``conf/`` (``compose:``, see
+:mod:`vigos_megatron.config.loader`) and sets the rest. :func:`validate_layout` checks everything
+that can be checked without a process group (recipes and tools call it too); the entry point
+calls it before ``init_process_group``.
+
+Batch accounting: ``train.global_batch_size`` prompts per optimizer step over all data-parallel
+ranks; each DP rank draws ``global_batch_size / dp`` of them, generates one rollout per prompt,
+and scores them in micro-batches of ``train.micro_batch_size`` rollouts (a micro-batch is one
+stream of ``(Ks + Kt) * micro_batch_size`` rows through the student+teacher stages).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vigos_megatron.config.data import DataConfig
+from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.config.loss import LossConfig
+from vigos_megatron.config.model import ModelConfig
+from vigos_megatron.config.sampling import SamplingConfig
+
+NONFINITE_ACTIONS = ("skip", "stop")
+DECAY_STYLES = ("linear", "cosine", "constant")
+
+#: the contexts each objective reads (``data.context.contexts`` must hold them)
+OBJECTIVE_CONTEXTS = {
+    "vigos": ("student", "perception", "reasoning", "reference"),
+    "opsd": ("student", "opsd"),
+    "vgs": ("student", "student_text"),
+}
+
+
+@dataclass
+class ParallelConfig:
+    """The one place where the layout is set; data parallelism = world size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+
+    def validate(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    #: total optimizer steps of the run (also sets the LR schedule)
+    steps: int = 1
+    #: stop after this many steps of the current launch, save, exit 0 (0: run to ``steps``)
+    exit_after: int = 0
+    #: prompts per optimizer step over all data-parallel ranks (model card: 32)
+    global_batch_size: int = 32
+    #: rollouts per micro-batch of the scoring/update schedule
+    micro_batch_size: int = 1
+    #: the stream length S of a step is its longest row rounded up to this
+    seq_multiple: int = 64
+    seed: int = 1234
+    #: a step whose loss or gradient norm is not finite: "skip" it (no update) or "stop" the run
+    on_nonfinite: str = "skip"
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps: must be >= 1, got {self.steps}")
+        if self.exit_after < 0:
+            raise ConfigError(f"exit_after: must be >= 0, got {self.exit_after}")
+        for name in ("global_batch_size", "micro_batch_size", "seq_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ConfigError(f"on_nonfinite: must be one of {NONFINITE_ACTIONS}, got {self.on_nonfinite!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """megatron-core Adam (decoupled weight decay = AdamW) with fp32 main weights on GPU."""
+
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    #: max global gradient norm (model card: 0.1); <= 0 disables clipping
+    clip_grad: float = 0.1
+    #: linear warmup steps, clamped to train.steps
+    warmup_steps: int = 0
+    decay_style: str = "linear"
+    #: shard optimizer state over data-parallel ranks when DP > 1
+    distributed_optimizer: bool = True
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"decay_style: must be one of {DECAY_STYLES}, got {self.decay_style!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    #: save every this many steps (0: only when the launch ends: train.steps, exit_after, SIGTERM)
+    save_interval: int = 0
+
+    def validate(self) -> None:
+        if self.save_interval < 0:
+            raise ConfigError(f"save_interval: must be >= 0, got {self.save_interval}")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    #: print a progress line every this many steps (rank 0)
+    progress_interval: int = 1
+
+    def validate(self) -> None:
+        if self.progress_interval < 1:
+            raise ConfigError(f"progress_interval: must be >= 1, got {self.progress_interval}")
+
+
+@dataclass
+class TinyDemoConfig:
+    """The embedded default: a tiny random Qwen2.5-VL and synthetic shards, written under
+    ``run_dir`` when absent (fixed seeds: the same weights and data at every layout)."""
+
+    enabled: bool = False
+    samples: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"samples: must be >= 1, got {self.samples}")
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = ""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tiny: TinyDemoConfig = field(default_factory=TinyDemoConfig)
+
+    def validate(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("run_dir: must be set (checkpoints, metrics and logs go there)")
+        if self.train.exit_after > self.train.steps:
+            raise ConfigError(f"train.exit_after: {self.train.exit_after} exceeds train.steps={self.train.steps}")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not divide "
+                              f"train.global_batch_size={self.train.global_batch_size}")
+        needed = OBJECTIVE_CONTEXTS[self.loss.objective]
+        missing = [c for c in needed if c not in self.data.context.contexts]
+        if missing:
+            raise ConfigError(f"data.context.contexts: objective {self.loss.objective!r} needs the contexts {missing}")
+        if not self.tiny.enabled:
+            if not (self.model.hf_path or self.model.init_checkpoint):
+                raise ConfigError("model.hf_path: set it (or model.init_checkpoint, or tiny.enabled=true)")
+
+
+def _validate_data_paths(cfg) -> None:
+    """Skipped by ``PretrainConfig.validate`` when the tiny demo writes them; checked here otherwise."""
+    if not cfg.data.loader.shards_dir:
+        raise ConfigError("data.loader.shards_dir: must be set")
+    if not cfg.data.context.processor_path:
+        raise ConfigError("data.context.processor_path: must be set")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The process layout of a run: ``world = tp * pp * dp``."""
+
+    tp: int
+    pp: int
+    dp: int
+    prompts_per_rank: int
+    micro_batches: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def _hf_config_json(cfg: PretrainConfig) -> dict | None:
+    """The text config of the model to build, when it can be read without loading weights."""
+    candidates = []
+    if cfg.model.init_checkpoint:
+        p = Path(cfg.model.init_checkpoint)
+        candidates += [p / "hf" / "config.json", *sorted(p.glob("iter_*/hf/config.json"))[:1]]
+    if cfg.model.hf_path:
+        candidates.append(Path(cfg.model.hf_path) / "config.json")
+    for c in candidates:
+        if c.is_file():
+            try:
+                return json.loads(c.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{c}: invalid JSON ({e})") from None
+    return None
+
+
+def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
+    """Check ``cfg`` against ``world_size`` processes; no process group needed. Returns the layout.
+
+    Raises :class:`ConfigError` naming the option for: a world size that ``tp * pp`` does not
+    divide, a global batch that data parallelism or the micro-batch size does not divide, and
+    (when the model's ``config.json`` is readable) a vocabulary or head count that ``tp`` does
+    not divide or a layer count that ``pp`` does not divide.
+    """
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if world_size % (tp * pp):
+        raise ConfigError(f"parallel.tp * parallel.pp = {tp * pp} does not divide the world size {world_size}")
+    dp = world_size // (tp * pp)
+    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if gbs % dp:
+        raise ConfigError(f"train.global_batch_size: {gbs} prompts do not split over {dp} data-parallel ranks "
+                          f"(world {world_size} / (tp {tp} * pp {pp}))")
+    per_rank = gbs // dp
+    if per_rank % mbs:
+        raise ConfigError(f"train.micro_batch_size: {mbs} does not divide the {per_rank} prompts per data-parallel rank")
+    if not cfg.tiny.enabled:
+        _validate_data_paths(cfg)
+    raw = _hf_config_json(cfg)
+    if raw is not None:
+        text = raw.get("text_config", raw)
+        for key, div, opt in (("vocab_size", tp, "parallel.tp"), ("num_attention_heads", tp, "parallel.tp"),
+                              ("num_key_value_heads", tp, "parallel.tp"), ("num_hidden_layers", pp, "parallel.pp")):
+            n = text.get(key, raw.get(key))
+            if n is not None and n % div:
+                raise ConfigError(f"{opt}: {div} does not divide the model's {key}={n}")
+    return Layout(tp=tp, pp=pp, dp=dp, prompts_per_rank=per_rank, micro_batches=per_rank // mbs)

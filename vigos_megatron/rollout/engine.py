@@ -1,0 +1,469 @@
+"""On-policy generation from the student's own Megatron model chunks (TP/PP), with a KV cache.
+
+:class:`MegatronRolloutEngine` drives megatron-bridge's ``Qwen25VLModel`` directly, one round
+of at most ``sampling.max_batch_size`` prompts at a time:
+
+* **Prefill.** The first pipeline stage embeds the left-padded prompts
+  (:mod:`~vigos_megatron.rollout.prompt_batch`), runs the HF vision tower once per distinct
+  image of the round (all images of the round in one call) and scatters the image embeddings
+  into the ``<|image_pad|>`` rows, then the language model (megatron's ``GPTModel``) runs with a
+  :class:`~vigos_megatron.rollout.kv_cache.RoundKVCache` (megatron-core's
+  ``StaticInferenceContext``), an explicit causal+padding mask and the prompts' mrope positions.
+  ``Qwen25VLModel.forward`` is bypassed because it neither passes the inference context to its
+  language model nor takes positions. Long prompts are prefilled in row groups of at most
+  ``prefill_max_tokens`` tokens (the static cache writes rows at ``batch_size_offset``).
+* **Decode.** One token per live row per step; mrope positions for the whole prefix
+  (``[:sequence_end]``, the static cache re-rotates cached keys every step), the padding mask
+  ``[B, 1, 1, end]`` (after the prefill megatron switches attention to ``no_mask`` and uses only
+  the explicit mask). Rows that finished are compacted out of the cache
+  (:meth:`RoundKVCache.compact`) and cost nothing afterwards.
+* **Pipeline.** Each stage receives ``[S, B_live, H]`` from the previous stage and sends its
+  output on (:mod:`~vigos_megatron.rollout.pipeline_p2p`, plain send/recv over the PP group);
+  the last stage computes only the last column's logits ``[B_live, V/tp]`` (GPTModel's
+  ``output_processor``), chooses the tokens (:mod:`~vigos_megatron.rollout.sampling`,
+  identical on every TP rank) and broadcasts them over the PP group. Every rank then applies the
+  same stop rule, so all ranks of the model-parallel group leave the loop together and return
+  the same completions. DP ranks are independent (different prompts, no communication).
+* **Hygiene.** Runs under ``torch.no_grad()`` with every module of the chunks in eval mode; the
+  previous per-module training flags and the decoder's pipeline input tensor are restored
+  afterwards; no hooks, no parameter changes. The KV cache, the round's tensors and any growth
+  of megatron's global attention workspace are released before :meth:`generate` returns
+  (``last_buffers`` holds weak references to them for tests). Everything is allocated on the
+  model's device (:func:`vigos_megatron.runtime.model_device`).
+
+Requirements: a core attention that applies the explicit padding mask whatever the mask type
+(``transformer_impl`` "local": megatron-core's ``DotProductAttention``, or "sdpa":
+:class:`vigos_megatron.models.specs.SDPADotProductAttention`; Transformer Engine's attention
+follows megatron's ``no_mask`` switch at decode and would attend to padding, so it is refused),
+no sequence parallelism, one model chunk per rank (no virtual pipeline).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vigos_megatron.config.sampling import SamplingConfig
+from vigos_megatron.rollout.kv_cache import RoundKVCache, preserve_global_memory_buffer
+from vigos_megatron.rollout.pipeline_p2p import PipelineLinks
+from vigos_megatron.rollout.prompt_batch import (
+    PromptRound,
+    build_round,
+    causal_padding_mask,
+    prompt_mrope_positions,
+)
+from vigos_megatron.rollout.sampling import sample_next_tokens
+from vigos_megatron.runtime import model_device
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass
+class RolloutPrompt:
+    """One prompt to complete.
+
+    ``input_ids``: int64 ``[L]``, the student context prefix (ends with the ``<description>``
+    prefill), image placeholders already expanded. ``pixel_values``: ``[patches, C*T*P*P]``
+    (:class:`~vigos_megatron.data.contexts.ContextEncoder` output) or ``None`` for text only;
+    ``image_grid_thw``: int64 ``[n_images, 3]``. ``sample_id``: global sample index (keys the
+    sampling noise, so it must differ between samples that should differ).
+    """
+
+    input_ids: Tensor
+    pixel_values: Tensor | None
+    image_grid_thw: Tensor | None
+    sample_id: int
+
+
+@dataclass
+class RolloutCompletion:
+    """Generated ids (int64 ``[n]``, CPU; the stop token included when one was generated) and why it ended."""
+
+    token_ids: Tensor
+    finish_reason: str  # "stop" | "length"
+
+    @property
+    def length(self) -> int:
+        return int(self.token_ids.numel())
+
+
+class RolloutEngine(Protocol):
+    """What the training loop needs from a generator (Megatron-native here; vLLM with refit later)."""
+
+    def generate(self, prompts: list[RolloutPrompt], sampling: SamplingConfig, *, step: int = 0) -> list[RolloutCompletion]:
+        ...
+
+
+@dataclass
+class GenerationStats:
+    """Counters and timings of the last :meth:`MegatronRolloutEngine.generate` call (this rank)."""
+
+    prompts: int = 0
+    rounds: int = 0
+    #: unpadded prompt tokens
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    #: per round, wall time of decode step t (index t-1), t >= 1, each ending with the token broadcast
+    step_seconds: list[list[float]] = field(default_factory=list)
+    #: largest KV cache held on this rank (bytes)
+    kv_cache_bytes: int = 0
+
+
+def _unwrap(chunk):
+    m = chunk
+    while not hasattr(m, "language_model") and hasattr(m, "module"):
+        m = m.module
+    if not hasattr(m, "language_model"):
+        raise TypeError(f"expected a megatron-bridge Qwen25VLModel chunk (with .language_model), got {type(chunk).__name__}")
+    return m
+
+
+def _last_token_logits(*, hidden_states, output_layer, output_weight, **_unused):
+    """GPTModel ``output_processor``: logits of the last column only, ``[B, V/tp]`` (no TP gather)."""
+    logits, _ = output_layer(hidden_states[-1:], weight=output_weight, runtime_gather_output=False)
+    return logits[0]
+
+
+class MegatronRolloutEngine:
+    """Sample completions from this rank's student chunks (see the module docstring).
+
+    Args:
+        chunks: this rank's model chunks (one ``Qwen25VLModel``; DDP / fp16 wrappers are unwrapped).
+        hf_config: the ``Qwen2_5_VLConfig`` (image/video token ids, vocabulary size).
+        stop_token_ids: a completion ends right after any of them (e.g. ``<|im_end|>``, ``<|endoftext|>``).
+        pad_token_id: fills left padding (never attended to).
+        pg_collection: megatron process groups (``.tp``, ``.pp``); default the language model's.
+        use_kv_cache: False recomputes the whole sequence at every step (a reference for tests).
+        prefill_max_tokens: prompts are prefilled in row groups of at most this many tokens.
+    """
+
+    def __init__(
+        self,
+        chunks: list,
+        *,
+        hf_config,
+        stop_token_ids: Sequence[int],
+        pad_token_id: int,
+        pg_collection=None,
+        use_kv_cache: bool = True,
+        prefill_max_tokens: int = 32768,
+    ):
+        if len(chunks) != 1:
+            raise ValueError(f"MegatronRolloutEngine takes one model chunk per rank (no virtual pipeline), got {len(chunks)}")
+        self.chunks = list(chunks)
+        self.model = _unwrap(chunks[0])
+        self.lm = self.model.language_model
+        cfg = self.lm.config
+        if getattr(cfg, "sequence_parallel", False):
+            raise ValueError("MegatronRolloutEngine: sequence_parallel must be off (a decode step has one token per row)")
+        if getattr(cfg, "flash_decode", False):
+            raise ValueError("MegatronRolloutEngine: flash_decode is not supported (the engine drives the static KV cache)")
+        self._check_core_attention()
+        stops = [int(s) for s in stop_token_ids]
+        if not stops:
+            raise ValueError("stop_token_ids: give at least one token id (e.g. <|im_end|>)")
+        if prefill_max_tokens < 1:
+            raise ValueError(f"prefill_max_tokens: must be >= 1, got {prefill_max_tokens}")
+        self.stop_token_ids = tuple(stops)
+        self.pad_token_id = int(pad_token_id)
+        self.use_kv_cache = bool(use_kv_cache)
+        self.prefill_max_tokens = int(prefill_max_tokens)
+
+        pg = pg_collection if pg_collection is not None else self.lm.pg_collection
+        tp = getattr(pg, "tp", None)
+        self.tp_group = tp if tp is not None and dist.get_world_size(tp) > 1 else None
+        self.tp_rank = dist.get_rank(tp) if self.tp_group is not None else 0
+        self.pp = PipelineLinks.of(getattr(pg, "pp", None))
+        self.pre_process, self.post_process = bool(self.model.pre_process), bool(self.model.post_process)
+        if (self.pp.is_first, self.pp.is_last) != (self.pre_process, self.post_process):
+            raise ValueError(f"chunk has pre_process={self.pre_process} post_process={self.post_process} but is "
+                             f"pipeline stage {self.pp.rank} of {self.pp.size}")
+
+        self.hidden_size = cfg.hidden_size
+        self.pipe_dtype = getattr(cfg, "pipeline_dtype", None) or cfg.params_dtype
+        text = getattr(hf_config, "text_config", hf_config)
+        self.vocab_size = int(text.vocab_size)
+        self.image_token_id = int(hf_config.image_token_id)
+        self.video_token_id = int(hf_config.video_token_id)
+        self.merge_size = int(hf_config.vision_config.spatial_merge_size)
+
+        self.last_stats = GenerationStats()
+        #: weak references to the last call's KV cache and round tensors (all dead once generate returns)
+        self.last_buffers: list[weakref.ref] = []
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_core_attention(self) -> None:
+        """Decode relies on the explicit padding mask: only core attentions that always apply it are accepted."""
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        accepted: tuple[type, ...] = (DotProductAttention,)
+        try:
+            from vigos_megatron.models.specs import SDPADotProductAttention
+
+            accepted += (SDPADotProductAttention,)
+        except ImportError:
+            pass
+        for layer in getattr(self.lm.decoder, "layers", []):
+            core = layer.self_attention.core_attention
+            if not isinstance(core, accepted):
+                raise ValueError(
+                    f"MegatronRolloutEngine needs a core attention that applies the explicit padding mask "
+                    f"(transformer_impl 'local' or 'sdpa'); layer {layer.layer_number} uses {type(core).__name__}, "
+                    "which megatron switches to no_mask during decode"
+                )
+
+    def _check_prompt(self, i: int, p: RolloutPrompt) -> None:
+        ids = p.input_ids
+        if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0 or ids.dtype != torch.int64:
+            raise ValueError(f"prompts[{i}].input_ids: expected a non-empty int64 1-D tensor, got "
+                             f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+        if int((ids == self.video_token_id).sum()) > 0:
+            raise ValueError(f"prompts[{i}]: video tokens are not supported by the rollout engine")
+        n_img_tokens = int((ids == self.image_token_id).sum())
+        if (p.pixel_values is None) != (p.image_grid_thw is None):
+            raise ValueError(f"prompts[{i}]: pixel_values and image_grid_thw must both be given or both be None")
+        expected = 0
+        if p.image_grid_thw is not None:
+            g = p.image_grid_thw
+            if g.dim() != 2 or g.shape[1] != 3:
+                raise ValueError(f"prompts[{i}].image_grid_thw: expected int64 [n_images, 3], got {tuple(g.shape)}")
+            if int(g.prod(-1).sum()) != p.pixel_values.shape[0]:
+                raise ValueError(f"prompts[{i}]: pixel_values has {p.pixel_values.shape[0]} patches, image_grid_thw "
+                                 f"implies {int(g.prod(-1).sum())}")
+            expected = int((g.prod(-1) // self.merge_size**2).sum())
+        if n_img_tokens != expected:
+            raise ValueError(f"prompts[{i}]: {n_img_tokens} <|image_pad|> tokens but the image grid gives {expected}")
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts: list[RolloutPrompt], sampling: SamplingConfig, *, step: int = 0) -> list[RolloutCompletion]:
+        """Complete every prompt; collective over the TP x PP group (same prompts on every rank of it).
+
+        Prompts are sorted by length (longest first) and decoded in rounds of at most
+        ``sampling.max_batch_size``; the result is in the order of ``prompts``.
+        """
+        sampling.validate()
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        for i, p in enumerate(prompts):
+            self._check_prompt(i, p)
+        self.last_stats = GenerationStats(prompts=len(prompts))
+        self.last_buffers = []
+        if not prompts:
+            return []
+        device = model_device(self.chunks)
+        modules = [m for c in self.chunks for m in c.modules()]
+        flags = [m.training for m in modules]
+        decoder = self.lm.decoder
+        prev_input = getattr(decoder, "input_tensor", None)
+        results: list[RolloutCompletion | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -prompts[i].input_ids.numel())
+        try:
+            with torch.no_grad(), preserve_global_memory_buffer():
+                for m in modules:
+                    m.training = False
+                for r0 in range(0, len(order), sampling.max_batch_size):
+                    rows = order[r0 : r0 + sampling.max_batch_size]
+                    outs = self._generate_round([prompts[i] for i in rows], sampling, step, device)
+                    for i, out in zip(rows, outs):
+                        results[i] = out
+        finally:
+            for m, f in zip(modules, flags):
+                m.training = f
+            if hasattr(decoder, "input_tensor"):
+                decoder.input_tensor = prev_input
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ one round
+
+    def _track(self, *tensors) -> None:
+        for t in tensors:
+            if isinstance(t, Tensor):
+                self.last_buffers.append(weakref.ref(t))
+
+    def _generate_round(self, batch: list[RolloutPrompt], sampling: SamplingConfig, step: int, device) -> list[RolloutCompletion]:
+        stats = self.last_stats
+        stats.rounds += 1
+        max_new = sampling.max_new_tokens
+        positions = [
+            prompt_mrope_positions(self.model.get_rope_index, p.input_ids, p.image_grid_thw,
+                                   image_token_id=self.image_token_id, video_token_id=self.video_token_id)
+            for p in batch
+        ]
+        rnd = build_round([p.input_ids for p in batch], positions, [p.sample_id for p in batch],
+                          max_new_tokens=max_new, pad_token_id=self.pad_token_id, device=device)
+        b, plen = rnd.batch_size, rnd.prompt_length
+        stats.prompt_tokens += sum(rnd.lengths)
+        cache = RoundKVCache(b, rnd.max_columns) if self.use_kv_cache else None
+        tokens = torch.full((b, max_new), self.pad_token_id, dtype=torch.int64, device=device)
+        self._track(rnd.input_ids, rnd.positions, rnd.key_pad, rnd.sample_ids, tokens)
+
+        t0 = time.perf_counter()
+        prompt_embeds = self._prompt_embeddings(batch, rnd.input_ids) if self.pre_process else None
+        self._track(prompt_embeds)
+        logits = self._prefill(rnd, prompt_embeds, cache)
+        slots = list(range(b))  # slot -> row of the round; live rows occupy the first slots
+        finish: list[str | None] = [None] * b
+        n_gen = [0] * b
+        self._choose_and_record(logits, rnd, slots, 0, tokens, finish, n_gen, sampling, step)
+        del logits
+        stats.prefill_seconds += time.perf_counter() - t0
+        if cache is not None:
+            stats.kv_cache_bytes = max(stats.kv_cache_bytes, cache.nbytes())
+            self._track(*cache.buffers())
+
+        step_times: list[float] = []
+        t_dec = time.perf_counter()
+        for t in range(1, max_new):
+            ts = time.perf_counter()
+            live = [s for s, row in enumerate(slots) if finish[row] is None]
+            if not live:
+                break
+            col = plen + t - 1  # cache column of the token fed at this step
+            if len(live) < len(slots):
+                if cache is not None:
+                    cache.compact(torch.tensor(live, dtype=torch.int64, device=device), length=col)
+                slots = [slots[s] for s in live]
+            rows = torch.tensor(slots, dtype=torch.int64, device=device)
+            if cache is not None:
+                logits = self._decode_cached(rnd, rows, tokens[rows, t - 1], col, cache)
+            else:
+                logits = self._decode_recompute(rnd, rows, tokens, prompt_embeds, t)
+            self._choose_and_record(logits, rnd, slots, t, tokens, finish, n_gen, sampling, step)
+            del logits
+            step_times.append(time.perf_counter() - ts)
+        stats.decode_seconds += time.perf_counter() - t_dec
+        stats.step_seconds.append(step_times)
+
+        tokens_cpu = tokens.cpu()
+        out = []
+        for i in range(b):
+            reason = finish[i]
+            if reason is None:  # cannot happen: the last step marks every live row "length"
+                raise RuntimeError(f"row {i} left the decode loop without a finish reason")
+            out.append(RolloutCompletion(token_ids=tokens_cpu[i, : n_gen[i]].clone(), finish_reason=reason))
+            stats.generated_tokens += n_gen[i]
+        if cache is not None:
+            cache.release()
+        return out
+
+    # ------------------------------------------------------------------ token choice
+
+    def _choose_and_record(self, logits, rnd: PromptRound, slots: list[int], t: int, tokens: Tensor,
+                           finish: list, n_gen: list, sampling: SamplingConfig, step: int) -> None:
+        """Sample on the last stage, broadcast over PP, record; every rank applies the same stop rule."""
+        n = len(slots)
+        rows = torch.tensor(slots, dtype=torch.int64, device=tokens.device)
+        if self.post_process:
+            vl = logits.shape[-1]
+            tok = sample_next_tokens(
+                logits, vocab_start=self.tp_rank * vl, sampling=sampling, step=step,
+                sample_ids=rnd.sample_ids[rows], positions=torch.full((n,), t, dtype=torch.int64, device=tokens.device),
+                tp_group=self.tp_group, vocab_size=self.vocab_size,
+            )
+        else:
+            tok = torch.empty(n, dtype=torch.int64, device=tokens.device)
+        tok = self.pp.broadcast_from_last(tok)
+        tokens[rows, t] = tok
+        last = t + 1 == tokens.shape[1]
+        for row, tid in zip(slots, tok.tolist()):
+            n_gen[row] = t + 1
+            if tid in self.stop_token_ids:
+                finish[row] = FINISH_STOP
+            elif last:
+                finish[row] = FINISH_LENGTH
+
+    # ------------------------------------------------------------------ forwards
+
+    def _prompt_embeddings(self, batch: list[RolloutPrompt], input_ids: Tensor) -> Tensor:
+        """First stage: ``[P, B, H]`` token embeddings with every image's vision-tower output merged in.
+
+        The vision tower runs once per distinct ``pixel_values`` tensor of the round (all of them in
+        one call); its merged patch embeddings replace the ``<|image_pad|>`` rows in order.
+        """
+        emb = self.lm.embedding(input_ids=input_ids, position_ids=None)  # [P, B, H]
+        with_image = [i for i, p in enumerate(batch) if p.pixel_values is not None]
+        if not with_image:
+            return emb
+        uniq: dict[int, int] = {}
+        pix, grids = [], []
+        for i in with_image:
+            key = id(batch[i].pixel_values)
+            if key not in uniq:
+                uniq[key] = len(pix)
+                pix.append(batch[i].pixel_values)
+                grids.append(batch[i].image_grid_thw)
+        dev = emb.device
+        grid = torch.cat(grids).to(dev)
+        feats = self.model.get_image_features(torch.cat(pix).to(dev), grid, return_dict=True).pooler_output
+        # feats: one [n_tokens, H] tensor per image (grid row), in order
+        per_prompt, k = [], 0
+        for g in grids:
+            per_prompt.append(torch.cat(feats[k : k + g.shape[0]]))
+            k += g.shape[0]
+        emb = emb.transpose(0, 1).contiguous()  # [B, P, H]
+        for i in with_image:
+            f = per_prompt[uniq[id(batch[i].pixel_values)]]
+            sel = input_ids[i] == self.image_token_id
+            emb[i, sel] = f.to(emb.dtype)
+        return emb.transpose(0, 1).contiguous()
+
+    def _stage_forward(self, decoder_input, position_ids: Tensor, mask: Tensor, context, seq_len: int, rows: int):
+        """This stage's language model on ``rows`` rows of ``seq_len`` tokens; last stage -> ``[rows, V/tp]`` logits."""
+        if not self.pre_process:
+            x = self.pp.recv_prev((seq_len, rows, self.hidden_size), self.pipe_dtype, position_ids.device)
+            self.model.set_input_tensor(x)
+        out = self.lm(
+            input_ids=None,
+            position_ids=position_ids,
+            attention_mask=mask,
+            decoder_input=decoder_input,
+            inference_context=context,
+            output_processor=_last_token_logits if self.post_process else None,
+        )
+        if not self.post_process:
+            self.pp.send_next(out.to(self.pipe_dtype))
+            return None
+        return out
+
+    def _prefill(self, rnd: PromptRound, prompt_embeds, cache: RoundKVCache | None):
+        """All prompt columns, in row groups; the last stage returns ``[B, V/tp]`` logits of column ``P - 1``."""
+        b, plen = rnd.batch_size, rnd.prompt_length
+        group = max(1, self.prefill_max_tokens // plen)
+        parts = []
+        for r0 in range(0, b, group):
+            r1 = min(b, r0 + group)
+            mask = causal_padding_mask(rnd.key_pad[r0:r1], 0, plen)
+            if cache is not None:
+                cache.set_prefill(r0)
+            x = prompt_embeds[:, r0:r1] if prompt_embeds is not None else None
+            parts.append(self._stage_forward(x, rnd.positions[:, r0:r1, :plen], mask,
+                                             cache.context if cache is not None else None, plen, r1 - r0))
+        return torch.cat(parts) if self.post_process else None
+
+    def _decode_cached(self, rnd: PromptRound, rows: Tensor, feed: Tensor, col: int, cache: RoundKVCache):
+        """One token per live row at cache column ``col``; keys ``[0, col]``."""
+        x = self.lm.embedding(input_ids=feed[:, None], position_ids=None) if self.pre_process else None
+        mask = rnd.key_pad[rows, None, None, : col + 1]
+        cache.set_decode(col)
+        return self._stage_forward(x, rnd.positions[:, rows, : col + 1], mask, cache.context, 1, rows.numel())
+
+    def _decode_recompute(self, rnd: PromptRound, rows: Tensor, tokens: Tensor, prompt_embeds, t: int):
+        """No cache: the whole sequence (prompt + ``t`` generated tokens) of every live row again."""
+        end = rnd.prompt_length + t
+        x = None
+        if self.pre_process:
+            gen = self.lm.embedding(input_ids=tokens[rows, :t], position_ids=None)  # [t, n, H]
+            x = torch.cat([prompt_embeds[:, rows], gen], dim=0)
+        mask = causal_padding_mask(rnd.key_pad[rows], 0, end)
+        return self._stage_forward(x, rnd.positions[:, rows, :end], mask, None, end, rows.numel())

@@ -1,0 +1,70 @@
+"""What a person sees: known library warnings shown once or not at all, one progress line per step.
+
+megatron-core and megatron-bridge log a few fixed warnings at every model build (deprecations,
+the fallback from fused kernels without Apex / TE) and on every rank. Training keeps them out of
+the console: each known message is shown once, on rank 0, and only when ``VIGOS_VERBOSE=1``;
+everything else (real errors included) passes untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+#: (logger or warning text fragment) of messages that are known and harmless for this project
+KNOWN_MESSAGES = (
+    "GPTModel IS DEPRECATED",
+    "Apex is not installed",
+    "Transformer Engine",
+    "is deprecated",
+    "torch.distributed.reduce_op",
+    "TypedStorage is deprecated",
+    "Converting a tensor with requires_grad=True to a scalar",
+    "MimoModelConfig is experimental",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+    "Import of FP8GlobalStateManager",
+    "absl.logging is not installed",
+    "supports MoE experts",
+    "No CUDA runtime is found",
+)
+
+#: megatron's INFO lines (every parameter of every DDP bucket, the optimizer's whole config) are not
+#: for the console; its warnings and errors still show
+
+
+class _OnceFilter(logging.Filter):
+    def __init__(self, show: bool):
+        super().__init__()
+        self.show, self.seen = show, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        for known in KNOWN_MESSAGES:
+            if known in msg:
+                if not self.show or known in self.seen:
+                    return False
+                self.seen.add(known)
+        return True
+
+
+def quiet_known_warnings(rank: int = 0) -> None:
+    """Install the filters (idempotent). Ranks other than 0 also drop library INFO lines."""
+    show = os.environ.get("VIGOS_VERBOSE", "") == "1" and rank == 0
+    flt = _OnceFilter(show)
+    # loggers that exist by now (call again after importing megatron-bridge: some of its modules
+    # configure their own handlers and levels)
+    names = ["", "megatron", "megatron.core", "megatron.bridge", "transformers"]
+    names += [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("megatron", "transformers", "torch")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+            logger.addFilter(flt)
+        for handler in logger.handlers:
+            handler.addFilter(flt)
+    level = logging.INFO if os.environ.get("VIGOS_VERBOSE", "") == "1" and rank == 0 else logging.WARNING
+    for name in names:
+        if name.split(".")[0] == "megatron":
+            logging.getLogger(name).setLevel(level)
+    for known in KNOWN_MESSAGES:
+        warnings.filterwarnings("once" if show else "ignore", message=f".*{known}.*")

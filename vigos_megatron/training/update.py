@@ -1,0 +1,94 @@
+"""Stage 3 of an iteration: ONE megatron schedule call over the step's micro-batches, then the
+optimizer step over the student's parameters.
+
+The frozen teacher runs inside the same schedule (``StudentTeacherStage``): its rows travel with
+the student's through every pipeline stage and its logits are read by the loss on the last stage,
+never stored or shipped. ``finalize_model_grads`` reduces the gradients over data-parallel ranks
+and divides them by the global supervised-token count (the objectives' normalisation).
+
+A step whose loss or gradient norm is not finite on any rank is not applied: with
+``on_nonfinite="skip"`` the gradients are dropped (the step still counts, the LR schedule does
+not advance); with ``"stop"`` :class:`NonFiniteStep` is raised before the optimizer touches a
+weight, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class NonFiniteStep(RuntimeError):
+    """The step's loss or gradient norm is NaN/inf (``train.on_nonfinite=stop``)."""
+
+
+@dataclass
+class UpdateResult:
+    #: the step's objective (same value on every rank)
+    loss: float
+    #: ``{key: value}`` of the objective's reports (every rank)
+    reports: dict = field(default_factory=dict)
+    grad_norm: float = float("nan")
+    lr: float = float("nan")
+    applied: bool = True
+
+
+def share_from_last_stage(obj, ps):
+    """The last pipeline stage's ``obj`` (a small picklable value) on every rank of the pipeline group."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj if ps.is_pipeline_last_stage(ignore_virtual=True) else None]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def train_step(model: list, optimizer, scheduler, batches: list, loss_fn, *, on_nonfinite: str = "skip") -> UpdateResult:
+    """Forward+backward of student and teacher over ``batches`` in one schedule call, then the update.
+
+    Args:
+        model: ``[DistributedDataParallel(StudentTeacherStage)]`` (this rank's stage).
+        optimizer, scheduler: megatron-core optimizer over the student's parameters and its LR scheduler.
+        batches: the step's :class:`~vigos_megatron.schedule.batch.StreamBatch` micro-batches (one ``R, S``).
+        loss_fn: ``ReportedLoss`` of the step's objective.
+    """
+    from megatron.core import parallel_state as ps
+
+    from vigos_megatron.runtime import compute_device
+    from vigos_megatron.schedule.forward_step import LOSS_KEY, reduce_reports, run_stream_schedule
+
+    device = compute_device()
+    for m in model:
+        m.train()
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = run_stream_schedule(model, batches, loss_fn)
+    # {key: value} over micro-batches and DP ranks, computed on the last stage, known on every rank
+    reduced = share_from_last_stage(reduce_reports(reports, ps.get_data_parallel_group()), ps)
+    loss = reduced.get(LOSS_KEY, float("nan"))
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    lr = float(optimizer.param_groups[0]["lr"])
+    if _any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)), device):
+        optimizer.zero_grad()
+        for m in model:
+            m.zero_grad_buffer()
+        if on_nonfinite == "stop":
+            raise NonFiniteStep(f"non-finite step: loss {loss}, gradient norm {grad_norm}; no update was applied "
+                                "(train.on_nonfinite=stop)")
+        return UpdateResult(loss=loss, reports=reduced, grad_norm=grad_norm, lr=lr, applied=False)
+    ok, step_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return UpdateResult(loss=loss, reports=reduced, grad_norm=float(step_norm) if step_norm is not None else grad_norm,
+                        lr=lr, applied=bool(ok))
