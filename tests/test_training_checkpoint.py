@@ -170,6 +170,7 @@ def test_fp32_checkpoint_into_distributed_optimizer(trained, tiny_hf):
     assert len(mains) == len(moments) // 2
     assert cc.adam_step_count(b) == SAVE_AT
     nxt = cc.train_step(b, trained["ps"])
+    assert cc.adam_step_count(b) == SAVE_AT + 1  # one counter per parameter (platform fix, torch AdamW)
     ref = trained["history"][SAVE_AT]
     assert nxt["lr"] == ref["lr"]
     assert abs(nxt["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"] < 1e-5, (nxt, ref)
@@ -338,6 +339,8 @@ def test_dp2_distributed_optimizer_resume_and_dp1_load(torchrun, tiny_hf, tmp_pa
         assert x["after_load"]["adam_step"] == x["at_save"]["adam_step"] == SAVE_AT
         assert x["after_load"]["draws"] == x["at_save"]["draws"], r
         assert x["history_b"][0] == x["history_a"][SAVE_AT], r
+        assert x["next_b"]["adam_step"] == x["next_a"]["adam_step"] == SAVE_AT + 1, r
+        assert _equal_dicts(x["next_b"]["params"], x["next_a"]["params"]) == [], r
         assert x["train_state"].loader["dp_rank"] == r and x["train_state"].extra["rank"] == r
     # DP rank 0 holds the gathered optimizer tensors (fully_reshardable format)
     assert len(res[0]["at_save"]["opt"]) > 0 and res[1]["at_save"]["opt"] == {}
@@ -386,7 +389,9 @@ def test_tp2_checkpoint_loads_at_tp1(torchrun, tiny_hf, tmp_path):
     wall = time.perf_counter() - t0
     res = _rank_results(out, 2)
     assert res[0]["kind"] == "fp32"
-    assert res[0]["history_b"][0] == res[0]["history_a"][SAVE_AT]  # same-layout resume at TP=2 too
+    for x in res:  # same-layout resume at TP=2 too
+        assert x["history_b"][0] == x["history_a"][SAVE_AT]
+        assert _equal_dicts(x["next_b"]["params"], x["next_a"]["params"]) == []
     tp2_params, tp2_exp_avg = res[0]["hf_params"], res[0]["hf_exp_avg"]
 
     with local_model_parallel() as ps:
@@ -411,6 +416,45 @@ def test_tp2_checkpoint_loads_at_tp1(torchrun, tiny_hf, tmp_path):
     assert abs(nxt["loss"] - ref["loss"]) / ref["loss"] < 5e-5, (nxt, ref)
     print(f"TP=2 -> TP=1: weights and exp_avg equal the gathered TP=2 ones; next step at TP=1 {nxt} vs TP=2 {ref} "
           f"({wall:.1f}s launch)")
+
+
+# ----------------------------------------------------------------------------- LR schedule
+
+
+class _Groups:
+    """What megatron's scheduler touches on an optimizer: its parameter groups."""
+
+    def __init__(self):
+        self.param_groups = [{"lr": None}]
+
+
+def _lrs(total: int, **cfg) -> list[float]:
+    """The LR of each of the ``total`` updates (read before the update, stepped after it)."""
+    from vigos_megatron.config.train import OptimizerConfig
+    from vigos_megatron.training.optimizer import build_scheduler
+
+    opt = _Groups()
+    sched = build_scheduler(OptimizerConfig(**cfg), opt, total_steps=total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        sched.step(increment=1)
+    return out
+
+
+def test_lr_schedule_warmup_clamped_and_decay_styles():
+    from vigos_megatron.training.optimizer import OptimizerBuildError, lr_schedule_steps
+
+    assert lr_schedule_steps(0, 1) == (0, 1) and lr_schedule_steps(5, 1) == (1, 2) and lr_schedule_steps(2, 10) == (2, 10)
+    with pytest.raises(OptimizerBuildError, match="total_steps"):
+        lr_schedule_steps(0, 0)
+    assert _lrs(1, lr=1.0) == [1.0]  # train.steps=1: one update at lr
+    assert _lrs(1, lr=1.0, warmup_steps=5) == [0.0]  # warmup clamped to the run: megatron/HF start at 0
+    assert _lrs(4, lr=1.0, decay_style="linear") == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert _lrs(5, lr=1.0, min_lr=0.2, warmup_steps=2, decay_style="linear") == pytest.approx([0.0, 0.5, 1.0, 0.2 + 0.8 * 2 / 3, 0.2 + 0.8 / 3])
+    assert _lrs(3, lr=1.0, warmup_steps=3) == pytest.approx([0.0, 1 / 3, 2 / 3])  # all warmup
+    assert _lrs(3, lr=2.0, min_lr=1.0, decay_style="constant") == [2.0, 2.0, 2.0]
+    assert _lrs(3, lr=1.0, decay_style="cosine") == pytest.approx([1.0, 0.75, 0.25])
 
 
 # ----------------------------------------------------------------------------- metrics

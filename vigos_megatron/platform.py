@@ -131,7 +131,11 @@ def activate() -> PlatformStatus:
 
 
 def needs_torch_adam_fix() -> bool:
-    """megatron-core's distributed optimizer runs on torch's AdamW (no Apex, no TE)."""
+    """megatron-core's distributed optimizer runs on torch's AdamW (no Apex, no real TE)."""
+    te = sys.modules.get("transformer_engine")
+    real_te = (te is not None and not is_te_standin(te)) or (te is None and importlib.util.find_spec("transformer_engine"))
+    if real_te or importlib.util.find_spec("apex") is not None:
+        return False
     from megatron.core.optimizer import distrib_optimizer
 
     return not distrib_optimizer.HAVE_APEX_OR_TE

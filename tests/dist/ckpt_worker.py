@@ -62,6 +62,7 @@ def main():
     if not distributed or ps.get_data_parallel_world_size() == 1:
         res["hf_exp_avg"] = cc.hf_tensors(a, "exp_avg")
     res["history_a"].append(cc.train_step(a, ps))
+    res["next_a"] = {"params": cc.params(a), "adam_step": cc.adam_step_count(a)}
 
     b = cc.build(args.hf, ps, inputs=inputs, distributed=distributed)
     t_load = time.perf_counter()
@@ -72,6 +73,7 @@ def main():
     res["after_load"] = {"params": cc.params(b), "opt": cc.optimizer_state(b), "adam_step": cc.adam_step_count(b),
                          "draws": cc.draws(), "lr": float(b.optimizer.param_groups[0]["lr"])}
     res["history_b"].append(cc.train_step(b, ps))
+    res["next_b"] = {"params": cc.params(b), "adam_step": cc.adam_step_count(b)}
     res["world_size"] = dist.get_world_size()
     res["wall_s"] = time.perf_counter() - t0
     torch.save(res, f"{args.out}.rank{rank}.pt")

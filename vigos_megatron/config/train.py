@@ -113,6 +113,9 @@ class OptimizerConfig:
 class CheckpointConfig:
     #: save every this many steps (0: only when the launch ends: train.steps, exit_after, SIGTERM)
     save_interval: int = 0
+    #: resume with the checkpoint's optimizer state (false: its weights, LR-schedule and data
+    #: positions with fresh Adam moments, e.g. after changing the parameter dtype)
+    load_optimizer: bool = True
 
     def validate(self) -> None:
         if self.save_interval < 0:

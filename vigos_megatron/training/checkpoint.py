@@ -45,7 +45,6 @@ them (elsewhere the RNG streams stay as seeded and every rank takes rank 0's
 
 from __future__ import annotations
 
-import logging
 import random
 import shutil
 import warnings
@@ -64,8 +63,6 @@ from vigos_megatron.convert.megatron_checkpoint import (
     resolve_checkpoint,
     save_model_checkpoint,
 )
-
-logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_KEY = "vigos_training"
@@ -486,8 +483,12 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
     initial weights, which the caller loads as the initial model).
 
     Loads the student's weights into ``student_chunks`` (any TP/PP), the optimizer state
-    (``load_optimizer``; see the module docstring for when the layout allows it), the LR
-    schedule position, and at the same layout the RNG streams and this rank's TrainState.
+    (``load_optimizer``, config ``checkpoint.load_optimizer``; see the module docstring for the
+    layouts and optimizer kinds), the LR schedule position, and at the same layout the RNG
+    streams and this rank's TrainState. ``load_optimizer=False`` keeps fresh Adam moments and
+    sets the fp32 main weights (if any) from the loaded model weights (bf16 on GPU: the fp32
+    digits beyond bf16 are lost). ``model`` (the DDP-wrapped stage) needs nothing after a load:
+    parameters, including the distributed optimizer's buffers, are loaded in place.
     """
     from megatron.core import dist_checkpointing
 
@@ -508,8 +509,8 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         raise CheckpointError(
             f"{ckpt}: its optimizer state was written by the {saved_kind!r} optimizer (layout {meta['layout']}), "
             f"this run uses the {kind!r} one (layout {layout}): the stored state does not map onto it (the "
-            "parameter dtype changed). Resume with load_optimizer=False (fresh Adam moments; the checkpoint's "
-            "weights, LR-schedule and data positions)"
+            "parameter dtype changed). Resume with checkpoint.load_optimizer=false (load_optimizer=False: fresh "
+            "Adam moments; the checkpoint's weights, LR-schedule and data positions)"
         )
 
     model_sd = model_sharded_state_dict(student_chunks)

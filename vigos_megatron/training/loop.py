@@ -89,7 +89,8 @@ def build_run(cfg, layout) -> tuple[RunContext, object]:
     models = build_training_models(cfg, dtype=dtype, ddp_config=ddp_config(cfg.optimizer, dp_size=layout.dp))
     optimizer, scheduler = build_optimizer(cfg.optimizer, models.model, total_steps=cfg.train.steps, dp_size=layout.dp)
     state = load_training_checkpoint(cfg.run_dir, student_chunks=models.student, model=models.model,
-                                     optimizer=optimizer, scheduler=scheduler)
+                                     optimizer=optimizer, scheduler=scheduler,
+                                     load_optimizer=cfg.checkpoint.load_optimizer)
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.context.processor_path)
     engine = MegatronRolloutEngine(models.student, hf_config=models.builder.hf_config,
                                    stop_token_ids=stop_token_ids(tokenizer), pad_token_id=int(tokenizer.pad_token_id))

@@ -40,11 +40,7 @@ valid: one update at ``lr`` (no warmup) or at 0 (warmup clamped to 1 step).
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 class OptimizerBuildError(ValueError):
@@ -149,13 +145,15 @@ def megatron_optimizer_config(cfg, *, params_dtype: torch.dtype, dp_size: int):
 
 def _check_adam_class() -> None:
     """Refuse megatron's Adam if it resolved to the Transformer Engine stand-in (never a fake kernel)."""
+    import sys
+
     import megatron.core.optimizer as mopt
 
     from vigos_megatron.platform import is_te_standin
 
     cls = getattr(mopt, "Adam", None)
     module = getattr(cls, "__module__", "")
-    if module.startswith("transformer_engine") and is_te_standin(__import__("sys").modules.get(module)):
+    if module.startswith("transformer_engine") and is_te_standin(sys.modules.get(module)):
         raise OptimizerBuildError(
             "megatron-core resolved Adam to the Transformer Engine stand-in: import megatron.core.optimizer "
             "before vigos_megatron.platform.activate() installs it"
