@@ -54,7 +54,8 @@ def quiet_known_warnings(rank: int = 0) -> None:
     flt = _OnceFilter(show)
     # loggers that exist by now (call again after importing megatron-bridge: some of its modules
     # configure their own handlers and levels)
-    names = ["", "megatron", "megatron.core", "megatron.bridge", "transformers"]
+    names = ["", "megatron", "megatron.core", "megatron.bridge", "transformers",
+             "megatron.bridge.utils.import_utils"]  # logs a traceback for every absent TE symbol
     names += [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("megatron", "transformers", "torch")]
     for name in names:
         logger = logging.getLogger(name)
