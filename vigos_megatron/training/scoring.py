@@ -70,6 +70,7 @@ def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, d
     """Micro-batches of ``cfg.train.micro_batch_size`` rollouts and the objective of the global batch."""
     from vigos_megatron.losses.objectives import build_loss, global_segment_counts
     from vigos_megatron.rollout.assembly import pack_distill, pack_vgs
+    from vigos_megatron.runtime import compute_device
     from vigos_megatron.schedule.batch import make_stream_batches
     from vigos_megatron.schedule.forward_step import ReportedLoss
 
@@ -85,7 +86,9 @@ def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, d
     counts = None
     if cfg.loss.objective != "vgs":
         n_terms = 3 if cfg.loss.objective == "vigos" else 1
-        counts = global_segment_counts([b.tokens.segment for b in batches], n_terms, dp_group=dp_group)
+        # counted on the backend's device: the DP all-reduce runs on NCCL where CUDA is used
+        device = compute_device()
+        counts = global_segment_counts([b.tokens.segment.to(device) for b in batches], n_terms, dp_group=dp_group)
     loss = build_loss(cfg.loss, counts, tp_group=tp_group)
     return StepInputs(batches=batches, loss_fn=ReportedLoss(loss),
                       global_counts=[] if counts is None else [float(c) for c in counts])
