@@ -6,13 +6,14 @@
 
 Same model, same rollouts, same student tokens: ViGOS runs ``StudentTeacherStage`` (student rows
 forward+backward, teacher context rows forward only) with the ViGOS loss; SFT runs the student
-rows alone with next-token cross-entropy on the completion tokens. Both are one megatron schedule
-call plus the optimizer step. The ideal ratio counts 3 units per real student token (forward +
+rows alone with next-token cross-entropy on the completion tokens, with logits computed only at
+those positions as ViGOS does (``sft``; ``sft-all``, a plain SFT with logits at every position, is
+printed beside it). Each is one megatron schedule call plus the optimizer step. The ideal ratio counts 3 units per real student token (forward +
 backward) and 1 per real teacher-context token (forward only):
 
     ideal = (3 * student_tokens + teacher_tokens) / (3 * student_tokens)
 
-and the padding fraction is the share of the stream ``R x S`` that is padding. Completions are
+and the padding fraction is the share of the stream (every slot at its own length) that is padding. Completions are
 synthetic (valid ViGOS format, fixed lengths with a spread), so no generation is timed.
 """
 
@@ -66,21 +67,39 @@ def build_rollouts(hf_dir, n: int, completion: int, image_side: int):
     return assembled, samples, tok
 
 
-def sft_step(data_iterator, model, *, tp_group):
-    """Student rows only; CE on the completion tokens (the student positions ViGOS reads)."""
+def sft_step(data_iterator, model, *, tp_group, all_logits: bool):
+    """Student rows only; CE on the completion tokens (the student positions ViGOS reads).
+
+    ``all_logits=False``: logits only at those positions, through the same functions as the
+    ViGOS stage (:mod:`vigos_megatron.models.stage_forward`), so both paths do the same work per
+    student token; ``True``: ``Qwen25VLModel.forward`` with logits at every position (a plain SFT).
+    """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from vigos_megatron.models.stage_forward import embed_rows, image_features, language_forward, mrope_positions
     from vigos_megatron.runtime import model_device
 
     b = next(data_iterator).to(model_device(model))
-    logits = model(**b.student.model_kwargs())  # [Ns, S, V/tp]
-    flat = logits.reshape(-1, logits.shape[-1])
-    ids = b.student.input_ids.reshape(-1)
-    idx = b.tokens.student_index
-    target = ids[idx + 1]
+    s0 = b.slot_lengths[0]
+    ids = b.student.input_ids[:, :s0]  # the student rows at their own length
+    S = b.seq_length
+    idx = torch.div(b.tokens.student_index, S, rounding_mode="floor") * s0 + b.tokens.student_index % S
+    target = ids.reshape(-1)[idx + 1]
+    if all_logits:
+        kwargs = b.student.model_kwargs(b.images)
+        kwargs["input_ids"] = ids
+        logits = model(**kwargs)  # [Ns, S_0, V/tp]
+        rows = logits.reshape(-1, logits.shape[-1])[idx]
+    else:
+        image_ids = b.student.image_ids
+        feats = image_features(model, *b.images.select(image_ids)) if image_ids else []
+        logits = language_forward(model, decoder_input=embed_rows(model, ids, feats),
+                                  position_ids=mrope_positions(model, ids, b.student.grid_thw(b.images)),
+                                  logit_positions=idx)  # [N, V/tp]
+        rows = logits
 
     def loss_func(out):
-        ce = vocab_parallel_cross_entropy(flat[idx].unsqueeze(0).float(), target.unsqueeze(0)).squeeze(0)
+        ce = vocab_parallel_cross_entropy(rows.unsqueeze(0).float(), target.unsqueeze(0)).squeeze(0)
         return ce.sum(), torch.tensor(idx.numel(), dtype=torch.int, device=ce.device), {}
 
     return logits, loss_func
@@ -151,19 +170,20 @@ def main() -> int:
             run_stream_schedule(vigos_model, batches, loss_fn)
             opt.step()
 
-        def run_sft():
+        def run_sft(all_logits=False):
             vigos_model[0].zero_grad_buffer()
             get_forward_backward_func()(
-                forward_step_func=partial(sft_step_stage, tp_group=ps.get_tensor_model_parallel_group()),
+                forward_step_func=partial(sft_step_stage, tp_group=ps.get_tensor_model_parallel_group(),
+                                          all_logits=all_logits),
                 data_iterator=iter(batches), model=vigos_model, num_microbatches=len(batches),
                 seq_length=batches[0].seq_length, micro_batch_size=batches[0].num_student_rows, forward_only=False)
             opt.step()
 
-        def sft_step_stage(data_iterator, model, *, tp_group):
-            return sft_step(data_iterator, model.module.student, tp_group=tp_group)
+        def sft_step_stage(data_iterator, model, *, tp_group, all_logits):
+            return sft_step(data_iterator, model.module.student, tp_group=tp_group, all_logits=all_logits)
 
-        times = {"vigos": [], "sft": []}
-        for fn, key in ((run_vigos, "vigos"), (run_sft, "sft")):
+        times = {"vigos": [], "sft": [], "sft-all": []}
+        for fn, key in ((run_vigos, "vigos"), (run_sft, "sft"), (partial(run_sft, all_logits=True), "sft-all")):
             fn()  # warm-up
             sync()
             for _ in range(args.repeats):
@@ -174,20 +194,24 @@ def main() -> int:
     pad = tok.pad_token_id
     stud = sum(int((b.student.input_ids != pad).sum()) for b in batches)
     teach = sum(int((b.teacher.input_ids != pad).sum()) for b in batches)
-    total = sum(b.rows * b.seq_length for b in batches)
+    total = sum(b.stream_length for b in batches)  # the tokens that run: every slot at its own length
     t_v, t_s = statistics.median(times["vigos"]), statistics.median(times["sft"])
     ideal = (3 * stud + teach) / (3 * stud)
-    ns_rows = sum(b.num_student_rows for b in batches)
-    nt_rows = sum(b.rows - b.num_student_rows for b in batches)
-    ideal_padded = (3 * ns_rows + nt_rows) / (3 * ns_rows)  # the same units over padded rows (both paths pad to S)
+    b0 = batches[0]
+    ks = b0.student_slots
+    stud_padded = sum(b.rollouts * sum(b.slot_lengths[:ks]) for b in batches)
+    teach_padded = sum(b.rollouts * sum(b.slot_lengths[ks:]) for b in batches)
+    ideal_padded = (3 * stud_padded + teach_padded) / (3 * stud_padded)  # the same units over the padded slots
     print(f"preset {args.preset}, {dtype}, {'cuda' if use_cuda() else 'cpu'}; {args.rollouts} rollouts, "
-          f"{len(batches)} micro-batches of R={batches[0].rows} rows x S={batches[0].seq_length}")
+          f"{len(batches)} micro-batches of B={b0.rollouts} rollouts, slot lengths {b0.slot_lengths} "
+          f"(logical R={b0.rows} x S={b0.seq_length})")
     print(f"{'path':8} {'median s':>9} {'real tokens':>12}")
-    print(f"{'sft':8} {t_s:9.3f} {stud:12d}")
+    print(f"{'sft':8} {t_s:9.3f} {stud:12d}   (logits at the completion positions, as ViGOS)")
+    print(f"{'sft-all':8} {statistics.median(times['sft-all']):9.3f} {stud:12d}   (logits at every position)")
     print(f"{'vigos':8} {t_v:9.3f} {stud + teach:12d}")
     print(f"measured ratio vigos/sft {t_v / t_s:.3f}; ideal ratio (3 per student token, 1 per teacher token) "
           f"{ideal:.3f}; measured/ideal {t_v / t_s / ideal:.3f}; padding fraction of the stream "
-          f"{1 - (stud + teach) / total:.3f}; ideal ratio of the padded rows {ideal_padded:.3f}")
+          f"{1 - (stud + teach) / total:.3f}; ideal ratio of the padded slots {ideal_padded:.3f}")
     return 0
 
 

@@ -73,11 +73,33 @@ def test_stream_batches_align_student_and_teacher_tokens(tiny):
         assert ((t.student_index % S) < S - 1).all() and ((t.teacher_index % S) < S - 1).all()
         assert torch.equal(flat[t.student_index + 1], flat[t.teacher_index + 1])
         assert (t.student_index // S < b.num_student_rows).all() and (t.teacher_index // S >= b.num_student_rows).all()
-        # one grid line per image row, patches in the same order
-        for rows in (b.student, b.teacher):
-            assert rows.pixel_values.shape[0] == int(rows.image_grid_thw.prod(dim=1).sum())
+        # one image per rollout, stored once; each image row names it (rollout b's rows show image b)
+        assert len(b.images) == b.rollouts
+        assert b.images.pixel_values.shape[0] == int(b.images.grid_thw.prod(dim=1).sum())
+        assert b.student.row_images == [0, 1]
         # invalid rollout (b = 1): its reasoning slot (row 5) is an unused all-pad row, no image
-        assert rows.image_grid_thw.shape[0] == 3
+        assert b.teacher.row_images == [0, 1, 0, None]
+        assert b.teacher.grid_thw(b.images).shape[0] == 3
+        # every slot at the step's longest row of that slot (rounded), no real token cut off
+        B = b.rollouts
+        assert b.slot_lengths[0] == S and all(0 < s_c <= S and s_c % sc.SEQ_MULTIPLE == 0 for s_c in b.slot_lengths)
+        assert b.slot_lengths[1] < S  # the perception/reference contexts are shorter than the student's rows
+        for c, s_c in enumerate(b.slot_lengths):
+            assert (ids[c * B:(c + 1) * B, s_c:] == sc.pad_id(tiny["student"])).all()
+        assert b.stream_length == B * sum(b.slot_lengths)
+        # the logits the last stage computes: exactly the positions the loss reads, slot by slot
+        sel = b.logits
+        wanted = torch.unique(torch.cat([t.student_index, t.teacher_index]))
+        row, col = wanted // S, wanted % S
+        for c, pos in enumerate(sel.positions):
+            in_c = (row // B) == c
+            assert torch.equal(pos, (row[in_c] % B) * b.slot_lengths[c] + col[in_c])
+        # the re-indexed tokens read the same (slot, rollout, column) as the logical ones
+        flat_pos = torch.cat([torch.stack([torch.full_like(p, c), p // b.slot_lengths[c], p % b.slot_lengths[c]], 1)
+                              for c, p in enumerate(sel.positions)])
+        for logical, compact in ((t.student_index, sel.tokens.student_index), (t.teacher_index, sel.tokens.teacher_index)):
+            r, p = logical // S, logical % S
+            assert torch.equal(flat_pos[compact], torch.stack([r // B, r % B, p], 1))
     # the two micro-batches were packed to different lengths (rounded up to SEQ_MULTIPLE) and
     # padded to one S: one of them holds at least SEQ_MULTIPLE trailing all-pad columns
     pad = sc.pad_id(tiny["student"])
@@ -95,9 +117,9 @@ def _vigos_reference(batches, student, teacher, lambdas):
     per_seg = [[], [], []]
     for b in batches:
         b = b.to(model_device(student))
-        zs = student(**b.student.model_kwargs())
+        zs = student(**b.student.model_kwargs(b.images))
         with torch.no_grad():
-            zt = teacher(**b.teacher.model_kwargs())
+            zt = teacher(**b.teacher.model_kwargs(b.images))
         assert zs.shape[:2] == (b.num_student_rows, b.seq_length) and zt.shape[:2] == (b.rows - b.num_student_rows, b.seq_length)
         flat = torch.cat([zs, zt]).reshape(b.rows * b.seq_length, -1).double()
         ls = torch.log_softmax(flat[b.tokens.student_index], -1)
@@ -112,7 +134,12 @@ def _vigos_reference(batches, student, teacher, lambdas):
     return sum(lam * t.mean() for lam, t in zip(lambdas, terms) if t.numel())
 
 
-def test_stage_path_equals_direct_computation_pp1(tiny):
+@pytest.mark.parametrize("share_vision", [False, True], ids=["own-towers", "frozen-shared-tower"])
+def test_stage_path_equals_direct_computation_pp1(tiny, share_vision):
+    """The stage (logits only at the loss positions, one vision-tower pass per image and model)
+    against ``Qwen25VLModel.forward`` on every row with full logits. ``frozen-shared-tower``:
+    the student's tower is frozen and the stage reuses the teacher's features for it (the
+    teacher's language model is perturbed, its tower is not)."""
     from vigos_megatron.models.parallel import local_model_parallel
     from vigos_megatron.schedule import LOSS_KEY, StudentTeacherStage, reduce_reports, run_stream_schedule
 
@@ -121,10 +148,13 @@ def test_stage_path_equals_direct_computation_pp1(tiny):
     with local_model_parallel() as ps:
         inputs = sc.build_inputs(hf)
         _, student, teacher = sc.build_models(hf, 1, 1)
+        if share_vision:
+            student.freeze(freeze_language_model=False, freeze_vision_model=True, freeze_vision_projection=True)
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
-            for p in teacher.parameters():
-                p.add_(torch.randn(p.shape, generator=g).to(p.device) * TEACHER_NOISE)
+            for n, p in teacher.named_parameters():
+                if not (share_vision and n.startswith("visual.")):
+                    p.add_(torch.randn(p.shape, generator=g).to(p.device) * TEACHER_NOISE)
         cfg, counts, loss_fn = sc.make_loss(inputs.batches, ps)
         assert counts.tolist() == [17.0, 34.0, 40.0]  # perception, reasoning, reference tokens of the step
 
@@ -132,24 +162,34 @@ def test_stage_path_equals_direct_computation_pp1(tiny):
         ref_loss = _vigos_reference(inputs.batches, student, teacher,
                                     (cfg.lambda_perception, cfg.lambda_reasoning, cfg.lambda_reference))
         ref_loss.backward()
-        ref_grads = {n: p.grad.detach().double().clone() for n, p in student.named_parameters()}
+        ref_grads = {n: p.grad.detach().double().clone() for n, p in student.named_parameters() if p.requires_grad}
         student.zero_grad(set_to_none=True)
 
-        stage = StudentTeacherStage(student, teacher)
+        stage = StudentTeacherStage(student, teacher, share_vision=share_vision)
         model = sc.wrap_ddp(stage)
         model.train()
         assert teacher.training is False and student.training is True
         model.zero_grad_buffer()
-        reports = run_stream_schedule([model], inputs.batches, loss_fn)
+        tower_calls = {"student": 0, "teacher": 0}
+        hooks = [m.visual.register_forward_hook(lambda *a, k=k: tower_calls.__setitem__(k, tower_calls[k] + 1))
+                 for k, m in (("student", student), ("teacher", teacher))]
+        try:
+            reports = run_stream_schedule([model], inputs.batches, loss_fn)
+        finally:
+            for h in hooks:
+                h.remove()
         loss = reduce_reports(reports, ps.get_data_parallel_group())[LOSS_KEY]
-        grads = {n: p.main_grad.double() for n, p in student.named_parameters()}
+        grads = {n: p.main_grad.double() for n, p in student.named_parameters() if p.requires_grad}
+    n_mb = len(inputs.batches)
+    # one tower pass per model and micro-batch (all its images in one call), none for a shared student tower
+    assert tower_calls == {"student": 0 if share_vision else n_mb, "teacher": n_mb}, tower_calls
 
     loss_err = abs(loss - float(ref_loss)) / abs(float(ref_loss))
     flat_ref = torch.cat([ref_grads[n].reshape(-1) for n in sorted(ref_grads)])
     flat = torch.cat([grads[n].reshape(-1) for n in sorted(grads)])
     grad_err = float((flat - flat_ref).norm() / flat_ref.norm())
     worst = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in grads)
-    print(f"PP=1 stage vs direct: loss {loss:.6e} (ref {float(ref_loss):.6e}, rel err {loss_err:.2e}); "
+    print(f"PP=1 stage vs direct ({'shared' if share_vision else 'own'} towers): loss {loss:.6e} (ref {float(ref_loss):.6e}, rel err {loss_err:.2e}); "
           f"grad rel err {grad_err:.2e} (worst tensor {worst:.2e}); {time.perf_counter() - t0:.1f}s")
     assert float(ref_loss) > 0
     assert loss_err < REL_TOL

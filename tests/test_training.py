@@ -159,12 +159,15 @@ def test_teacher_runs_inside_the_schedule_once_per_micro_batch(tiny_step):
 
         def on_teacher(mod, args, kwargs, out):
             alive_at_next.append(sum(ref() is not None for ref in outputs))
-            calls.append(tuple(kwargs["input_ids"].shape))
+            calls.append(tuple(kwargs["position_ids"].shape[1:]))  # [3, rows, S_c]
+            assert out.shape == (int(slot_positions.pop(0)), out.shape[-1])  # logits at the loss positions only
 
         def on_stage(mod, args, out):
             outputs.append(weakref.ref(out))
 
-        h1 = teacher.register_forward_hook(on_teacher, with_kwargs=True)
+        ks = inputs.batches[0].student_slots
+        slot_positions = [p.numel() for b in inputs.batches for p in b.logits.positions[ks:]]
+        h1 = teacher.language_model.register_forward_hook(on_teacher, with_kwargs=True)
         h2 = stage.register_forward_hook(on_stage)
         try:
             train_step(model, opt, sched, inputs.batches, loss_fn)
@@ -173,8 +176,10 @@ def test_teacher_runs_inside_the_schedule_once_per_micro_batch(tiny_step):
             h2.remove()
     n_mb = len(inputs.batches)
     b = inputs.batches[0]
-    assert calls == [(b.rows - b.num_student_rows, b.seq_length)] * n_mb  # one teacher pass per micro-batch
-    assert alive_at_next == [0] * n_mb  # the previous micro-batch's logits were already freed
+    # one teacher pass per micro-batch and teacher slot, each at the slot's own length
+    teacher_slots = [(b.rollouts, s_c) for s_c in b.slot_lengths[b.student_slots:]]
+    assert calls == teacher_slots * n_mb
+    assert alive_at_next == [0] * len(calls)  # the previous micro-batch's logits were already freed
     assert all(ref() is None for ref in outputs)
 
 

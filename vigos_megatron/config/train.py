@@ -92,6 +92,13 @@ class OptimizerConfig:
     decay_style: str = "linear"
     #: shard optimizer state over data-parallel ranks when DP > 1
     distributed_optimizer: bool = True
+    #: distributed optimizer only (needs distributed_optimizer=true and DP > 1): the parameter
+    #: all-gather leaves optimizer.step() and runs at the next forward (megatron DDP's forward
+    #: pre-hooks); the loop forces it before every rollout and checkpoint
+    #: (training.optimizer.ensure_params_gathered). Megatron gives every trainable parameter
+    #: one bucket here (no overlapped gradient reduction), so this moves the gather, it does not
+    #: hide it behind compute.
+    overlap_param_gather: bool = False
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -107,6 +114,9 @@ class OptimizerConfig:
             raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.decay_style not in DECAY_STYLES:
             raise ConfigError(f"decay_style: must be one of {DECAY_STYLES}, got {self.decay_style!r}")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ConfigError("overlap_param_gather: only the distributed optimizer gathers parameters; "
+                              "set optimizer.distributed_optimizer=true or overlap_param_gather=false")
 
 
 @dataclass
@@ -239,6 +249,9 @@ def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
     per_rank = gbs // dp
     if per_rank % mbs:
         raise ConfigError(f"train.micro_batch_size: {mbs} does not divide the {per_rank} prompts per data-parallel rank")
+    if cfg.optimizer.overlap_param_gather and dp == 1:
+        raise ConfigError(f"optimizer.overlap_param_gather: needs data parallelism (DP > 1) for the distributed "
+                          f"optimizer, got DP=1 (world {world_size} / (tp {tp} * pp {pp}))")
     if not cfg.tiny.enabled:
         _validate_data_paths(cfg)
     raw = _hf_config_json(cfg)

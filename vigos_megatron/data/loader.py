@@ -95,11 +95,11 @@ class ShardSource:
         """``(key, json record, encoded image bytes)`` of sample ``row`` of shard ``shard``."""
         key, j_off, j_size, i_off, i_size, _ext = self.entries[shard][row]
         fd = self._fd(shard)
-        record = json.loads(os.pread(fd, j_size, j_off))
+        raw = os.pread(fd, j_size, j_off)
         image = os.pread(fd, i_size, i_off)
-        if len(image) != i_size:
+        if len(raw) != j_size or len(image) != i_size:
             raise OSError(f"{self.shard_names[shard]}: short read of {key} (shard truncated?)")
-        return key, record, image
+        return key, json.loads(raw), image
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -117,7 +117,9 @@ class ShardStream(IterableDataset):
 
     Each item is a dict ``{"step", "samples": [dict], "dropped": [dict]}``; a sample dict is the
     encoder's output plus ``key``, ``id``, ``index`` (sample number in the shards), ``epoch`` and
-    ``position`` (in the global stream). ``num_steps=None`` streams forever.
+    ``position`` (in the global stream). A dropped dict has ``index``, ``epoch``, ``position``,
+    ``key``, ``shard`` (the file), ``reason`` and ``id`` when the sample's JSON was read.
+    ``num_steps=None`` streams forever.
     """
 
     def __init__(
@@ -151,16 +153,17 @@ class ShardStream(IterableDataset):
         for p in self.positions(step):
             epoch, index = self.order.at(p)
             shard, row = self.order.shard_of(index)
-            meta = {"index": index, "epoch": epoch, "position": p}
+            meta = {"index": index, "epoch": epoch, "position": p, "key": self.source.entries[shard][row][0]}
+            where = {"shard": self.source.shard_names[shard]}  # reported with a dropped sample
             try:
                 key, record, image = self.source.read(shard, row)
                 meta.update(key=key, id=record.get("id"))
                 out = self.encode(key, record, image)
             except DropSample as e:
-                dropped.append({**meta, "reason": str(e)})
+                dropped.append({**meta, **where, "reason": str(e)})
                 continue
             except Exception as e:  # a corrupt sample is skipped and counted, never fatal
-                dropped.append({**meta, "reason": f"{type(e).__name__}: {e}"})
+                dropped.append({**meta, **where, "reason": f"{type(e).__name__}: {e}"})
                 continue
             samples.append({**out, **meta})
         return {"step": step, "samples": samples, "dropped": dropped}

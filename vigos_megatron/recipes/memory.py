@@ -48,7 +48,8 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   the vision blocks); checked exactly on the tiny model too. An image of ``T`` LM tokens has
   ``4 T`` patches.
 * received pipeline tensors ``2 S R H`` per micro-batch in flight on stages > 0 (the whole stream,
-  teacher rows included); sent outputs are deallocated (``deallocate_pipeline_outputs``).
+  teacher rows included, counted at the full prompt length: an upper bound, since each slot
+  travels at its own length); sent outputs are deallocated (``deallocate_pipeline_outputs``).
 * logits (last stage) only at the positions the loss reads: ``C`` student and ``C`` teacher
   rows per rollout for ViGOS/OPSD (twice that for VGS), bf16 ``[rows, V/tp]`` kept for the
   KL's backward, the student logits' gradient, and the KL's fp32 chunk temporaries (4 x

@@ -2,11 +2,12 @@
 
 * :mod:`~vigos_megatron.schedule.stage`: :class:`StudentTeacherStage`, one pipeline stage
   owning the student chunk (trainable, DDP) and the teacher chunk (frozen); the stream
-  between stages is ``[S, R, H]``, student rows first.
+  between stages is ``[T, 1, H]``: every slot's ``[S_c, B, H]`` rows at their own length,
+  student slots first; the last stage computes logits only where a loss reads them.
 * :mod:`~vigos_megatron.schedule.batch`: assembled rollouts -> per-micro-batch model inputs
-  (:class:`StreamBatch`), all micro-batches of a step padded to one ``S``.
+  (:class:`StreamBatch`), every slot padded to the step's longest row of that slot.
 * :mod:`~vigos_megatron.schedule.forward_step`: ``forward_step_func`` for megatron's
-  ``get_forward_backward_func()`` (``seq_length=S``, ``micro_batch_size=R``), running it, and
+  ``get_forward_backward_func()`` (``seq_length=T``, ``micro_batch_size=1``), running it, and
   reducing the reports.
 """
 

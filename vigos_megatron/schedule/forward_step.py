@@ -1,9 +1,10 @@
 """The ``forward_step_func`` of megatron's schedule for the student+teacher stream, and running it.
 
-``get_forward_backward_func()`` is called with ``seq_length=S`` and ``micro_batch_size=R``
-(``R = (Ks + Kt) * B`` rows: student rows then teacher rows) so that its p2p buffers are
-``[S, R, H]``. On the last stage :func:`forward_step_func` returns
-``(logits [R, S, V/tp], partial(loss, tokens))``; the objective
+``get_forward_backward_func()`` is called with ``seq_length=T`` and ``micro_batch_size=1``
+(``T = B * sum_c S_c``, the stream's tokens: every slot at its own length) so that its p2p
+buffers are the stream ``[T, 1, H]``. On the last stage :func:`forward_step_func` returns
+``(logits, partial(loss, batch.loss_tokens))``: the logits at the positions the loss reads
+``[N, V/tp]``, indexed by ``batch.loss_tokens``; the objective
 (:mod:`vigos_megatron.losses.objectives`) needs ``config.calculate_per_token_loss=True``.
 """
 
@@ -46,12 +47,12 @@ def forward_step_func(data_iterator, model, *, loss_fn):
     """One micro-batch: ``model`` (the DDP-wrapped :class:`StudentTeacherStage`) on the next :class:`StreamBatch`.
 
     Bind ``loss_fn`` (e.g. ``ReportedLoss(vigos_loss(...))``) with ``functools.partial``.
-    Returns ``(output, partial(loss_fn, batch.tokens))``; output is ``[S, R, H]`` or, on the
-    last stage, ``[R, S, V/tp]``.
+    Returns ``(output, partial(loss_fn, batch.loss_tokens))``; output is the stream ``[T, 1, H]``
+    or, on the last stage, the logits ``[N, V/tp]`` that ``batch.loss_tokens`` index.
     """
     batch: StreamBatch = next(data_iterator).to(model_device(model))
     output = model(batch)
-    return output, partial(loss_fn, batch.tokens)
+    return output, partial(loss_fn, batch.loss_tokens)
 
 
 def run_stream_schedule(model: list, batches: Sequence[StreamBatch], loss_fn, *, forward_only: bool = False,
@@ -59,9 +60,10 @@ def run_stream_schedule(model: list, batches: Sequence[StreamBatch], loss_fn, *,
     """Run megatron's pipeline schedule over ``batches`` (one iteration); return the last stage's reports.
 
     ``model``: this rank's chunks (one DDP-wrapped stage, no virtual pipeline). All batches must
-    share ``(R, S)``. With a ``finalize_model_grads_func`` in the config (and not
-    ``forward_only``) the gradients are finalised (DP reduction, embedding all-reduce, division
-    by the global token count). The returned list is empty on stages other than the last.
+    share their stream shape (rows, slot lengths). With a ``finalize_model_grads_func`` in the
+    config (and not ``forward_only``) the gradients are finalised (DP reduction, embedding
+    all-reduce, division by the global token count). The returned list is empty on stages other
+    than the last.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
@@ -69,18 +71,17 @@ def run_stream_schedule(model: list, batches: Sequence[StreamBatch], loss_fn, *,
     if not batches:
         raise ValueError("run_stream_schedule: no micro-batches")
     check_schedule_config(get_model_config(model[0]))
-    shapes = {(b.rows, b.seq_length, b.num_student_rows) for b in batches}
+    shapes = {(b.rows, b.num_student_rows, tuple(b.slot_lengths)) for b in batches}
     if len(shapes) != 1:
-        raise ValueError(f"micro-batches of one schedule call must share (R, S, Ns); got {sorted(shapes)}")
-    (rows, seq, _), = shapes
+        raise ValueError(f"micro-batches of one schedule call must share (R, Ns, slot lengths); got {sorted(shapes)}")
     kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step_func, loss_fn=loss_fn),
         data_iterator=iter(batches),
         model=model,
         num_microbatches=len(batches),
-        seq_length=seq,
-        micro_batch_size=rows,
+        seq_length=batches[0].stream_length,
+        micro_batch_size=1,
         forward_only=forward_only,
         **kwargs,
     )

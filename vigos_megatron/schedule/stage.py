@@ -1,18 +1,20 @@
 """One pipeline stage holding the trainable student chunk and the frozen teacher chunk.
 
-Layout (``../shared/DESIGN-NOTES.md``): a micro-batch is one stream of ``R`` rows of length
-``S``; the first ``Ns = num_student_rows`` rows are the student's (trainable), the remaining
-``Nt = R - Ns`` rows are teacher contexts. Between pipeline stages the stream travels as one
-tensor ``[S, R, H]`` (megatron's p2p shape ``(seq_length, micro_batch_size, hidden_size)``,
-so the schedule is called with ``micro_batch_size=R``):
+Layout (``../shared/DESIGN-NOTES.md``, :class:`~vigos_megatron.schedule.batch.StreamBatch`): a
+micro-batch of ``B`` rollouts has ``K`` slots of ``B`` rows each, the ``Ks`` student slots
+(trainable) first, then the teacher contexts; slot ``c`` runs at its own length ``S_c``.
+Between pipeline stages the stream travels as one tensor ``[T, 1, H]``, ``T = B * sum_c S_c``
+(megatron's p2p shape ``(seq_length, micro_batch_size, hidden_size)``: the schedule is called
+with ``seq_length=T, micro_batch_size=1``), the slots' ``[S_c, B, H]`` hidden states flattened
+and concatenated in slot order:
 
-* the student chunk runs on ``x[:, :Ns]`` (gradients flow back into those rows);
-* the teacher chunk runs on ``x[:, Ns:].detach()`` under ``torch.no_grad()`` (the gradient
-  sent back to the previous stage holds exact zeros in the teacher rows);
-* the stage returns ``torch.cat([student_out, teacher_out])``: hidden states ``[S, R, H]``
-  (concatenated along dim 1) on every stage but the last, batch-first vocabulary-sharded
-  logits ``[R, S, V/tp]`` (concatenated along dim 0) on the last, which is what megatron's
-  GPTModel (hence Qwen2.5-VL) returns there.
+* the student chunk runs on its slots' parts of ``x`` (gradients flow back into them);
+* the teacher chunk runs on its slots' parts, detached, under ``torch.no_grad()`` (the
+  gradient sent back to the previous stage holds exact zeros there);
+* each slot is one language-model call on ``[S_c, B, H]``;
+* the stage returns the slots' outputs concatenated: the stream ``[T, 1, H]`` on every stage
+  but the last; on the last, the vocabulary-sharded logits at the positions a loss reads
+  (``[N, V/tp]``, slot order, student first; ``batch.loss_tokens`` index them).
 
 Megatron DDP wraps the whole stage: DDP allocates gradient buffers only for parameters with
 ``requires_grad``, i.e. the student's; the teacher has none, gets no ``.grad`` and must never
@@ -22,7 +24,7 @@ it for ``share_embeddings_and_output_weights`` / ``shared_embedding_or_output_we
 (tied embeddings at PP > 1): both answer for the student.
 
 The schedule calls :meth:`set_input_tensor` before it pulls the micro-batch from the data
-iterator, so the row split (which needs the micro-batch's ``num_student_rows``) happens at the
+iterator, so the slot split (which needs the micro-batch's slot lengths) happens at the
 start of :meth:`forward`; :meth:`set_input_tensor` only keeps the received tensor.
 """
 
@@ -42,12 +44,19 @@ class StudentTeacherStage(MegatronModule):
             :meth:`~vigos_megatron.models.qwen2_5_vl.QwenVLBuilder.build`), not DDP-wrapped.
         teacher: the teacher replica's chunk for the same stage
             (:func:`~vigos_megatron.models.teacher.build_teacher_replica`); it is frozen again here.
+        share_vision: the student's image rows reuse the teacher's vision-tower features. Only
+            valid when the student's tower is frozen and identical to the teacher's (the teacher
+            is the replica of the initial student and ``model.freeze_vision`` is on); then the
+            tower runs once per image of a micro-batch for both models.
 
     ``forward(batch)`` takes a :class:`~vigos_megatron.schedule.batch.StreamBatch` and returns
-    ``[S, R, H]`` hidden states (intermediate stages) or ``[R, S, V/tp]`` logits (last stage).
+    the stream ``[T, 1, H]`` (intermediate stages) or, on the last stage, the logits at the
+    loss positions ``[N, V/tp]``.
+    Each model's chunk runs through :mod:`vigos_megatron.models.stage_forward` (the same modules
+    as ``Qwen25VLModel.forward``, with one vision-tower pass per image and the selected logits).
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, *, share_vision: bool = False):
         super().__init__(config=student.config)
         for flag in ("pre_process", "post_process"):
             if getattr(student, flag) != getattr(teacher, flag):
@@ -59,6 +68,9 @@ class StudentTeacherStage(MegatronModule):
         self.pre_process = student.pre_process
         self.post_process = student.post_process
         self.share_embeddings_and_output_weights = student.share_embeddings_and_output_weights
+        self.share_vision = bool(share_vision)
+        if self.share_vision and self.pre_process and any(p.requires_grad for p in student.visual.parameters()):
+            raise ValueError("share_vision needs a frozen student vision tower (model.freeze_vision)")
         self._input_tensor: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ megatron hooks
@@ -87,39 +99,93 @@ class StudentTeacherStage(MegatronModule):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch) -> torch.Tensor:
-        """Student rows through the student chunk, teacher rows through the teacher chunk (no grad).
+    def _image_features(self, batch) -> tuple[dict, dict]:
+        """``({image: features})`` for the teacher's and the student's image rows: one tower pass per image and model.
 
-        Returns ``[S, R, H]`` on intermediate stages, ``[R, S, V/tp]`` on the last stage.
+        With ``share_vision`` the student's rows reuse the teacher's features (a frozen student
+        tower that is still the teacher's, so the values are identical), so the tower runs once
+        per image of the micro-batch in all.
         """
-        ns, rows, seq = batch.num_student_rows, batch.rows, batch.seq_length
+        from vigos_megatron.models.stage_forward import image_features
+
+        def run(model, ids):
+            ids = sorted(set(ids))
+            if not ids:
+                return {}
+            pix, grid = batch.images.select(ids)
+            return dict(zip(ids, image_features(model, pix, grid)))
+
+        s_ids, t_ids = batch.student.image_ids, batch.teacher.image_ids
+        with torch.no_grad():
+            t_feats = run(self.teacher, t_ids + (s_ids if self.share_vision else []))
+        s_feats = t_feats if self.share_vision else run(self.student, s_ids)
+        return s_feats, t_feats
+
+    def _run_slots(self, model, rows, slots: range, batch, xs: list, feats: dict | None) -> list[torch.Tensor]:
+        """``model`` on each of its slots (``B`` rows of ``S_c`` tokens; slots with ``S_c = 0`` skipped).
+
+        Returns per slot ``[S_c * B, 1, H]`` hidden states (flattened ``[S_c, B, H]``) or, on the last
+        stage, the ``[N_c, V/tp]`` logits at the slot's selected positions.
+        """
+        from vigos_megatron.models.stage_forward import embed_rows, language_forward, mrope_positions
+
+        B = batch.rollouts
+        outs = []
+        for k, c in enumerate(slots):
+            s_c = batch.slot_lengths[c]
+            if s_c == 0:
+                continue
+            part = slice(k * B, (k + 1) * B)
+            ids = rows.input_ids[part, :s_c]
+            emb = None
+            if self.pre_process:
+                emb = embed_rows(model, ids, [feats[i] for i in rows.row_images[part] if i is not None])
+            model.set_input_tensor(xs[c])
+            out = language_forward(model, decoder_input=emb,
+                                   position_ids=mrope_positions(model, ids, rows.grid_thw(batch.images, part)),
+                                   logit_positions=batch.logits.positions[c] if self.post_process else None)
+            if self.post_process:
+                _check(out, (batch.logits.positions[c].numel(),), f"slot {c} logits")
+                outs.append(out)
+            else:
+                _check(out, (s_c, B), f"slot {c} hidden states")
+                outs.append(out.reshape(s_c * B, 1, out.shape[-1]))
+        return outs
+
+    def forward(self, batch) -> torch.Tensor:
+        """Student slots through the student chunk, teacher slots through the teacher chunk (no grad).
+
+        Returns the stream ``[T, 1, H]`` on intermediate stages; on the last stage the logits at
+        the selected positions ``[N, V/tp]`` (every slot's, in slot order: student first).
+        """
+        ks, T, B = batch.student_slots, batch.stream_length, batch.rollouts
+        n_slots = len(batch.slot_lengths)
         x = self._input_tensor
         self._input_tensor = None
+        xs = [None] * n_slots
+        s_feats = t_feats = None
         if self.pre_process:
             if x is not None:
                 raise RuntimeError("the first pipeline stage received an input tensor")
-            s_in = t_in = None
+            s_feats, t_feats = self._image_features(batch)
         else:
             if x is None:
                 raise RuntimeError("a non-first pipeline stage got no input tensor (set_input_tensor not called)")
-            if x.dim() != 3 or x.shape[0] != seq or x.shape[1] != rows:
-                raise ValueError(f"received stream {tuple(x.shape)}, expected [S={seq}, R={rows}, H]")
-            s_in = x[:, :ns]
-            t_in = x[:, ns:].detach()
-        self.student.set_input_tensor(s_in)
-        s_out = self.student(**batch.student.model_kwargs())
-        self.teacher.set_input_tensor(t_in)
+            if x.dim() != 3 or tuple(x.shape[:2]) != (T, 1):
+                raise ValueError(f"received stream {tuple(x.shape)}, expected [T={T}, 1, H]")
+            parts = torch.split(x[:, 0], [B * s for s in batch.slot_lengths])
+            # slot c's rows [S_c, B, H]; the teacher's are cut off the student's graph
+            xs = [p.view(s, B, -1) if c < ks else p.detach().view(s, B, -1)
+                  for c, (p, s) in enumerate(zip(parts, batch.slot_lengths))]
+        outs = self._run_slots(self.student, batch.student, range(0, ks), batch, xs, s_feats)
         with torch.no_grad():
-            t_out = self.teacher(**batch.teacher.model_kwargs())
-        if self.post_process:  # batch-first logits [rows, S, V/tp]
-            _check(s_out, (ns, seq), "student logits")
-            _check(t_out, (rows - ns, seq), "teacher logits")
-            return torch.cat([s_out, t_out], dim=0)
-        _check(s_out, (seq, ns), "student hidden states")
-        _check(t_out, (seq, rows - ns), "teacher hidden states")
-        return torch.cat([s_out, t_out], dim=1)
+            outs += self._run_slots(self.teacher, batch.teacher, range(ks, n_slots), batch, xs, t_feats)
+        if self.post_process:
+            return torch.cat(outs)  # [N, V/tp]
+        # [T, 1, H], a fresh tensor (megatron frees the sent output's storage: it must not be a view)
+        return torch.cat(outs)
 
 
-def _check(t: torch.Tensor, lead: tuple[int, int], what: str) -> None:
-    if t.dim() != 3 or tuple(t.shape[:2]) != lead:
+def _check(t: torch.Tensor, lead: tuple, what: str) -> None:
+    if t.dim() != len(lead) + 1 or tuple(t.shape[: len(lead)]) != lead:
         raise RuntimeError(f"{what}: shape {tuple(t.shape)}, expected leading dims {lead}")

@@ -129,7 +129,8 @@ def rollout_stats(rollouts: list[Rollout], dp_group, device) -> dict[str, float]
 
 
 def step_metrics(result, stats: dict, *, rollout_s: float, update_s: float, step_s: float, dropped: int) -> dict:
-    """The metrics line of one step (``step`` is added by the writer)."""
+    """The metrics line of one step (``step`` is added by the writer). ``dropped``: samples the loaders
+    dropped since the run began, summed over data-parallel ranks."""
     reports = result.reports
     m = {"loss": result.loss, "applied": int(result.applied)}
     for key, value in sorted(reports.items()):
@@ -170,6 +171,20 @@ def _min_over_world(value: int, device) -> int:
     return int(t.item())
 
 
+def _sum_over_group(value: int, device, group) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+def drop_message(step: int, dp_rank: int, dropped: dict) -> str:
+    """One line naming a sample the loader dropped (``batch["dropped"]`` entry), its shard and why."""
+    ident = dropped.get("key", "?") + (f" (id {dropped['id']})" if dropped.get("id") is not None else "")
+    return (f"[vigos] step {step}: dropped sample {ident} of {dropped.get('shard', '?')} "
+            f"(data-parallel rank {dp_rank}): {dropped['reason']}")
+
+
 def train(cfg, layout, *, log=print) -> int:
     """Run ``cfg`` (validated; process groups initialised) until ``train.steps``, ``train.exit_after``
     steps of this launch, or SIGTERM. Returns the number of steps done in this launch."""
@@ -204,11 +219,17 @@ def train(cfg, layout, *, log=print) -> int:
 
     step, saved_at = start, start
     batches = iter(ctx.loader)
+    # each data-parallel rank reads its own samples: the first rank of its TP x PP group names its drops
+    log_drops = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
     try:
         with StopSignal() as stop:
             while step < end:
                 t0 = time.perf_counter()
-                samples = next(batches)["samples"]
+                batch = next(batches)
+                samples = batch["samples"]
+                if log_drops:
+                    for d in batch["dropped"]:
+                        log(drop_message(step + 1, ps.get_data_parallel_rank(), d))
                 if _min_over_world(len(samples), device) == 0:
                     # every sample of some rank's batch was dropped: no rank can run the schedule alone
                     step += 1
@@ -227,8 +248,9 @@ def train(cfg, layout, *, log=print) -> int:
                 t2 = time.perf_counter()
                 step += 1
                 stats = rollout_stats(rollouts, ps.get_data_parallel_group(), device)
+                dropped = _sum_over_group(sum(ctx.loader.dropped.values()), device, ps.get_data_parallel_group())
                 metrics = step_metrics(result, stats, rollout_s=t1 - t0, update_s=t2 - t1, step_s=t2 - t0,
-                                       dropped=sum(ctx.loader.dropped.values()))
+                                       dropped=dropped)
                 writer.log(step, metrics)
                 if rank0 and (step % cfg.logging.progress_interval == 0 or step == end):
                     log(format_progress(step, cfg.train.steps, progress_fields(metrics)))

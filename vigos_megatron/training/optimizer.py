@@ -18,12 +18,24 @@ What :func:`build_optimizer` returns is megatron-core's own machinery, configure
   reduced in fp32 (``grad_reduce_in_fp32``, :func:`ddp_config`).
 * **Distributed optimizer** (``optimizer.distributed_optimizer`` and DP > 1): Adam moments and
   fp32 main weights are sharded over the data-parallel ranks (ZeRO-1); gradients are
-  reduce-scattered and the updated parameters all-gathered. :func:`ddp_config` sets
-  ``overlap_param_gather=False``: the all-gather runs synchronously inside ``optimizer.step()``,
-  so every rank holds the complete post-step weights when the step returns, whatever reads them
-  next (rollout generation through the bare student chunks, which would bypass DDP's forward
-  pre-hooks). :func:`ensure_params_gathered` is the loop's guard before generating: a no-op
-  under this configuration, a forced synchronous gather if a model was wrapped with overlap on.
+  reduce-scattered and the updated parameters all-gathered. By default
+  (``optimizer.overlap_param_gather=false``) the all-gather runs synchronously inside
+  ``optimizer.step()``: every rank holds the complete post-step weights when the step returns.
+  With ``overlap_param_gather=true`` (:func:`ddp_config`) the step updates only this rank's
+  shard of each parameter and megatron DDP defers the all-gather to forward pre-hooks registered
+  on every submodule of the wrapped stage (the student's too, so they also fire inside the rollout
+  engine). Whatever reads the weights outside a forward (a checkpoint save, anything inspecting
+  ``parameters()``) would see the other ranks' shards still at their pre-step values, and a
+  gather left to the hooks inside generation is a data-parallel all-gather issued by the rollout
+  engine, whose data-parallel ranks otherwise never communicate (a rank that generates nothing
+  would leave the others waiting). :func:`ensure_params_gathered` is the guard the loop calls
+  before every rollout and the checkpoint before every save: it completes every pending gather
+  synchronously, so generation and saving issue no data-parallel communication (a no-op without
+  overlap). ``tests/test_training_dp_weights.py`` checks both layouts at DP=2.
+  With ``overlap_grad_reduce=False`` megatron puts all trainable parameters of a dtype in ONE
+  bucket, and the next forward after a step is always generation (guarded), so the option moves
+  the gather out of ``step()`` rather than overlapping it with compute. ``align_param_gather``
+  (interleaved pipelines only) stays off: there is one model chunk per rank.
 
 LR schedule (megatron's :class:`OptimizerParamScheduler`, stepped once per applied optimizer
 step, so ``scheduler.num_steps`` = optimizer steps done). With ``T = total_steps``, warmup
@@ -66,18 +78,21 @@ def ddp_config(cfg, *, dp_size: int):
         cfg: :class:`~vigos_megatron.config.train.OptimizerConfig`.
         dp_size: data-parallel world size (the distributed optimizer is used only when > 1).
 
-    Gradients are accumulated and reduced in fp32; ``overlap_param_gather=False`` (see the module
-    docstring: the post-step weights are complete when ``optimizer.step()`` returns);
-    ``overlap_grad_reduce=False`` (a micro-batch without images leaves the vision tower without
-    gradients, which megatron's overlapped bucket reduction would reject).
+    Gradients are accumulated and reduced in fp32; ``overlap_param_gather`` follows
+    ``cfg.overlap_param_gather`` with the distributed optimizer and is off otherwise (megatron's
+    DDP would take it for the layer-wise optimizer's gather; see the module docstring and
+    :func:`ensure_params_gathered`); ``overlap_grad_reduce=False`` (a micro-batch without images
+    leaves the vision tower without gradients, which megatron's overlapped bucket reduction
+    would reject).
     """
     from megatron.core.distributed import DistributedDataParallelConfig
 
+    use_dist = bool(cfg.distributed_optimizer and dp_size > 1)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        overlap_param_gather=False,
-        use_distributed_optimizer=bool(cfg.distributed_optimizer and dp_size > 1),
+        overlap_param_gather=bool(use_dist and cfg.overlap_param_gather),
+        use_distributed_optimizer=use_dist,
         average_in_collective=False,  # required by calculate_per_token_loss
     )
 
@@ -127,6 +142,7 @@ def megatron_optimizer_config(cfg, *, params_dtype: torch.dtype, dp_size: int):
     """megatron-core's ``OptimizerConfig`` for :class:`~vigos_megatron.config.train.OptimizerConfig`."""
     from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 
+    use_dist = bool(cfg.distributed_optimizer and dp_size > 1)
     return McoreOptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
@@ -139,7 +155,9 @@ def megatron_optimizer_config(cfg, *, params_dtype: torch.dtype, dp_size: int):
         clip_grad=cfg.clip_grad if cfg.clip_grad > 0 else 0.0,
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
-        use_distributed_optimizer=bool(cfg.distributed_optimizer and dp_size > 1),
+        use_distributed_optimizer=use_dist,
+        # megatron asks for the DDP value here too (it reads it only for MXFP8 parameter gathers)
+        overlap_param_gather=bool(use_dist and cfg.overlap_param_gather),
     )
 
 
@@ -205,6 +223,13 @@ def build_optimizer(cfg, model: list, *, total_steps: int, dp_size: int):
                 f"optimizer.distributed_optimizer={cfg.distributed_optimizer} at DP={dp_size} needs {want_dist}: "
                 "wrap the stage with ddp_config(cfg, dp_size=...)"
             )
+        want_overlap = bool(want_dist and cfg.overlap_param_gather)
+        if bool(ddp.overlap_param_gather) != want_overlap:
+            raise OptimizerBuildError(
+                f"model[{i}]: DDP built with overlap_param_gather={ddp.overlap_param_gather}, but "
+                f"optimizer.overlap_param_gather={cfg.overlap_param_gather} at DP={dp_size} needs {want_overlap}: "
+                "wrap the stage with ddp_config(cfg, dp_size=...)"
+            )
     dtype = _trainable_dtype(model)
     _check_adam_class()
     mcfg = megatron_optimizer_config(cfg, params_dtype=dtype, dp_size=dp_size)
@@ -218,22 +243,51 @@ def build_optimizer(cfg, model: list, *, total_steps: int, dp_size: int):
     return optimizer, scheduler
 
 
+def _complete_param_gather(group) -> bool:
+    """What megatron DDP's forward pre-hook does for one bucket group, done synchronously and for
+    the whole group. Returns True when it had to wait for or issue an all-gather.
+
+    ``group``: a megatron ``_ParamAndGradBucketGroup`` of a DDP chunk built with the distributed
+    optimizer and ``overlap_param_gather``. Its state after a step: ``param_gather_dispatched`` is
+    cleared by ``finish_grad_sync`` (every step's gradient reduction, before ``step()``) and set by
+    each gather; ``param_gather_handle`` is an all-gather still in flight.
+    """
+    if group.param_gather_dispatched and group.param_gather_handle is None:
+        return False  # gathered since the last gradient reduction: complete
+    if not group.param_gather_dispatched and group.param_gather_handle is not None:
+        # dispatched before the last gradient reduction (the forward never reached this bucket's
+        # modules): it carries pre-step values; drain it, then gather afresh
+        group.param_gather_handle.wait()
+        group.param_gather_handle = None
+    # in flight since the step: wait for it; nothing dispatched: a synchronous all-gather now
+    group.start_param_sync(force_sync=True)
+    return True
+
+
 def ensure_params_gathered(model: list, optimizer=None) -> bool:
     """Make the full post-step parameters present on every rank before they are read outside a
-    DDP forward (rollout generation). Returns True when a gather had to be forced.
+    training forward (rollout generation, checkpoint saving). Returns True when a gather had to
+    be completed.
 
-    Under :func:`ddp_config` (``overlap_param_gather=False``) the distributed optimizer gathers
-    synchronously inside ``step()`` and nothing is ever pending: a no-op. A chunk wrapped with
-    ``overlap_param_gather=True`` defers the gather to DDP's forward pre-hooks, which generation
-    through the bare student chunks would not trigger: it is forced here (synchronously).
-    ``optimizer`` is accepted for symmetry with megatron's API and not needed.
+    Args:
+        model: this rank's DDP chunks (:func:`ddp_config`).
+        optimizer: unused (megatron's optimizer holds no pending gather of its own); accepted so
+            callers pass what they have.
+
+    Without ``overlap_param_gather`` (the default) the distributed optimizer gathers inside
+    ``step()`` and nothing is ever pending: a no-op. With it, every bucket group whose all-gather
+    is pending since the last step is completed synchronously (:func:`_complete_param_gather`),
+    after which DDP's forward pre-hooks find nothing to do, so the forwards that follow (the
+    rollout engine's) issue no data-parallel collective. Collective over the data-parallel group
+    (every DP rank calls it at the same point); idempotent until the next step.
     """
     forced = False
     for chunk in model:
         ddp = getattr(chunk, "ddp_config", None)
         if ddp is None or not (ddp.use_distributed_optimizer and ddp.overlap_param_gather):
             continue
+        groups = list(chunk.bucket_groups) + list(getattr(chunk, "expert_parallel_bucket_groups", []))
         with torch.no_grad():
-            chunk.start_param_sync(force_sync=True)
-        forced = True
+            for group in groups:
+                forced |= _complete_param_gather(group)
     return forced

@@ -7,8 +7,10 @@ Order matters (the teacher is a copy of the INITIAL student, never of a resumed 
    ``model.hf_path``);
 2. the teacher: a frozen replica of those shards (bf16 on GPU, no fp32 copy, no gradient
    buffer, no optimizer state), or the separate checkpoint ``model.teacher_hf_path``;
-3. :class:`~vigos_megatron.schedule.stage.StudentTeacherStage` wraps both, megatron DDP wraps the
-   stage (buffers for the student's trainable parameters only);
+3. :class:`~vigos_megatron.schedule.stage.StudentTeacherStage` wraps both (sharing the teacher's
+   vision-tower features with the student when ``model.freeze_vision`` keeps the student's tower
+   equal to the teacher's), megatron DDP wraps the stage (buffers for the student's trainable
+   parameters only);
 4. the caller then builds the optimizer and may load a training checkpoint into the student.
 """
 
@@ -78,7 +80,9 @@ def build_training_models(cfg, *, dtype: torch.dtype, ddp_config) -> TrainingMod
         student[0].visual.gradient_checkpointing_enable()
     if cfg.model.freeze_vision and student[0].pre_process:
         student[0].freeze(freeze_language_model=False, freeze_vision_model=True, freeze_vision_projection=True)
-    stage = StudentTeacherStage(student[0], teacher[0])
+    # a frozen student tower that is still the teacher's: one vision-tower pass per image serves both
+    share_vision = bool(cfg.model.freeze_vision and not cfg.model.teacher_hf_path)
+    stage = StudentTeacherStage(student[0], teacher[0], share_vision=share_vision)
     config = stage.config
     config.calculate_per_token_loss = True  # the objectives fold their normalisation into the loss
     config.finalize_model_grads_func = finalize_model_grads
