@@ -7,7 +7,7 @@
 * slow: the first step's loss, terms and gradient norm agree across TP1, TP2, PP2, TP2xPP2, DP2;
 * slow: a run stopped after 2 of 4 steps and launched again continues exactly; a checkpoint
   written at TP=2 resumes at TP=1;
-* slow: the loss falls over 20 steps; corrupt samples are skipped and counted.
+* slow: the loss falls over 20 steps (bad input end to end: tests/test_training_bad_input.py).
 """
 
 from __future__ import annotations

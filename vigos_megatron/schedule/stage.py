@@ -175,7 +175,9 @@ class StudentTeacherStage(MegatronModule):
                 raise ValueError(f"received stream {tuple(x.shape)}, expected [T={T}, 1, H]")
             parts = torch.split(x[:, 0], [B * s for s in batch.slot_lengths])
             # slot c's rows [S_c, B, H]; the teacher's are cut off the student's graph
-            xs = [p.view(s, B, -1) if c < ks else p.detach().view(s, B, -1)
+            # (an unused slot, S_c = 0, is an empty [0, B, H]: the hidden size is explicit for it)
+            H = x.shape[-1]
+            xs = [p.view(s, B, H) if c < ks else p.detach().view(s, B, H)
                   for c, (p, s) in enumerate(zip(parts, batch.slot_lengths))]
         outs = self._run_slots(self.student, batch.student, range(0, ks), batch, xs, s_feats)
         with torch.no_grad():
