@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         from vigos_megatron.training.tiny_demo import with_tiny_paths, write_tiny_assets
 
         if dist.get_rank() == 0:
-            write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed)
+            write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed,
+                              format_prior_steps=cfg.tiny.format_prior_steps, context=cfg.data.context)
         dist.barrier()
         cfg = with_tiny_paths(cfg)
     if dist.get_rank() == 0:

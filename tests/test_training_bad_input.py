@@ -18,7 +18,8 @@ was read), shard file and reason; the loader's per-reason counters (saved in the
 and ``dropped_samples`` in ``metrics.jsonl`` have the exact numbers; the good samples train (finite
 loss, update applied, exactly the good prompts rolled out); a step whose batch is empty on some
 data-parallel rank is skipped by every rank (1 process: step 3; DP=2: step 2, where only rank 1's
-half is bad, and step 3) and the run still ends with a checkpoint at its last step.
+half is bad, and step 3), writes a metrics line that says so (``applied`` 0, no loss, the drops so
+far), and the run still ends with a checkpoint at its last step.
 """
 
 from __future__ import annotations
@@ -145,6 +146,13 @@ def _check_trained(m: dict, step: int, rollouts: int, dropped: int) -> None:
     assert m["dropped_samples"] == dropped, m  # all data-parallel ranks, since the start of the run
 
 
+def _check_skipped(m: dict, step: int, dropped: int) -> None:
+    """The metrics line of a step no rank could train: not applied, no loss, the drops so far."""
+    assert m["step"] == step and m["applied"] == 0 and "loss" not in m, m
+    assert m["skipped"] == "a data-parallel rank had no usable sample" and m["rollouts"] == 0, m
+    assert m["dropped_samples"] == dropped, m
+
+
 @pytest.mark.slow
 def test_bad_samples_are_skipped_counted_and_named(bad_tiny, tmp_path):
     run = _run_dir(bad_tiny, tmp_path)
@@ -152,9 +160,10 @@ def test_bad_samples_are_skipped_counted_and_named(bad_tiny, tmp_path):
     _check_drop_messages(out, rank_of={i: 0 for i in range(SAMPLES)})
     assert "[vigos] step 3: skipped (a data-parallel rank had no usable sample)" in out, out[-6000:]
     metrics = _metrics(run)
-    assert [m["step"] for m in metrics] == [1, 2]  # the skipped step writes no metrics line
+    assert [m["step"] for m in metrics] == [1, 2, 3]
     _check_trained(metrics[0], 1, rollouts=2, dropped=2)
     _check_trained(metrics[1], 2, rollouts=2, dropped=4)
+    _check_skipped(metrics[2], 3, dropped=8)
     state = _checkpoint(run, 3)
     assert state["loader"]["dropped"] == {"image": 1, "prompt too long": 1, "OSError": 2, "JSONDecodeError": 4}
     assert state["loader"]["consumed_positions"] == 12
@@ -170,8 +179,10 @@ def test_data_parallel_rank_with_only_bad_samples_does_not_hang(bad_tiny, tmp_pa
     for step in (2, 3):
         assert f"[vigos] step {step}: skipped (a data-parallel rank had no usable sample)" in out, out[-6000:]
     metrics = _metrics(run)
-    assert [m["step"] for m in metrics] == [1]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
     _check_trained(metrics[0], 1, rollouts=2, dropped=2)
+    _check_skipped(metrics[1], 2, dropped=4)
+    _check_skipped(metrics[2], 3, dropped=8)  # summed over both data-parallel ranks
     state = _checkpoint(run, 3)  # rank 0's state: its own drops
     assert state["loader"]["dropped"] == {"image": 1, "JSONDecodeError": 2}
     assert state["loader"]["consumed_positions"] == 12

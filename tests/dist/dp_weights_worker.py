@@ -152,7 +152,8 @@ def main():
     from vigos_megatron.training.update import train_step
 
     if dist.get_rank() == 0:
-        write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed)
+        write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed,
+                          format_prior_steps=cfg.tiny.format_prior_steps, context=cfg.data.context)
     dist.barrier()
     cfg = with_tiny_paths(cfg)
     ctx, state = build_run(cfg, layout)

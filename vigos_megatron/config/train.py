@@ -151,10 +151,15 @@ class TinyDemoConfig:
     enabled: bool = False
     samples: int = 32
     seed: int = 0
+    #: teacher-forced steps that teach the random checkpoint the completion format before the run
+    #: (:mod:`vigos_megatron.testing.format_prior`); 0: a purely random model (malformed rollouts)
+    format_prior_steps: int = 0
 
     def validate(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"samples: must be >= 1, got {self.samples}")
+        if self.format_prior_steps < 0:
+            raise ConfigError(f"format_prior_steps: must be >= 0, got {self.format_prior_steps}")
 
 
 @dataclass

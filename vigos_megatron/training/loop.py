@@ -231,8 +231,14 @@ def train(cfg, layout, *, log=print) -> int:
                     for d in batch["dropped"]:
                         log(drop_message(step + 1, ps.get_data_parallel_rank(), d))
                 if _min_over_world(len(samples), device) == 0:
-                    # every sample of some rank's batch was dropped: no rank can run the schedule alone
+                    # every sample of some rank's batch was dropped: no rank can run the schedule alone.
+                    # The step counts (the loader moved on), the LR schedule does not advance, and its
+                    # metrics line says so (no loss, the drops so far)
                     step += 1
+                    dropped = _sum_over_group(sum(ctx.loader.dropped.values()), device, ps.get_data_parallel_group())
+                    writer.log(step, {"applied": 0, "skipped": "a data-parallel rank had no usable sample",
+                                      "rollouts": 0, "lr": float(ctx.optimizer.param_groups[0]["lr"]),
+                                      "step_time_s": time.perf_counter() - t0, "dropped_samples": dropped})
                     if rank0:
                         log(f"[vigos] step {step}: skipped (a data-parallel rank had no usable sample)")
                     continue

@@ -156,7 +156,7 @@ def _fmt(v) -> str:
 
 #: shown first, in this order, with these labels (the rest follow alphabetically)
 _LEADING = (("loss", "loss"), ("grad_norm", "gnorm"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
-            ("rollout_time", "rollout s"), ("update_time", "update s"))
+            ("rollout_time_s", "rollout s"), ("update_time_s", "update s"))
 
 
 def format_progress(step: int, total: int, metrics: dict) -> str:
