@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             print(f"pretrain_vigos: configuration error: {e}", file=sys.stderr)
         return 2
 
-    from vigos_megatron.training.console import quiet_known_warnings
+    from vigos_megatron.training.console import print_line, quiet_known_warnings
 
     quiet_known_warnings(rank)
     import torch.distributed as dist
@@ -65,9 +65,9 @@ def main(argv=None) -> int:
         dist.barrier()
         cfg = with_tiny_paths(cfg)
     if dist.get_rank() == 0:
-        print(f"[vigos] {runtime.describe()}; run_dir {cfg.run_dir}", flush=True)
+        print_line(f"[vigos] {runtime.describe()}; run_dir {cfg.run_dir}")
     try:
-        train(cfg, layout, log=lambda s: print(s, flush=True))
+        train(cfg, layout, log=print_line)
     finally:
         runtime.destroy_distributed()
     return 0

@@ -2,10 +2,12 @@
 
 Inputs (tests/dist/schedule_common.py): synthetic samples -> ContextEncoder -> fixed valid and
 invalid completions -> parse_completion -> assemble_vigos -> 2 micro-batches of 2 rollouts
-(R = 6 rows: 2 student, 4 teacher slots) padded to one S.
+(R = 6 rows: 2 student, 4 teacher slots), each micro-batch at its own length.
 
 * fast: the stream batches line up (every supervised token is the same completion token in the
   student row and in its teacher row, after padding to the step's S);
+* fast: with ``group_by_length`` the same supervised tokens run in no more stream tokens, the
+  longest rollouts together;
 * fast: at PP=1, the loss and the student gradients of the stage path (megatron schedule, DDP,
   finalize_model_grads) equal a direct computation: student and teacher models run separately on
   the same rows, float64 ViGOS by hand on the supervised tokens; the teacher is perturbed so
@@ -62,9 +64,9 @@ def test_stream_batches_align_student_and_teacher_tokens(tiny):
     inputs = sc.build_inputs(tiny["student"])
     assert inputs.valid == [True, False, True, False]
     assert len(inputs.batches) == 2
-    S = inputs.batches[0].seq_length
     for b in inputs.batches:
-        assert (b.rows, b.num_student_rows, b.rollouts, b.seq_length) == (6, 2, 2, S)
+        S = b.seq_length  # each micro-batch at its own length
+        assert (b.rows, b.num_student_rows, b.rollouts) == (6, 2, 2)
         assert S % sc.SEQ_MULTIPLE == 0
         ids = torch.cat([b.student.input_ids, b.teacher.input_ids])  # the stream [R, S]
         flat = ids.reshape(-1)
@@ -80,10 +82,10 @@ def test_stream_batches_align_student_and_teacher_tokens(tiny):
         # invalid rollout (b = 1): its reasoning slot (row 5) is an unused all-pad row, no image
         assert b.teacher.row_images == [0, 1, 0, None]
         assert b.teacher.grid_thw(b.images).shape[0] == 3
-        # every slot at the step's longest row of that slot (rounded), no real token cut off
+        # every slot at the micro-batch's longest row of that slot (rounded), no real token cut off
         B = b.rollouts
         assert b.slot_lengths[0] == S and all(0 < s_c <= S and s_c % sc.SEQ_MULTIPLE == 0 for s_c in b.slot_lengths)
-        assert b.slot_lengths[1] < S  # the perception/reference contexts are shorter than the student's rows
+        assert b.slot_lengths[2] < S  # the reasoning context is shorter than the student's rows
         for c, s_c in enumerate(b.slot_lengths):
             assert (ids[c * B:(c + 1) * B, s_c:] == sc.pad_id(tiny["student"])).all()
         assert b.stream_length == B * sum(b.slot_lengths)
@@ -100,14 +102,28 @@ def test_stream_batches_align_student_and_teacher_tokens(tiny):
         for logical, compact in ((t.student_index, sel.tokens.student_index), (t.teacher_index, sel.tokens.teacher_index)):
             r, p = logical // S, logical % S
             assert torch.equal(flat_pos[compact], torch.stack([r // B, r % B, p], 1))
-    # the two micro-batches were packed to different lengths (rounded up to SEQ_MULTIPLE) and
-    # padded to one S: one of them holds at least SEQ_MULTIPLE trailing all-pad columns
+    # each micro-batch is padded to its own longest row (rounded up to SEQ_MULTIPLE), not the
+    # step's: the two have different lengths, so the pipeline tests send streams of two shapes
     pad = sc.pad_id(tiny["student"])
-    longest = []
     for b in inputs.batches:
         real = torch.cat([b.student.input_ids, b.teacher.input_ids]) != pad  # [R, S]
-        longest.append(int(real.any(dim=0).nonzero().max()) + 1)
-    assert min(longest) <= S - sc.SEQ_MULTIPLE < max(longest) <= S
+        longest = int(real.any(dim=0).nonzero().max()) + 1
+        assert b.seq_length - sc.SEQ_MULTIPLE < longest <= b.seq_length
+    assert len({b.seq_length for b in inputs.batches}) == 2
+    assert len({b.stream_length for b in inputs.batches}) == 2
+
+
+def test_group_by_length_pads_less_and_keeps_every_token(tiny):
+    plain, grouped = sc.build_inputs(tiny["student"]), sc.build_inputs(tiny["student"], group_by_length=True)
+    assert len(grouped.batches) == len(plain.batches)
+    # the same supervised tokens (segment by segment), in fewer stream tokens
+    for seg in range(3):
+        assert (sum(int((b.tokens.segment == seg).sum()) for b in grouped.batches)
+                == sum(int((b.tokens.segment == seg).sum()) for b in plain.batches))
+    assert sum(b.stream_length for b in grouped.batches) <= sum(b.stream_length for b in plain.batches)
+    pad = sc.pad_id(tiny["student"])
+    real = [int((torch.cat([b.student.input_ids, b.teacher.input_ids]) != pad).sum()) for b in grouped.batches]
+    assert real == sorted(real, reverse=True) and real[0] > real[-1]  # the longest rollouts together, first
 
 
 def _vigos_reference(batches, student, teacher, lambdas):

@@ -2,7 +2,7 @@
 
 End to end from synthetic samples: ``ContextEncoder`` (tiny processor, conf/prompts/vigos.yaml)
 -> fixed completion texts tokenised -> ``parse_completion`` -> ``assemble_vigos`` ->
-``make_stream_batches`` (``pack_distill``, 2 micro-batches of 2 rollouts, one ``S``) -> the
+``make_stream_batches`` (``pack_distill``, 2 micro-batches of 2 rollouts, each at its own length) -> the
 student/teacher stage (tiny Qwen2.5-VL) under megatron DDP -> megatron's schedule with the
 ViGOS loss (``calculate_per_token_loss=True``, ``finalize_model_grads``).
 """
@@ -44,7 +44,7 @@ class Inputs:
     valid: list[bool]
 
 
-def build_inputs(hf_dir) -> Inputs:
+def build_inputs(hf_dir, *, group_by_length: bool = False) -> Inputs:
     """The micro-batches of one step (deterministic: the same on every rank and layout)."""
     from vigos_megatron.data.contexts import ContextEncoder
     from vigos_megatron.data.synthetic import image_bytes, typical_rows
@@ -70,7 +70,7 @@ def build_inputs(hf_dir) -> Inputs:
     batches = make_stream_batches(
         rollouts, vision, rollouts_per_micro_batch=ROLLOUTS_PER_MICRO_BATCH, pad_id=tok.pad_token_id,
         image_token_id=hf_config.image_token_id, spatial_merge_size=hf_config.vision_config.spatial_merge_size,
-        multiple=SEQ_MULTIPLE,
+        multiple=SEQ_MULTIPLE, group_by_length=group_by_length,
     )
     return Inputs(batches, valid)
 

@@ -57,8 +57,10 @@ class TrainConfig:
     global_batch_size: int = 32
     #: rollouts per micro-batch of the scoring/update schedule
     micro_batch_size: int = 1
-    #: the stream length S of a step is its longest row rounded up to this
+    #: a micro-batch's rows (each slot's) are its longest one rounded up to this
     seq_multiple: int = 64
+    #: micro-batches of rollouts of similar length (less padding; the loss is the same)
+    group_by_length: bool = True
     seed: int = 1234
     #: a step whose loss or gradient norm is not finite: "skip" it (no update) or "stop" the run
     on_nonfinite: str = "skip"

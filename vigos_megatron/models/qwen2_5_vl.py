@@ -188,6 +188,13 @@ class QwenVLBuilder:
         provider.vocab_size = hf_config.text_config.vocab_size
         provider.params_dtype = dtype
         provider.pipeline_dtype = dtype
+        # micro-batches of one step have their own lengths (schedule/batch.py): at PP > 1 megatron
+        # sends each activation's shape ahead of it (three integers per micro-batch and direction)
+        provider.variable_seq_lengths = pipeline_model_parallel_size > 1
+        if provider.variable_seq_lengths:
+            # megatron rejects variable lengths with its default MoE dispatcher ("allgather") even
+            # in a dense model; the dispatcher is never used here (no experts)
+            provider.moe_token_dispatcher_type = "alltoall"
         provider.autocast_dtype = dtype
         provider.bf16 = dtype == torch.bfloat16
         provider.fp16 = dtype == torch.float16

@@ -182,8 +182,9 @@ def longest_row(rollouts: list[AssembledRollout]) -> int:
 def padded_length(rollouts: list[AssembledRollout], multiple: int) -> int:
     """``S`` for ``rollouts``: the longest row rounded up to ``multiple``.
 
-    All micro-batches of one schedule call must share ``S``: pass the step's value (over all
-    its rollouts) as ``seq_length`` to :func:`pack_distill` / :func:`pack_vgs`.
+    Pass it as ``seq_length`` to :func:`pack_distill` / :func:`pack_vgs` (one micro-batch's value;
+    megatron's schedule takes micro-batches of different shapes, see
+    :func:`~vigos_megatron.schedule.batch.make_stream_batches`).
     """
     return -(-longest_row(rollouts) // multiple) * multiple
 

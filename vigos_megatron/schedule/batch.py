@@ -167,8 +167,8 @@ class StreamBatch:
 
     The logical layout is ``R = K * B`` rows of ``S`` tokens (slot ``c`` of rollout ``b`` is row
     ``c * B + b``; the first ``num_student_rows = Ks * B`` rows are the student's). What runs is
-    tighter: slot ``c``'s ``B`` rows are cut to ``slot_lengths[c]`` (``S_c``, the step's longest
-    row of that slot rounded up; 0 for a slot no rollout of the step uses), and between
+    tighter: slot ``c``'s ``B`` rows are cut to ``slot_lengths[c]`` (``S_c``, the micro-batch's
+    longest row of that slot rounded up; 0 for a slot none of its rollouts uses), and between
     pipeline stages the stream travels as one tensor ``[T, 1, H]``, ``T = B * sum_c S_c``: the
     slots' hidden states ``[S_c, B, H]`` flattened and concatenated in slot order. A teacher
     context shorter than the student's is then not padded to the student's length.
@@ -264,8 +264,8 @@ def stream_batch(stream: MicroBatchStream, vision: Sequence[Mapping], *, image_t
             :class:`~vigos_megatron.data.contexts.ContextEncoder` output has both).
         image_token_id: ``<|image_pad|>`` id; each image row must hold exactly
             ``prod(grid) / spatial_merge_size**2`` of them.
-        slot_lengths: ``S_c`` per slot (the step's, from :func:`slot_lengths_of`); ``None``:
-            every slot at the stream's ``S``.
+        slot_lengths: ``S_c`` per slot (from :func:`slot_lengths_of` over the micro-batch's
+            rollouts); ``None``: every slot at the stream's ``S``.
     """
     if len(vision) != stream.rollouts:
         raise ValueError(f"stream_batch: {len(vision)} vision entries for {stream.rollouts} rollouts")
@@ -301,6 +301,11 @@ def stream_batch(stream: MicroBatchStream, vision: Sequence[Mapping], *, image_t
     )
 
 
+def rollout_tokens(rollout: AssembledRollout) -> int:
+    """Tokens of all of a rollout's rows (student and teacher slots): what it costs to run."""
+    return sum(row.ids.numel() for row in rollout.student_slots + rollout.teacher_slots if row is not None)
+
+
 def make_stream_batches(
     rollouts: Sequence[AssembledRollout],
     vision: Sequence[Mapping],
@@ -311,29 +316,37 @@ def make_stream_batches(
     spatial_merge_size: int,
     multiple: int = 64,
     pack=pack_distill,
+    group_by_length: bool = False,
 ) -> list[StreamBatch]:
-    """Split ``rollouts`` (with ``vision[i]`` the image inputs of rollout ``i``) into micro-batches of one shape.
+    """Split ``rollouts`` (with ``vision[i]`` the image inputs of rollout ``i``) into micro-batches.
 
-    Consecutive groups of ``rollouts_per_micro_batch`` rollouts are packed with ``pack``
+    Groups of ``rollouts_per_micro_batch`` rollouts are packed with ``pack``
     (:func:`~vigos_megatron.rollout.assembly.pack_distill` for ViGOS/OPSD,
-    :func:`~vigos_megatron.rollout.assembly.pack_vgs` for VGS) to the step's ``S`` (its longest
-    row rounded up to ``multiple``); every slot runs at the step's ``S_c``
-    (:func:`slot_lengths_of`), so all micro-batches share the stream's ``[T, 1, H]`` shape
-    (megatron sizes its p2p buffers with it).
+    :func:`~vigos_megatron.rollout.assembly.pack_vgs` for VGS). Each micro-batch has its own
+    shape: ``S`` is its longest row and slot ``c`` runs at ``S_c``, its longest row of that slot
+    (:func:`slot_lengths_of`), both rounded up to ``multiple``; the stream ``[T, 1, H]`` between
+    pipeline stages then differs from one micro-batch to the next (megatron exchanges the shape
+    first: ``variable_seq_lengths``, set by the model builder at PP > 1).
+
+    With ``group_by_length`` the rollouts are grouped in order of decreasing
+    :func:`rollout_tokens` (ties by index) instead of consecutively, so that rows of similar
+    length share a micro-batch and little of it is padding. The loss is a sum over tokens
+    normalised by global counts, so the grouping does not change it (up to summation order).
     """
     if len(rollouts) != len(vision):
         raise ValueError(f"{len(rollouts)} rollouts but {len(vision)} vision entries")
     B = rollouts_per_micro_batch
     if B <= 0 or len(rollouts) % B:
         raise ValueError(f"{len(rollouts)} rollouts do not split into micro-batches of {B}")
-    groups = [range(i, i + B) for i in range(0, len(rollouts), B)]
-    S = padded_length(list(rollouts), multiple)
-    lengths = slot_lengths_of(rollouts, multiple)
-    return [
-        stream_batch(
-            pack([rollouts[i] for i in g], pad_id=pad_id, seq_length=S, logits_layout="bsv"),
-            [vision[i] for i in g], image_token_id=image_token_id, spatial_merge_size=spatial_merge_size,
-            slot_lengths=lengths,
-        )
-        for g in groups
-    ]
+    order = list(range(len(rollouts)))
+    if group_by_length:
+        order.sort(key=lambda i: (-rollout_tokens(rollouts[i]), i))
+    out = []
+    for k in range(0, len(order), B):
+        group = [rollouts[i] for i in order[k:k + B]]
+        out.append(stream_batch(
+            pack(group, pad_id=pad_id, seq_length=padded_length(group, multiple), logits_layout="bsv"),
+            [vision[i] for i in order[k:k + B]], image_token_id=image_token_id,
+            spatial_merge_size=spatial_merge_size, slot_lengths=slot_lengths_of(group, multiple),
+        ))
+    return out

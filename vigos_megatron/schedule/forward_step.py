@@ -59,8 +59,10 @@ def run_stream_schedule(model: list, batches: Sequence[StreamBatch], loss_fn, *,
                         pg_collection=None) -> list[dict]:
     """Run megatron's pipeline schedule over ``batches`` (one iteration); return the last stage's reports.
 
-    ``model``: this rank's chunks (one DDP-wrapped stage, no virtual pipeline). All batches must
-    share their stream shape (rows, slot lengths). With a ``finalize_model_grads_func`` in the
+    ``model``: this rank's chunks (one DDP-wrapped stage, no virtual pipeline). The batches share
+    their rows ``R`` and student rows; their slot lengths (so the stream ``[T, 1, H]`` sent between
+    stages) may differ, which at PP > 1 needs ``variable_seq_lengths`` in the model config
+    (megatron then sends each tensor's shape before it). With a ``finalize_model_grads_func`` in the
     config (and not ``forward_only``) the gradients are finalised (DP reduction, embedding
     all-reduce, division by the global token count). The returned list is empty on stages other
     than the last.
@@ -70,17 +72,22 @@ def run_stream_schedule(model: list, batches: Sequence[StreamBatch], loss_fn, *,
 
     if not batches:
         raise ValueError("run_stream_schedule: no micro-batches")
-    check_schedule_config(get_model_config(model[0]))
-    shapes = {(b.rows, b.num_student_rows, tuple(b.slot_lengths)) for b in batches}
-    if len(shapes) != 1:
-        raise ValueError(f"micro-batches of one schedule call must share (R, Ns, slot lengths); got {sorted(shapes)}")
+    config = get_model_config(model[0])
+    check_schedule_config(config)
+    rows = {(b.rows, b.num_student_rows) for b in batches}
+    if len(rows) != 1:
+        raise ValueError(f"micro-batches of one schedule call must share (R, Ns); got {sorted(rows)}")
+    streams = {b.stream_length for b in batches}
+    if len(streams) > 1 and config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
+        raise ValueError(f"micro-batches with streams of {sorted(streams)} tokens at PP > 1 need "
+                         "variable_seq_lengths=True in the model config (megatron's p2p buffers are fixed-size)")
     kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step_func, loss_fn=loss_fn),
         data_iterator=iter(batches),
         model=model,
         num_microbatches=len(batches),
-        seq_length=batches[0].stream_length,
+        seq_length=max(streams),  # the p2p buffer size when the shapes are fixed (then all equal)
         micro_batch_size=1,
         forward_only=forward_only,
         **kwargs,

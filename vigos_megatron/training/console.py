@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 #: (logger or warning text fragment) of messages that are known and harmless for this project
@@ -69,3 +70,11 @@ def quiet_known_warnings(rank: int = 0) -> None:
             logging.getLogger(name).setLevel(level)
     for known in KNOWN_MESSAGES:
         warnings.filterwarnings("once" if show else "ignore", message=f".*{known}.*")
+
+
+def print_line(text: str) -> None:
+    """``text`` and its newline in ONE write, flushed: lines of several ranks sharing a pipe never
+    interleave mid-line (``print`` writes the text and the newline separately, two system calls
+    when the stream is unbuffered, e.g. under ``PYTHONUNBUFFERED=1``)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -82,6 +82,7 @@ def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, d
         assembled, vision, rollouts_per_micro_batch=cfg.train.micro_batch_size,
         pad_id=pad_id, image_token_id=hf_config.image_token_id,
         spatial_merge_size=hf_config.vision_config.spatial_merge_size, multiple=cfg.train.seq_multiple, pack=pack,
+        group_by_length=cfg.train.group_by_length,
     )
     counts = None
     if cfg.loss.objective != "vgs":
