@@ -5,7 +5,7 @@ invalid completions -> parse_completion -> assemble_vigos -> 2 micro-batches of 
 (R = 6 rows: 2 student, 4 teacher slots), each micro-batch at its own length.
 
 * fast: the stream batches line up (every supervised token is the same completion token in the
-  student row and in its teacher row, after padding to the step's S);
+  student row and in its teacher row, after padding to the micro-batch's S);
 * fast: with ``group_by_length`` the same supervised tokens run in no more stream tokens, the
   longest rollouts together;
 * fast: at PP=1, the loss and the student gradients of the stage path (megatron schedule, DDP,

@@ -28,7 +28,7 @@ ROLLOUTS_PER_MICRO_BATCH = 2
 #: image sizing: tiny images (a few merged patches) keep the CPU run short
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 280 * 224
 #: per sample: small images except one larger (80 image tokens) in the second micro-batch, so the
-#: two micro-batches pack to different lengths and the shorter is re-padded to the step's S
+#: two micro-batches pack to different lengths (each runs at its own)
 IMAGE_SIZES = ((84, 56), (56, 56), (280, 224), (56, 84))
 MAX_PROMPT_TOKENS = 4096
 SEQ_MULTIPLE = 64

@@ -5,9 +5,9 @@
   between stages is ``[T, 1, H]``: every slot's ``[S_c, B, H]`` rows at their own length,
   student slots first; the last stage computes logits only where a loss reads them.
 * :mod:`~vigos_megatron.schedule.batch`: assembled rollouts -> per-micro-batch model inputs
-  (:class:`StreamBatch`), every slot padded to the step's longest row of that slot.
+  (:class:`StreamBatch`), every slot padded to the micro-batch's longest row of that slot.
 * :mod:`~vigos_megatron.schedule.forward_step`: ``forward_step_func`` for megatron's
-  ``get_forward_backward_func()`` (``seq_length=T``, ``micro_batch_size=1``), running it, and
+  ``get_forward_backward_func()`` (``micro_batch_size=1``, streams of any length), running it, and
   reducing the reports.
 """
 

@@ -17,9 +17,9 @@ and the teacher's model inputs and attaches the image of every row that has one:
 * the length of every slot (:class:`StreamBatch`): each slot runs at its own length, so a
   short teacher context is not padded to the student's.
 
-All micro-batches of one schedule call must share the stream's shape (megatron sizes its p2p
-buffers as ``(seq_length, micro_batch_size, hidden)``): :func:`make_stream_batches` pads every
-slot to the step's longest row of that slot and re-indexes the loss tokens accordingly.
+Micro-batches of one schedule call may differ in length (at PP > 1 megatron exchanges each
+stream's shape first, ``variable_seq_lengths``): :func:`make_stream_batches` pads every slot to
+the micro-batch's longest row of that slot and re-indexes the loss tokens accordingly.
 """
 
 from __future__ import annotations

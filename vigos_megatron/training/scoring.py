@@ -10,8 +10,8 @@ Contexts per objective (``../shared/METHOD.md``; never a context that no loss te
   (``opsd``/``opsd_text``, self-distillation setting (b)) or, with a separate teacher
   checkpoint (``model.teacher_hf_path``, setting (a)), the student's own contexts.
 
-All micro-batches of the step are padded to one ``S`` (the step's longest row rounded up to
-``train.seq_multiple``). The objective's per-term token counts are all-reduced over the
+Each micro-batch is padded to its own longest row (per slot, rounded up to
+``train.seq_multiple``); with ``train.group_by_length`` rollouts of similar length share one. The objective's per-term token counts are all-reduced over the
 data-parallel group before the schedule runs (:func:`~vigos_megatron.losses.objectives.global_segment_counts`).
 """
 
