@@ -57,13 +57,9 @@ def main(argv=None) -> int:
 
     quiet_known_warnings(dist.get_rank())
     if cfg.tiny.enabled:
-        from vigos_megatron.training.tiny_demo import with_tiny_paths, write_tiny_assets
+        from vigos_megatron.training.tiny_demo import prepare_tiny_run
 
-        if dist.get_rank() == 0:
-            write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed,
-                              format_prior_steps=cfg.tiny.format_prior_steps, context=cfg.data.context)
-        dist.barrier()
-        cfg = with_tiny_paths(cfg)
+        cfg = prepare_tiny_run(cfg)
     if dist.get_rank() == 0:
         print_line(f"[vigos] {runtime.describe()}; run_dir {cfg.run_dir}")
     try:

@@ -49,12 +49,10 @@ def tiny_assets(tmp_path_factory) -> Path:
     """The demo's ``run_dir/tiny`` (format-primed checkpoint + shards), written once for the module."""
     from vigos_megatron.config.loader import load_config
     from vigos_megatron.config.train import PretrainConfig
-    from vigos_megatron.training.tiny_demo import TINY_SUBDIR, write_tiny_assets
+    from vigos_megatron.training.tiny_demo import TINY_SUBDIR, write_tiny_assets_for
 
     run = tmp_path_factory.mktemp("tiny_assets")
-    cfg = load_config(PretrainConfig, ROOT / "conf" / "tiny_cpu.yaml", [f"run_dir={run}"])
-    write_tiny_assets(run, samples=cfg.tiny.samples, seed=cfg.tiny.seed,
-                      format_prior_steps=cfg.tiny.format_prior_steps, context=cfg.data.context)
+    write_tiny_assets_for(load_config(PretrainConfig, ROOT / "conf" / "tiny_cpu.yaml", [f"run_dir={run}"]))
     return run / TINY_SUBDIR
 
 

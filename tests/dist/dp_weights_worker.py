@@ -148,14 +148,10 @@ def main():
     from vigos_megatron.training.optimizer import ensure_params_gathered
     from vigos_megatron.training.rollouts import generate_rollouts
     from vigos_megatron.training.scoring import build_step_inputs
-    from vigos_megatron.training.tiny_demo import with_tiny_paths, write_tiny_assets
+    from vigos_megatron.training.tiny_demo import prepare_tiny_run
     from vigos_megatron.training.update import train_step
 
-    if dist.get_rank() == 0:
-        write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed,
-                          format_prior_steps=cfg.tiny.format_prior_steps, context=cfg.data.context)
-    dist.barrier()
-    cfg = with_tiny_paths(cfg)
+    cfg = prepare_tiny_run(cfg)
     ctx, state = build_run(cfg, layout)
     assert state is None, "fresh run_dir expected"
     ddp = ctx.models.model[0].ddp_config

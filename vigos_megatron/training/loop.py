@@ -217,6 +217,10 @@ def train(cfg, layout, *, log=print) -> int:
         if rank0:
             log(f"[vigos] saved checkpoint {path}")
 
+    def dropped_total() -> int:
+        """Samples the loaders dropped since the run began, summed over data-parallel ranks."""
+        return _sum_over_group(sum(ctx.loader.dropped.values()), device, ps.get_data_parallel_group())
+
     step, saved_at = start, start
     batches = iter(ctx.loader)
     # each data-parallel rank reads its own samples: the first rank of its TP x PP group names its drops
@@ -235,7 +239,7 @@ def train(cfg, layout, *, log=print) -> int:
                     # The step counts (the loader moved on), the LR schedule does not advance, and its
                     # metrics line says so (no loss, the drops so far)
                     step += 1
-                    dropped = _sum_over_group(sum(ctx.loader.dropped.values()), device, ps.get_data_parallel_group())
+                    dropped = dropped_total()
                     writer.log(step, {"applied": 0, "skipped": "a data-parallel rank had no usable sample",
                                       "rollouts": 0, "lr": float(ctx.optimizer.param_groups[0]["lr"]),
                                       "step_time_s": time.perf_counter() - t0, "dropped_samples": dropped})
@@ -254,7 +258,7 @@ def train(cfg, layout, *, log=print) -> int:
                 t2 = time.perf_counter()
                 step += 1
                 stats = rollout_stats(rollouts, ps.get_data_parallel_group(), device)
-                dropped = _sum_over_group(sum(ctx.loader.dropped.values()), device, ps.get_data_parallel_group())
+                dropped = dropped_total()
                 metrics = step_metrics(result, stats, rollout_s=t1 - t0, update_s=t2 - t1, step_s=t2 - t0,
                                        dropped=dropped)
                 writer.log(step, metrics)

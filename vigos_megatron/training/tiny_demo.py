@@ -45,6 +45,23 @@ def write_tiny_assets(run_dir, *, samples: int, seed: int, format_prior_steps: i
     return paths
 
 
+def write_tiny_assets_for(cfg) -> dict[str, Path]:
+    """:func:`write_tiny_assets` with a run's settings (``cfg.tiny``, ``cfg.data.context``); call on ONE rank."""
+    return write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed,
+                             format_prior_steps=cfg.tiny.format_prior_steps, context=cfg.data.context)
+
+
+def prepare_tiny_run(cfg):
+    """Rank 0 writes the assets when absent, the others wait; returns ``cfg`` pointed at them
+    (call once the process group is up)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        write_tiny_assets_for(cfg)
+    dist.barrier()
+    return with_tiny_paths(cfg)
+
+
 @contextlib.contextmanager
 def _no_progress_bars():
     """transformers' per-file progress bars (loading / writing the tiny checkpoint) are not for the console."""
