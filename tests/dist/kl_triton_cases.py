@@ -211,6 +211,60 @@ def case_multi_term(ctx: Ctx, detach: bool, dtype: torch.dtype) -> list[str]:
     return fails
 
 
+def case_both_sides_mixed(ctx: Ctx, dtype: torch.dtype) -> list[str]:
+    """Gradients into BOTH sides (teacher logits requiring grad too) with per-token directions
+    (a bool ``reverse [n]`` mixing forward and reverse tokens), T = 1.3, clip between the KLs:
+    the backward kernel's teacher-side path with both cross terms (``SIDE_A=False``, ``MODE=2``)."""
+    fails = []
+    s_full, t_full = _logits(31, vocab=ctx.vocab)
+    s_q, t_q = s_full.to(dtype), t_full.to(dtype)
+    n = s_q.numel() // ctx.vocab
+    rev = torch.zeros(n, dtype=torch.bool)
+    rev[::2] = True  # alternate directions, including the tiny-KL first token (reverse)
+    w = torch.randn(n, generator=torch.Generator().manual_seed(3)).double()
+    T = 1.3
+    s_ref = s_q.double().reshape(n, -1).requires_grad_()
+    t_ref = t_q.double().reshape(n, -1).requires_grad_()
+    raw = torch.where(rev, kl_reference(s_ref, t_ref, "reverse", T), kl_reference(s_ref, t_ref, "forward", T))
+    clip = float(raw.detach().median()) * (1 + 1e-3)
+    ref = clipped_reference(raw, clip)
+    (ref * w).sum().backward()
+    res = {}
+    for impl in ("triton", "torch"):
+        x = s_q.reshape(n, -1)[..., ctx.sl].clone().to(ctx.device).requires_grad_()
+        y = t_q.reshape(n, -1)[..., ctx.sl].clone().to(ctx.device).requires_grad_()
+
+        def call():
+            kl = kl_rows(LogitRows(x), LogitRows(y), reverse=rev.to(ctx.device), temperature=T, clip=clip,
+                         tp_group=ctx.group, impl=impl)
+            (kl * w.float().to(ctx.device)).sum().backward()
+            return kl
+
+        kl, fl = _kl_call(ctx, 3, call)
+        fails += [f"{impl}: {m}" for m in fl]
+        res[impl] = (kl.detach().cpu(), x.grad.cpu(), y.grad.cpu())
+    kl, gx, gy = res["triton"]
+    ok, err = kl_tolerance_ok(kl, ref.detach())
+    if not ok:
+        fails.append(f"value max err {err:.3e} vs float64")
+    n_clipped = int((kl == clip).sum())
+    if not 0 < n_clipped < n:
+        fails.append(f"clip should take some tokens but not all: {n_clipped} of {n}")
+    tol = 1e-4 if dtype == torch.float32 else 4e-3
+    tol_t = 1e-5 if dtype == torch.float32 else 2e-3
+    for side, got, ref_g, torch_g in (("student", gx, s_ref.grad, res["torch"][1]),
+                                      ("teacher", gy, t_ref.grad, res["torch"][2])):
+        if got.dtype != dtype:
+            fails.append(f"{side} grad dtype {got.dtype} != {dtype}")
+        rel = _grad_rel_err(got, ref_g[..., ctx.sl], ctx)
+        if rel > tol:
+            fails.append(f"{side} grad rel err {rel:.3e} > {tol} vs float64")
+        rel_t = _grad_rel_err(got, torch_g, ctx)
+        if rel_t > tol_t:
+            fails.append(f"{side} grad differs from impl='torch' by rel {rel_t:.3e}")
+    return fails
+
+
 def case_objective_vigos(ctx: Ctx) -> list[str]:
     """ViGOS (forward KL on two segments, reverse on the third: per-token directions) on a stream
     ``[S, R, V/tp]``, clip on; triton vs torch and the float64 objective."""
@@ -378,6 +432,8 @@ CASES = {
     "empty": case_empty,
     **{f"multi_term-detach{d}-{str(dt).split('.')[-1]}": (lambda ctx, d=d, dt=dt: case_multi_term(ctx, d, dt))
        for d in (True, False) for dt in (torch.float32, torch.bfloat16)},
+    **{f"both_sides_mixed-{str(dt).split('.')[-1]}": (lambda ctx, dt=dt: case_both_sides_mixed(ctx, dt))
+       for dt in (torch.float32, torch.bfloat16)},
     "objective_vigos": case_objective_vigos,
     "objective_vgs": case_objective_vgs,
     "layouts": case_layouts,
