@@ -213,6 +213,9 @@ def main() -> None:
     p.add_argument("--no-cache-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time batch 1 without the KV cache (full recomputation every step)")
     args = p.parse_args()
+    from vigos_megatron.training.console import quiet_library_logs
+
+    quiet_library_logs()  # the platform adaptations; known library warnings not shown
     if args.preset == "3b" and not torch.cuda.is_available():
         print("note: --preset 3b is meant for a GPU; running on the CPU", file=sys.stderr)
     run(args)

@@ -119,6 +119,9 @@ def main() -> int:
                     help="consecutive rollouts per micro-batch (train.group_by_length=false)")
     args = ap.parse_args()
 
+    from vigos_megatron.training.console import quiet_library_logs
+
+    quiet_library_logs()  # the platform adaptations; known library warnings not shown
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -23,6 +23,12 @@ Model FLOPs per step (causal attention counted half; no recomputation)::
     .venv/bin/python benchmarks/bench_student.py                    # CPU: tiny model smoke test
     python benchmarks/bench_student.py --model 3b --batch 2 --seq 2048   # GPU: Qwen2.5-VL-3B-shaped
     python benchmarks/bench_student.py --model 3b --impls sdpa local --steps 10
+    python benchmarks/bench_student.py --model 3b --impls sdpa --profile 20   # + where the time goes
+
+``--profile K`` adds, after each path's timed steps, one step under ``torch.profiler``: the K
+operators with the most self time on the device (CUDA kernels; CPU time on the CPU), so the
+remaining costs of a path (norms, rotary, SwiGLU, copies) show without another run;
+``--profile-dir`` also writes each path's Chrome trace there.
 
 On a GPU the default is the 3B-shaped random config (36 layers, hidden 2048, 16 heads / 2 kv
 heads, intermediate 11008, vocabulary 151,936) in bf16 with 2 x 2048 tokens; on the CPU the
@@ -159,6 +165,26 @@ def time_steps(step, meter: Meter, warmup: int, steps: int) -> tuple[float, int,
     return statistics.median(times), meter.peak_bytes(), first
 
 
+def profile_step(step, meter: Meter, name: str, top: int, trace_dir: str | None) -> None:
+    """Print the ``top`` operators of one ``step()`` by self device time (CUDA) or self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = meter.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    meter.sync()
+    with profile(activities=activities, record_shapes=False) as prof:
+        step()
+        meter.sync()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\n--- profile of one step: {name} (top {top} by {key}) ---")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+    if trace_dir:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(trace_dir) / f"trace_{name.replace('/', '_').replace(' ', '')}.json"
+        prof.export_chrome_trace(str(path))
+        print(f"trace: {path}")
+
+
 def make_step(model, forward, grad_out):
     """One training step: forward to logits, ``logits.backward(grad_out)``, gradients dropped."""
 
@@ -180,7 +206,10 @@ def run_hf(hf, ids, grad_out, meter, args):
     hf.train()
     mm = torch.zeros_like(ids, dtype=torch.int32)  # all text (0 = text, 1 = image, 2 = video)
     step = make_step(hf, lambda: hf(input_ids=ids, mm_token_type_ids=mm, use_cache=False).logits, grad_out)
-    return time_steps(step, meter, args.warmup, args.steps)
+    result = time_steps(step, meter, args.warmup, args.steps)
+    if args.profile:
+        profile_step(step, meter, "hf (sdpa)", args.profile, args.profile_dir)
+    return result
 
 
 def run_megatron(hf_dir, impl, dtype, ids, grad_out, meter, args):
@@ -191,7 +220,10 @@ def run_megatron(hf_dir, impl, dtype, ids, grad_out, meter, args):
     model.train()
     step = make_step(model, lambda: model(input_ids=ids, pixel_values=None, image_grid_thw=None), grad_out)
     try:
-        return builder.transformer_impl, time_steps(step, meter, args.warmup, args.steps)
+        result = time_steps(step, meter, args.warmup, args.steps)
+        if args.profile:
+            profile_step(step, meter, f"megatron/{builder.transformer_impl}", args.profile, args.profile_dir)
+        return builder.transformer_impl, result
     finally:
         del model, step
 
@@ -210,13 +242,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, help="device peak for the %% column (default: by device name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="after each path's timed steps, profile one step and print its top K operators")
+    p.add_argument("--profile-dir", help="with --profile: also write each path's Chrome trace here")
     args = p.parse_args()
+    if args.profile < 0:
+        raise SystemExit(f"--profile: must be >= 0, got {args.profile}")
 
     import torch
 
-    from vigos_megatron import platform, runtime
+    from vigos_megatron import runtime
+    from vigos_megatron.training.console import quiet_library_logs
 
-    platform.activate()
+    quiet_library_logs()  # the platform adaptations; known library warnings not shown
     from vigos_megatron.models.parallel import local_model_parallel
 
     with local_model_parallel():

@@ -108,9 +108,10 @@ def main() -> int:
     ap.add_argument("--require-gpu", action="store_true", help="fail when no CUDA device is in use")
     args = ap.parse_args()
 
-    from vigos_megatron import platform, runtime
+    from vigos_megatron import runtime
+    from vigos_megatron.training.console import quiet_library_logs
 
-    platform.activate()
+    quiet_library_logs()  # the platform adaptations; known library warnings not shown
     print(f"[smoke] {versions()}")
     print(f"[smoke] {runtime.describe()}")
     failures = 0

@@ -72,6 +72,19 @@ def quiet_known_warnings(rank: int = 0) -> None:
         warnings.filterwarnings("once" if show else "ignore", message=f".*{known}.*")
 
 
+def quiet_library_logs(rank: int = 0) -> None:
+    """For tools and benchmarks: the platform adaptations (:func:`vigos_megatron.platform.activate`,
+    which must precede megatron-bridge's import), then :func:`quiet_known_warnings` installed before
+    and after megatron-bridge is imported (its modules set up their own loggers on import)."""
+    from vigos_megatron import platform
+
+    quiet_known_warnings(rank)
+    platform.activate()
+    import megatron.bridge  # noqa: F401
+
+    quiet_known_warnings(rank)
+
+
 def print_line(text: str) -> None:
     """``text`` and its newline in ONE write, flushed: lines of several ranks sharing a pipe never
     interleave mid-line (``print`` writes the text and the newline separately, two system calls
