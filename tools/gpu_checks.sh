@@ -9,7 +9,8 @@
 #            its < 256 MiB extra-memory goal; the bf16 model vs HF on CUDA; one ViGOS step in the
 #            schedule on CUDA vs CPU fp32; the losses on CUDA tensors vs float64
 #   kl       benchmarks/bench_kl.py --device cuda        (issue 10: share of copy bandwidth, extra memory)
-#   student  benchmarks/bench_student.py (3B shape)      (issue 12: ms/step, TFLOP/s, peak vs HF sdpa)
+#   student  benchmarks/bench_student.py --profile 25 (issue 12: ms/step, TFLOP/s, peak vs HF sdpa,
+#            and the top operators of one step of each path)
 #   rollout  benchmarks/bench_rollout.py --preset 3b     (generated tokens/s, roofline share)
 #   step     benchmarks/bench_step.py --preset 3b        (ViGOS step vs SFT, padding)
 #   demo     the tiny ViGOS run on one GPU (NCCL, bf16): 4 steps, its metrics.jsonl
@@ -21,7 +22,7 @@
 # status is that of the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { sed -n '2,21p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2; }
 
 if [ -x .venv/bin/python ]; then
   PY=.venv/bin/python
@@ -44,7 +45,7 @@ part_cmd() {
     smoke)   echo "$PY tools/gpu_smoke.py --require-gpu" ;;
     tests)   echo "$PY -m pytest -q -m gpu -p no:cacheprovider tests" ;;
     kl)      echo "$PY benchmarks/bench_kl.py --device cuda" ;;
-    student) echo "$PY benchmarks/bench_student.py --model 3b" ;;
+    student) echo "$PY benchmarks/bench_student.py --model 3b --profile 25" ;;
     rollout) echo "$PY benchmarks/bench_rollout.py --preset 3b" ;;
     step)    echo "$PY benchmarks/bench_step.py --preset 3b --dtype bfloat16" ;;
     demo)    echo "$PY -m torch.distributed.run --standalone --nproc_per_node=1 examples/pretrain_vigos.py \
