@@ -13,7 +13,7 @@ venv:
 # processes (a fresh run in $(DEMO_RUN) each time; pass more overrides with ARGS="key=value ...").
 demo: venv
 	rm -rf $(DEMO_RUN)
-	VIGOS_FORCE_CPU=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 \
+	VIGOS_FORCE_CPU=1 OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 \
 		examples/pretrain_vigos.py --config conf/tiny_cpu.yaml run_dir=$(DEMO_RUN) $(ARGS)
 
 # The loss alone: the ViGOS objective on random vocabulary-sharded logits at TP=2.

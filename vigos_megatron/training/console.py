@@ -51,6 +51,8 @@ class _OnceFilter(logging.Filter):
 
 def quiet_known_warnings(rank: int = 0) -> None:
     """Install the filters (idempotent). Ranks other than 0 also drop library INFO lines."""
+    import torch  # noqa: F401  (torch installs its loggers' handlers on import; the filter goes on them)
+
     show = os.environ.get("VIGOS_VERBOSE", "") == "1" and rank == 0
     flt = _OnceFilter(show)
     # loggers that exist by now (call again after importing megatron-bridge: some of its modules
