@@ -548,8 +548,8 @@ def test_format_progress():
     line = format_progress(3, 20, {"perception": 0.0121, "loss": 0.04123, "lr": 7.75e-4, "grad_norm": 0.6407,
                                    "tokens_per_s": 812.3, "rollout_time_s": 1.2, "update_time_s": 0.8,
                                    "invalid_rate": float("nan")})
-    assert line == ("step 3/20 | loss 0.0412 | gnorm 0.6407 | lr 7.750e-04 | tok/s 812.3000 | rollout s 1.2000 | "
-                    "update s 0.8000 | invalid_rate nan | perception 0.0121")
+    assert line == ("step 3/20 | loss 0.04123 | gnorm 0.6407 | lr 7.750e-04 | tok/s 812.3 | rollout s 1.2 | "
+                    "update s 0.8 | invalid_rate nan | perception 0.0121")
 
 
 # ----------------------------------------------------------------------------- signals

@@ -150,7 +150,7 @@ def _fmt(v) -> str:
         if not math.isfinite(v):
             return str(v)
         a = abs(v)
-        return f"{v:.3e}" if (a and (a < 1e-3 or a >= 1e5)) else f"{v:.4f}"
+        return f"{v:.3e}" if (a and (a < 1e-3 or a >= 1e5)) else f"{v:.4g}"  # 4 significant digits
     return str(v)
 
 
@@ -160,8 +160,9 @@ _LEADING = (("loss", "loss"), ("grad_norm", "gnorm"), ("lr", "lr"), ("tokens_per
 
 
 def format_progress(step: int, total: int, metrics: dict) -> str:
-    """One readable line: ``step 3/20 | loss 0.0412 | gnorm 0.6407 | lr 7.750e-04 | tok/s 812.3000 |
-    rollout s 1.2000 | update s 0.8000 | <other keys, alphabetically>``."""
+    """One readable line: ``step 3/20 | loss 0.04123 | gnorm 0.6407 | lr 7.750e-04 | tok/s 812.3 |
+    rollout s 1.2 | update s 0.8 | <other keys, alphabetically>`` (4 significant digits; values
+    below 1e-3 or from 1e5 up in exponent form)."""
     parts = [f"step {step}/{total}"]
     seen = set()
     for key, label in _LEADING:
