@@ -44,18 +44,15 @@ def main(argv=None) -> int:
             print(f"pretrain_vigos: configuration error: {e}", file=sys.stderr)
         return 2
 
-    from vigos_megatron.training.console import print_line, quiet_known_warnings
+    from vigos_megatron.training.console import print_line, quiet_library_logs
 
-    quiet_known_warnings(rank)
+    quiet_library_logs(rank)  # the platform adaptations, then known library warnings kept off the console
     import torch.distributed as dist
 
     from vigos_megatron import runtime
     from vigos_megatron.training.loop import train
 
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
-    import megatron.bridge  # noqa: F401  (imported after the platform adaptations; its loggers exist now)
-
-    quiet_known_warnings(dist.get_rank())
     if cfg.tiny.enabled:
         from vigos_megatron.training.tiny_demo import prepare_tiny_run
 

@@ -319,9 +319,9 @@ def run(args) -> int:
     items = [i for b in benchmarks for i in b.items]
     k_of = {b.name: (args.vilp_samples if b.vilp else args.samples) for b in benchmarks}
 
-    from vigos_megatron.training.console import quiet_known_warnings
+    from vigos_megatron.training.console import quiet_library_logs
 
-    quiet_known_warnings(rank)
+    quiet_library_logs(rank)  # the platform adaptations, then known library warnings kept off the console
     ps = runtime.init_distributed(args.tp, args.pp, seed=args.seed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     dtype = torch.bfloat16 if runtime.use_cuda() else torch.float32

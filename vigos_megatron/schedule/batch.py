@@ -343,10 +343,11 @@ def make_stream_batches(
         order.sort(key=lambda i: (-rollout_tokens(rollouts[i]), i))
     out = []
     for k in range(0, len(order), B):
-        group = [rollouts[i] for i in order[k:k + B]]
+        idx = order[k:k + B]
+        group = [rollouts[i] for i in idx]
         out.append(stream_batch(
             pack(group, pad_id=pad_id, seq_length=padded_length(group, multiple), logits_layout="bsv"),
-            [vision[i] for i in order[k:k + B]], image_token_id=image_token_id,
+            [vision[i] for i in idx], image_token_id=image_token_id,
             spatial_merge_size=spatial_merge_size, slot_lengths=slot_lengths_of(group, multiple),
         ))
     return out
