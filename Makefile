@@ -9,12 +9,13 @@ DEMO_RUN ?= runs/demo
 venv:
 	@bash tools/setup_venv.sh
 
-# The main job: ViGOS training of a tiny random Qwen2.5-VL on synthetic samples, TP=2 on 2 CPU
-# processes (a fresh run in $(DEMO_RUN) each time; pass more overrides with ARGS="key=value ...").
+# The main job: ViGOS training of a tiny Qwen2.5-VL on synthetic samples, TP=2 on 2 CPU processes
+# (a fresh run in $(DEMO_RUN) each time; the model and shards are built once in a cache; pass more
+# overrides with ARGS="key=value ...").
 demo: venv
 	rm -rf $(DEMO_RUN)
-	VIGOS_FORCE_CPU=1 OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 \
-		examples/pretrain_vigos.py --config conf/tiny_cpu.yaml run_dir=$(DEMO_RUN) $(ARGS)
+	VIGOS_FORCE_CPU=1 OMP_NUM_THREADS=1 $(PY) examples/pretrain_vigos.py --nproc-per-node 2 \
+		--config conf/tiny_cpu.yaml run_dir=$(DEMO_RUN) $(ARGS)
 
 # The loss alone: the ViGOS objective on random vocabulary-sharded logits at TP=2.
 demo-loss: venv

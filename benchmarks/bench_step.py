@@ -45,7 +45,7 @@ def synthetic_completion(tok, n_desc: int, n_reason: int, i: int) -> torch.Tenso
 
 
 def build_rollouts(hf_dir, n: int, completion: int, image_side: int):
-    from vigos_megatron.data.contexts import ContextEncoder
+    from vigos_megatron.data.contexts import ContextEncoder, PrefixCut
     from vigos_megatron.data.synthetic import image_bytes, typical_rows
     from vigos_megatron.rollout import parse_completion
     from vigos_megatron.rollout.assembly import assemble_vigos
@@ -55,6 +55,7 @@ def build_rollouts(hf_dir, n: int, completion: int, image_side: int):
     enc = ContextEncoder(hf_dir, root / "conf/prompts/vigos.yaml", min_pixels=px, max_pixels=px,
                          max_prompt_tokens=32768, contexts=("student", "perception", "reasoning", "reference"))
     tok = enc.processor.tokenizer
+    cut = PrefixCut(tok)
     rows = typical_rows(n, width=image_side, height=image_side)
     assembled, samples = [], []
     for i, rec in enumerate(rows):
@@ -63,7 +64,7 @@ def build_rollouts(hf_dir, n: int, completion: int, image_side: int):
         words = max(2, int(completion * spread) // 2)
         comp = synthetic_completion(tok, words // 2, words, i)
         seg = parse_completion(comp, tok)
-        assembled.append(assemble_vigos(sample["contexts"], comp, seg, correct=False))
+        assembled.append(assemble_vigos(sample["contexts"], comp, seg, correct=False, cut=cut))
         samples.append(sample)
     return assembled, samples, tok
 

@@ -22,7 +22,8 @@
      ``$SLURM_LAUNCH_NODE_IPADDR`` (the batch host) as node count, rank and rendezvous address.
      Slurm sends SIGTERM ``--signal-seconds`` before the time limit: training saves and exits.
 
-``--dry-run`` prints the exact command each node runs (local: one per node) and, for Slurm, the
+Without ``--dry-run`` every path option is checked first (one line naming it, exit code 2;
+``vigos_megatron.config.paths``). ``--dry-run`` prints the exact command each node runs (local: one per node) and, for Slurm, the
 batch script that submits it, then exits 0; it does not need nemo-run. The batch script printed
 without nemo-run is the launcher's rendering of what it hands to NeMo-Run (the ``#SBATCH``
 options, the ``srun`` container flags and the node command); NeMo-Run's own script wraps the same
@@ -265,6 +266,13 @@ def main(argv=None) -> int:
                 run.run(run.Script(inline=node_script_for(args, plan)), executor=make_executor(run, args, plan),
                         name=plan.job_name, dryrun=True)
         return 0
+    from vigos_megatron.config.paths import check_paths
+
+    try:  # the paths the nodes will read, checked here first (a shared file system is assumed)
+        check_paths(cfg)
+    except ConfigError as e:
+        print(f"launch_nemo_run: configuration error: {e}", file=sys.stderr)
+        return 2
     run = import_nemo_run()
     run.run(run.Script(inline=node_script_for(args, plan)), executor=make_executor(run, args, plan),
             name=plan.job_name)

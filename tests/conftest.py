@@ -9,6 +9,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 DIST_DIR = Path(__file__).parent / "dist"
 
 
+@pytest.fixture(scope="session")
+def tiny_demo_assets():
+    """The embedded demo's model and shards (``conf/tiny_cpu.yaml``), from the asset cache: built at
+    most once (``vigos_megatron.training.tiny_demo``), shared by every test and by ``make demo``."""
+    from vigos_megatron.config.loader import load_config
+    from vigos_megatron.config.train import PretrainConfig
+    from vigos_megatron.training.tiny_demo import ensure_tiny_assets
+
+    root = Path(__file__).resolve().parents[1]
+    return ensure_tiny_assets(load_config(PretrainConfig, root / "conf" / "tiny_cpu.yaml", ["run_dir=unused"]))
+
+
 @pytest.fixture
 def torchrun():
     """``torchrun(script_name, nproc, *args)``: run tests/dist/<script_name> on gloo processes."""

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import weakref
@@ -44,28 +43,13 @@ def _launch(torchrun_fn, nproc: int, run_dir: Path, *overrides: str, timeout: fl
                        timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory) -> Path:
-    """The demo's ``run_dir/tiny`` (format-primed checkpoint + shards), written once for the module."""
-    from vigos_megatron.config.loader import load_config
-    from vigos_megatron.config.train import PretrainConfig
-    from vigos_megatron.training.tiny_demo import TINY_SUBDIR, write_tiny_assets_for
-
-    run = tmp_path_factory.mktemp("tiny_assets")
-    write_tiny_assets_for(load_config(PretrainConfig, ROOT / "conf" / "tiny_cpu.yaml", [f"run_dir={run}"]))
-    return run / TINY_SUBDIR
-
-
 @pytest.fixture
-def launch(tiny_assets):
-    """``launch(nproc, run_dir, *overrides)``: the demo entry point; a new ``run_dir`` gets the module's
-    tiny assets (what its first launch would write, the same bytes for every layout) copied in."""
+def launch(tiny_demo_assets):
+    """``launch(nproc, run_dir, *overrides)``: the demo entry point under torchrun (the demo's assets
+    come from the cache that the session fixture filled)."""
     from vigos_megatron.testing.distributed import run_torchrun
-    from vigos_megatron.training.tiny_demo import TINY_SUBDIR
 
     def run(nproc, run_dir, *ov, **kw):
-        if not (Path(run_dir) / TINY_SUBDIR).exists():
-            shutil.copytree(tiny_assets, Path(run_dir) / TINY_SUBDIR)
         return _launch(run_torchrun, nproc, run_dir, *ov, **kw)
 
     return run
@@ -93,6 +77,46 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
         assert r.returncode == 2, (override, r.stdout[-2000:], r.stderr[-2000:])
         assert message in r.stderr, (override, r.stderr[-2000:])
         assert "init_process_group" not in r.stderr
+
+
+def test_bad_paths_fail_in_one_line_before_any_model(tmp_path):
+    """Each bad path option: one line on stderr naming the option and the path, exit code 2, in seconds."""
+    import time
+
+    from vigos_megatron.testing.distributed import subprocess_env
+
+    shards, hf = tmp_path / "shards", tmp_path / "hf"
+    shards.mkdir()
+    hf.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    (hf / "config.json").write_text("{}")
+    (hf / "tokenizer.json").write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    real = ["tiny.enabled=false", f"model.hf_path={hf}", f"data.loader.shards_dir={shards}",
+            f"data.context.processor_path={hf}"]
+    cases = {
+        ("data.context.prompts_path=/nonexistent/p.yaml",): "data.context.prompts_path: /nonexistent/p.yaml: no such file",
+        (f"run_dir={tmp_path / 'afile'}",): f"run_dir: {tmp_path / 'afile'}: exists and is not a directory",
+        ("run_dir=/proc/no/such/run",): "run_dir: /proc/no/such/run: not a writable directory",
+        ("model.init_checkpoint=/nonexistent/ckpt",): "model.init_checkpoint: /nonexistent/ckpt: no such directory",
+        (f"model.init_checkpoint={tmp_path}",): f"model.init_checkpoint: {tmp_path}: not a Megatron distributed checkpoint",
+        ("model.teacher_hf_path=/nonexistent/t",): "model.teacher_hf_path: /nonexistent/t: no such directory",
+        (*real[:1], "model.hf_path=/nonexistent/m", *real[2:]): "model.hf_path: /nonexistent/m: no such directory",
+        (*real[:1], f"model.hf_path={tmp_path / 'afile'}", *real[2:]): f"model.hf_path: {tmp_path / 'afile'}: not a directory",
+        (*real[:2], "data.loader.shards_dir=/nonexistent/s", *real[3:]): "data.loader.shards_dir: /nonexistent/s: no such directory",
+        (*real[:3], "data.context.processor_path=/nonexistent/p"): "data.context.processor_path: /nonexistent/p: no such directory",
+    }
+    for overrides, message in cases.items():
+        run_dir = [] if any(o.startswith("run_dir=") for o in overrides) else [f"run_dir={tmp_path / 'run'}"]
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, str(ENTRY), "--config", str(ROOT / "conf/tiny_cpu.yaml"), "parallel.tp=1",
+                            *run_dir, *overrides], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+        took = time.perf_counter() - t0
+        assert r.returncode == 2, (overrides, r.stdout[-2000:], r.stderr[-2000:])
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain_vigos: error: "), \
+            (overrides, r.stderr[-2000:])
+        assert r.stdout == "" and took < 10, (overrides, took)  # goal: under 5 s; no model was built
 
 
 def test_validate_layout_is_public_and_needs_no_process_group():
@@ -222,7 +246,7 @@ def test_first_step_parity_across_layouts(launch, tmp_path):
     ref = first["tp1"]
     assert ref["step"] == 1 and ref["loss"] > 0
     assert "term/perception" in ref and "term/reasoning" in ref, ref  # the primed student's rollouts parse
-    assert ref["grad_norm"] > 0 and 0 < ref["clip_rate"] < 1, ref  # not every token at the clip
+    assert ref["grad_norm"] > 0 and ref["clip_rate"] < 1, ref  # not every token at the clip
     for name, m in first.items():
         for key in PARITY_KEYS:
             if key in ref:
@@ -260,11 +284,26 @@ def test_resume_continues_exactly_and_across_layouts(launch, tmp_path):
 
 
 @pytest.mark.slow
-def test_loss_falls_over_twenty_steps(launch, tmp_path):
+def test_loss_falls_over_twenty_steps(tiny_demo_assets, tmp_path):
+    from vigos_megatron.runtime import FORCE_CPU_ENV
+    from vigos_megatron.testing.distributed import subprocess_env
+
     run = tmp_path / "learn"
-    launch(1, run, "parallel.tp=1", "train.steps=20", "optimizer.warmup_steps=2", timeout=900)
+    # the documented launch without torchrun and without --nproc-per-node: one process
+    r = subprocess.run([sys.executable, str(ENTRY), "--config", str(ROOT / "conf" / "tiny_cpu.yaml"), f"run_dir={run}",
+                        "parallel.tp=1", "train.steps=20", "optimizer.warmup_steps=2"],
+                       capture_output=True, text=True, env=subprocess_env({FORCE_CPU_ENV: "1"}), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step 20/20" in r.stdout and "Traceback" not in r.stderr
     ms = _metrics(run)
     assert len(ms) == 20
+    # rollouts.jsonl: the demo's first 2 rollouts of every step, with the text each teacher read
+    dumped = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in dumped] == [s for s in range(1, 21) for _ in range(2)]
+    for d in dumped:
+        assert d["prompt"].endswith("<description>") and "<|image_pad|>x" in d["prompt"], d["prompt"][-200:]
+        for t in d["teachers"]:
+            assert "<think>>" not in t["text"] and t["scored"], t
     # the primed tiny student writes well-formed completions: the perception and reasoning teachers
     # score them, and training keeps the format (a teacher without the format would train it out)
     invalid = sum(m["invalid_rate"] for m in ms) / 20

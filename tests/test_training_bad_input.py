@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -50,13 +49,13 @@ def _key(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def bad_tiny(tmp_path_factory) -> Path:
-    """``<dir>/tiny/{hf,shards}`` as the tiny demo writes them, with the damage of the module doc."""
+    """``<dir>/{hf,shards}`` as the tiny demo writes them (no warm start), with the damage of the module doc."""
     from vigos_megatron.data.synthetic import image_bytes, typical_rows, write_parquet
     from vigos_megatron.data.webdataset_writer import INDEX_NAME, convert
     from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
-    from vigos_megatron.training.tiny_demo import TINY_IMAGE_SIZE, tiny_paths
+    from vigos_megatron.training.tiny_demo import TINY_IMAGE_SIZE, asset_paths
 
-    paths = tiny_paths(tmp_path_factory.mktemp("bad_input"))
+    paths = asset_paths(tmp_path_factory.mktemp("bad_input"))
     write_tiny_checkpoint(paths["hf"], seed=0)
     w, h = TINY_IMAGE_SIZE
     rows = typical_rows(SAMPLES, width=w, height=h, prefix="tiny", seed=0)
@@ -84,18 +83,14 @@ def bad_tiny(tmp_path_factory) -> Path:
     return paths["hf"].parent
 
 
-def _run_dir(bad_tiny: Path, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(bad_tiny / "hf", run / "tiny" / "hf")
-    shutil.copytree(bad_tiny / "shards", run / "tiny" / "shards")
-    return run
-
-
-def _launch(nproc: int, run: Path, *overrides: str) -> str:
+def _launch(nproc: int, run: Path, bad_tiny: Path) -> str:
+    """The demo config on the damaged checkpoint and shards (``tiny.enabled=false``: explicit paths)."""
     from vigos_megatron.testing.distributed import run_torchrun
 
     return run_torchrun(ENTRY, nproc, "--config", ROOT / "conf" / "tiny_cpu.yaml", f"run_dir={run}",
-                        "parallel.tp=1", *UNSHUFFLED, *overrides, timeout=600)
+                        "parallel.tp=1", *UNSHUFFLED, "tiny.enabled=false", f"model.hf_path={bad_tiny / 'hf'}",
+                        f"data.loader.shards_dir={bad_tiny / 'shards'}", f"data.context.processor_path={bad_tiny / 'hf'}",
+                        timeout=600)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -155,8 +150,8 @@ def _check_skipped(m: dict, step: int, dropped: int) -> None:
 
 @pytest.mark.slow
 def test_bad_samples_are_skipped_counted_and_named(bad_tiny, tmp_path):
-    run = _run_dir(bad_tiny, tmp_path)
-    out = _launch(1, run)
+    run = tmp_path / "run"
+    out = _launch(1, run, bad_tiny)
     _check_drop_messages(out, rank_of={i: 0 for i in range(SAMPLES)})
     assert "[vigos] step 3: skipped (a data-parallel rank had no usable sample)" in out, out[-6000:]
     metrics = _metrics(run)
@@ -173,8 +168,8 @@ def test_bad_samples_are_skipped_counted_and_named(bad_tiny, tmp_path):
 def test_data_parallel_rank_with_only_bad_samples_does_not_hang(bad_tiny, tmp_path):
     # DP=2, 2 prompts per rank: step 1 rank 0 reads 0 1, rank 1 reads 2 3 (one bad each); step 2
     # rank 0 reads 4 5 (good), rank 1 reads 6 7 (both cut off); step 3 both ranks read shard 2
-    run = _run_dir(bad_tiny, tmp_path)
-    out = _launch(2, run)
+    run = tmp_path / "run"
+    out = _launch(2, run, bad_tiny)
     _check_drop_messages(out, rank_of={1: 0, 2: 1, 6: 1, 7: 1, 8: 0, 9: 0, 10: 1, 11: 1})
     for step in (2, 3):
         assert f"[vigos] step {step}: skipped (a data-parallel rank had no usable sample)" in out, out[-6000:]

@@ -77,7 +77,7 @@ def _lines(out: str, tag: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overlap,steps", [(True, 2), (False, 1)], ids=["overlap_param_gather", "gather_in_step"])
-def test_rollouts_after_a_step_use_the_post_step_weights(torchrun, tmp_path, overlap, steps):
+def test_rollouts_after_a_step_use_the_post_step_weights(torchrun, tiny_demo_assets, tmp_path, overlap, steps):
     out = torchrun("dp_weights_worker.py", 2, tmp_path / "run", "1" if overlap else "0", str(steps),
                    timeout=300, env={"OMP_NUM_THREADS": "1"})
     initial = _lines(out, "DPW0")

@@ -23,17 +23,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vigos_megatron.convert.converters import hf_to_megatron
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
-    from vigos_megatron.models.qwen2_5_vl import ModelBuildError
+    from vigos_megatron.training.console import quiet_library_logs
 
-    try:
-        hf_to_megatron(args.hf_model, args.output, quiet=args.quiet)
-    except (CheckpointError, ModelBuildError) as e:
-        print(f"convert_hf_to_megatron: error: {e}", file=sys.stderr)
-        return 2
+    quiet_library_logs(0)  # the platform adaptations; known library warnings kept off the console
+    from vigos_megatron.convert.converters import hf_to_megatron
+
+    hf_to_megatron(args.hf_model, args.output, quiet=args.quiet)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vigos_megatron.training.console import run_cli
+
+    sys.exit(run_cli(main, "convert_hf_to_megatron"))

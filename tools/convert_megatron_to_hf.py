@@ -25,17 +25,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vigos_megatron.convert.converters import megatron_to_hf
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
-    from vigos_megatron.models.qwen2_5_vl import ModelBuildError
+    from vigos_megatron.training.console import quiet_library_logs
 
-    try:
-        megatron_to_hf(args.checkpoint, args.output, quiet=args.quiet, max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (CheckpointError, ModelBuildError) as e:
-        print(f"convert_megatron_to_hf: error: {e}", file=sys.stderr)
-        return 2
+    quiet_library_logs(0)  # the platform adaptations; known library warnings kept off the console
+    from vigos_megatron.convert.converters import megatron_to_hf
+
+    megatron_to_hf(args.checkpoint, args.output, quiet=args.quiet, max_shard_bytes=int(args.max_shard_gb * 2**30))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vigos_megatron.training.console import run_cli
+
+    sys.exit(run_cli(main, "convert_megatron_to_hf"))

@@ -55,6 +55,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from vigos_megatron.config.model import TRANSFORMER_IMPLS, ModelConfig  # noqa: E402  (after the path insert)
+
 VILP_IMAGES = 3
 
 
@@ -238,6 +240,9 @@ def parse_args(argv=None):
     ap.add_argument("--output", required=True, help="directory for report.json and per_question.jsonl")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--transformer-impl", default=ModelConfig.transformer_impl, choices=TRANSFORMER_IMPLS,
+                    help="layer spec, as model.transformer_impl in training (auto: TE where installed, "
+                         "else sdpa on a GPU, local on the CPU)")
     ap.add_argument("--samples", type=int, default=5, help="k: answers per prompt (Pass@k / Avg@k)")
     ap.add_argument("--vilp-samples", type=int, default=1, help="answers per prompt on ViLP-shaped benchmarks")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -327,7 +332,7 @@ def run(args) -> int:
     dtype = torch.bfloat16 if runtime.use_cuda() else torch.float32
     try:
         builder = QwenVLBuilder.from_hf(hf_dir, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                        dtype=dtype, transformer_impl="local")
+                                        dtype=dtype, transformer_impl=args.transformer_impl)
         chunks = builder.build(init_weights=False)
         if megatron_ckpt is None:
             builder.load_hf_weights(chunks, hf_dir)

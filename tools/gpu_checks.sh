@@ -48,8 +48,8 @@ part_cmd() {
     student) echo "$PY benchmarks/bench_student.py --model 3b --profile 25" ;;
     rollout) echo "$PY benchmarks/bench_rollout.py --preset 3b" ;;
     step)    echo "$PY benchmarks/bench_step.py --preset 3b --dtype bfloat16" ;;
-    demo)    echo "$PY -m torch.distributed.run --standalone --nproc_per_node=1 examples/pretrain_vigos.py \
---config conf/tiny_cpu.yaml run_dir=$DEMO_RUN parallel.tp=1 train.steps=4" ;;
+    demo)    echo "$PY examples/pretrain_vigos.py --config conf/tiny_cpu.yaml run_dir=$DEMO_RUN parallel.tp=1 \
+train.steps=4" ;;
     suite)   echo "$PY -m pytest -q -p no:cacheprovider tests" ;;
     *)       return 1 ;;
   esac

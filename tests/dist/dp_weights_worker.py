@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node 2 dp_weights_worker.py RUN_DIR OVERLAP STEPS
 
-Built exactly as the training loop builds a run (``conf/tiny_cpu.yaml`` at TP=1, the tiny
-checkpoint and shards under ``RUN_DIR``, :func:`vigos_megatron.training.loop.build_run`: megatron
+Built exactly as the training loop builds a run (``conf/tiny_cpu.yaml`` at TP=1, the demo's
+cached checkpoint and shards, :func:`vigos_megatron.training.loop.build_run`: megatron
 DDP + the distributed optimizer, ``optimizer.overlap_param_gather=OVERLAP``). One fixed batch of
 this rank's prompts is generated, scored and trained on, ``STEPS`` times, as in the loop:
 ``ensure_params_gathered -> generate_rollouts -> build_step_inputs -> train_step``.
@@ -133,7 +133,7 @@ def main():
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = load_config(PretrainConfig, CONFIG, [
-        f"run_dir={run_dir}", "parallel.tp=1", "parallel.pp=1", "tiny.samples=4", "train.global_batch_size=4",
+        f"run_dir={run_dir}", "parallel.tp=1", "parallel.pp=1", "train.global_batch_size=4",
         "train.micro_batch_size=2", f"train.steps={steps}", "sampling.max_new_tokens=6",
         "optimizer.distributed_optimizer=true", f"optimizer.overlap_param_gather={str(overlap).lower()}",
     ])
@@ -189,7 +189,7 @@ def main():
 
     for step in range(1, steps + 1):
         pre = snapshot(params)
-        inputs = build_step_inputs(rollouts, cfg, hf_config=hf_config, pad_id=ctx.pad_id, dp_group=dp_group,
+        inputs = build_step_inputs(rollouts, cfg, hf_config=hf_config, pad_id=ctx.pad_id, cut=ctx.cut, dp_group=dp_group,
                                    tp_group=ps.get_tensor_model_parallel_group())
         result = train_step(ctx.models.model, ctx.optimizer, ctx.scheduler, inputs.batches, inputs.loss_fn,
                             on_nonfinite="stop")

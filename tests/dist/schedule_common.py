@@ -46,7 +46,7 @@ class Inputs:
 
 def build_inputs(hf_dir, *, group_by_length: bool = False) -> Inputs:
     """The micro-batches of one step (deterministic: the same on every rank and layout)."""
-    from vigos_megatron.data.contexts import ContextEncoder
+    from vigos_megatron.data.contexts import ContextEncoder, PrefixCut
     from vigos_megatron.data.synthetic import image_bytes, typical_rows
     from vigos_megatron.models.qwen2_5_vl import load_hf_config
     from vigos_megatron.rollout.assembly import assemble_vigos
@@ -57,6 +57,7 @@ def build_inputs(hf_dir, *, group_by_length: bool = False) -> Inputs:
                          max_prompt_tokens=MAX_PROMPT_TOKENS, contexts=VIGOS_CONTEXTS)
     tok = enc.processor.tokenizer
     tb = TokenBytes(tok)
+    cut = PrefixCut(tok)
     hf_config = load_hf_config(hf_dir)
     rows = typical_rows(len(COMPLETIONS), width=84, height=56)
     rollouts, vision, valid = [], [], []
@@ -64,7 +65,8 @@ def build_inputs(hf_dir, *, group_by_length: bool = False) -> Inputs:
         sample = enc(f"k{i}", rec, image_bytes(*IMAGE_SIZES[i], seed=i))
         completion = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         seg = parse_completion(completion.tolist(), tb)
-        rollouts.append(assemble_vigos(sample["contexts"], completion, seg, correct=seg.answer == rec["answer"]))
+        rollouts.append(assemble_vigos(sample["contexts"], completion, seg, correct=seg.answer == rec["answer"],
+                                       cut=cut))
         vision.append(sample)
         valid.append(seg.valid)
     batches = make_stream_batches(

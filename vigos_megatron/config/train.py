@@ -139,29 +139,48 @@ class LoggingConfig:
     tensorboard: bool = True
     #: print a progress line every this many steps (rank 0)
     progress_interval: int = 1
+    #: write the first N rollouts of each step (data-parallel rank 0) to ``run_dir/rollouts.jsonl``:
+    #: prompt, completion, validity, answer, and the exact text each teacher read (0: off)
+    dump_rollouts: int = 0
 
     def validate(self) -> None:
         if self.progress_interval < 1:
             raise ConfigError(f"progress_interval: must be >= 1, got {self.progress_interval}")
+        if self.dump_rollouts < 0:
+            raise ConfigError(f"dump_rollouts: must be >= 0, got {self.dump_rollouts}")
 
 
 @dataclass
 class TinyDemoConfig:
-    """The embedded default: a tiny random Qwen2.5-VL and synthetic shards, written under
-    ``run_dir`` when absent (fixed seeds: the same weights and data at every layout)."""
+    """The embedded default: a tiny Qwen2.5-VL taught the completion format and synthetic shards,
+    built once per setting in a cache (:mod:`vigos_megatron.training.tiny_demo`); fixed seeds."""
 
     enabled: bool = False
     samples: int = 32
     seed: int = 0
     #: teacher-forced steps that teach the random checkpoint the completion format before the run
-    #: (:mod:`vigos_megatron.testing.format_prior`); 0: a purely random model (malformed rollouts)
+    #: (:mod:`vigos_megatron.testing.format_prior`), and the size of each further round when the
+    #: self-check falls short; 0: a purely random model (malformed rollouts) and no self-check
     format_prior_steps: int = 0
+    #: the warm start stops with an error past this many steps
+    format_prior_max_steps: int = 480
+    #: the self-check samples the student prompts of this many samples (at most ``samples``)...
+    check_prompts: int = 16
+    #: ... and needs at least this fraction of valid completions
+    min_valid_rate: float = 0.7
 
     def validate(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"samples: must be >= 1, got {self.samples}")
         if self.format_prior_steps < 0:
             raise ConfigError(f"format_prior_steps: must be >= 0, got {self.format_prior_steps}")
+        if self.format_prior_max_steps < self.format_prior_steps:
+            raise ConfigError(f"format_prior_max_steps: {self.format_prior_max_steps} is below "
+                              f"format_prior_steps={self.format_prior_steps}")
+        if not 1 <= self.check_prompts <= self.samples:
+            raise ConfigError(f"check_prompts: must be in [1, samples={self.samples}], got {self.check_prompts}")
+        if not 0.0 <= self.min_valid_rate <= 1.0:
+            raise ConfigError(f"min_valid_rate: must be in [0, 1], got {self.min_valid_rate}")
 
 
 @dataclass
@@ -247,7 +266,8 @@ def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     if world_size % (tp * pp):
-        raise ConfigError(f"parallel.tp * parallel.pp = {tp * pp} does not divide the world size {world_size}")
+        raise ConfigError(f"parallel.tp * parallel.pp = {tp * pp} does not divide the world size {world_size} "
+                          "(the ranks started: --nproc-per-node, or torchrun's --nproc_per_node)")
     dp = world_size // (tp * pp)
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if gbs % dp:

@@ -20,6 +20,8 @@ import json
 import shutil
 from pathlib import Path
 
+from vigos_megatron.errors import UserError
+
 #: files that rebuild the tokenizer / processor next to the weights (copied when present)
 TOKENIZER_PROCESSOR_FILES = (
     "tokenizer.json",
@@ -49,8 +51,10 @@ HUB_LAYOUT, CURRENT_LAYOUT = "hub", "current"
 KEY_LAYOUT_FILE = "key_layout.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory cannot be converted; the message names the file and tensor."""
+
+    hint = "point the option at a complete checkpoint (tools/convert_hf_to_megatron.py writes one from a Hugging Face model)"
 
 
 def canonical_hf_name(name: str) -> str:

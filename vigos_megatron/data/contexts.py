@@ -149,3 +149,50 @@ class ContextEncoder:
             "image_size": image.size,
             "contexts": contexts,
         }
+
+
+class PrefixCut:
+    """``cut(prefix, lead) -> prefix'``: a context prefix re-encoded without its last bytes ``lead``.
+
+    A teacher that reads the student's completion from a span on appends the span's first token
+    after its own prefix. When that token starts with bytes that belong before the span (Qwen's
+    byte-level BPE makes ``>The`` one token after ``<think``), the text read must still be
+    ``prefix text + the completion's bytes from the span's first byte`` (``../shared/METHOD.md``
+    section 1): the prefix gives those ``lead`` bytes up and the token supplies them, so
+    ``decode(prefix') + decode(token...) == decode(prefix) + span bytes`` byte for byte.
+
+    The tokenizer splits text at every added token (``<|im_start|>``, ``<|image_pad|>``, ...)
+    before BPE, so only the text after the prefix's last added token is re-encoded; the result is
+    the tokenizer's own encoding of the cut text. ``prefix`` is int64 ``[L]``; the result is int64
+    ``[L']`` (``L' - L`` is small and may be negative or positive). Results are cached per
+    (tail ids, lead): every sample's prefix of one context ends the same way.
+    """
+
+    def __init__(self, tokenizer):
+        from vigos_megatron.rollout.segments import _unwrap_processor, token_bytes_for
+
+        self._tok = _unwrap_processor(tokenizer)
+        self._bytes = token_bytes_for(self._tok)
+        self._cache: dict[tuple[tuple[int, ...], bytes], list[int]] = {}
+
+    def __call__(self, prefix: torch.Tensor, lead: bytes) -> torch.Tensor:
+        if not lead:
+            return prefix
+        ids = prefix.tolist()
+        added = self._bytes.added_ids
+        q = len(ids) - 1
+        while q >= 0 and ids[q] not in added:
+            q -= 1
+        tail = tuple(ids[q + 1:])
+        new = self._cache.get((tail, lead))
+        if new is None:
+            text = b"".join(self._bytes(tail))
+            if not text.endswith(lead):
+                raise ValueError(f"byte-exact context: the prefix ends in {text[-len(lead) - 8:]!r}, not in the "
+                                 f"{lead!r} that the completion's first scored token carries")
+            want = text[: len(text) - len(lead)]
+            new = self._tok(want.decode("utf-8"), add_special_tokens=False)["input_ids"] if want else []
+            if b"".join(self._bytes(new)) != want:
+                raise ValueError(f"byte-exact context: {want!r} does not re-encode to itself")
+            self._cache[(tail, lead)] = new
+        return torch.cat([prefix[: q + 1], torch.tensor(new, dtype=prefix.dtype)])

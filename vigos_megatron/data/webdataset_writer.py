@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 from vigos_megatron.data.schema import SampleRecord, SkipRow, parse_row
+from vigos_megatron.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
@@ -40,8 +41,10 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 FORMAT_VERSION = 1
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """Nothing could be converted (no input, or every row skipped)."""
+
+    hint = "check the input files named above"
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

@@ -46,6 +46,11 @@ from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, IMPLS, 
 # ViGOS segments (ids used in DistillTokens.segment)
 PERCEPTION, REASONING, REFERENCE = 0, 1, 2
 VIGOS_SEGMENTS = ("perception", "reasoning", "reference")
+#: each objective's term names, by segment id (``DistillTokens.segment``; VGS scores every token)
+OBJECTIVE_TERMS = {"vigos": VIGOS_SEGMENTS, "opsd": ("privileged",), "vgs": ("vgs",)}
+#: the terms a healthy step has tokens for (ViGOS's "reference" is the fallback for malformed
+#: rollouts, empty when every rollout is well formed)
+EXPECTED_TERMS = {"vigos": ("perception", "reasoning"), "opsd": ("privileged",), "vgs": ()}
 
 
 @dataclass(frozen=True)

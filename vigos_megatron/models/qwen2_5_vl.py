@@ -32,11 +32,15 @@ from pathlib import Path
 
 import torch
 
+from vigos_megatron.errors import UserError
+
 QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
 
 
-class ModelBuildError(ValueError):
+class ModelBuildError(UserError, ValueError):
     """The checkpoint or the requested layout cannot be built; the message says why."""
+
+    hint = "choose a layout or model that fits (parallel.tp, parallel.pp, the checkpoint)"
 
 
 # --------------------------------------------------------------------------- HF config

@@ -77,6 +77,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vigos_megatron.errors import UserError
+
 GIB = 1024**3
 MIB = 1024**2
 #: pixels of one LM image token: a 2 x 2 merge of 14 x 14 patches
@@ -97,8 +99,10 @@ IMAGE_ROWS = {"vigos": (1, 2), "opsd": (1, 1), "vgs": (1, 1)}
 LOGIT_ROWS = {"vigos": (1, 1), "opsd": (1, 1), "vgs": (2, 2)}
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A parallel layout that the model or the batch cannot take; the message names the option."""
+
+    hint = "choose another layout or more GPUs"
 
 
 # --------------------------------------------------------------------------- shapes

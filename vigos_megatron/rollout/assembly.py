@@ -29,6 +29,7 @@ the scoring position is ``L - 1 + j - o``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -62,10 +63,34 @@ class AssembledRollout:
     correct: bool | None = None
 
 
-def _row(contexts: dict, name: str, tail: Tensor, has_image: bool = True) -> Row:
-    if name not in contexts:
-        raise KeyError(f"context {name!r} was not encoded for this sample (have {sorted(contexts)})")
-    return Row(name, torch.cat([contexts[name].long(), tail.long()]), has_image)
+#: ``cut(prefix, lead) -> prefix'``: :class:`~vigos_megatron.data.contexts.PrefixCut`
+PrefixCutFn = Callable[[Tensor, bytes], Tensor]
+
+
+def context_row(contexts: dict, name: str, tail: Tensor, has_image: bool = True, prefix: Tensor | None = None) -> Row:
+    """Context ``name``'s prefix (or ``prefix``, a byte-exact cut of it) followed by ``tail``."""
+    if prefix is None:
+        if name not in contexts:
+            raise KeyError(f"context {name!r} was not encoded for this sample (have {sorted(contexts)})")
+        prefix = contexts[name]
+    return Row(name, torch.cat([prefix.long(), tail.long()]), has_image)
+
+
+def reasoning_prefix(contexts: dict[str, Tensor], seg: CompletionSegments, cut: PrefixCutFn | None) -> Tensor:
+    """The reasoning teacher's prefix for a tail that starts at ``seg.reasoning[0]``, byte-exact.
+
+    When the span's first token carries the end of the ``<think>`` tag (``seg.reasoning_lead``,
+    e.g. ``>`` of ``>The``) the prefix gives those bytes up (``cut``), so the teacher reads
+    ``... <think>The`` and never ``<think>>The`` (``../shared/METHOD.md`` section 1).
+    """
+    if "reasoning" not in contexts:
+        raise KeyError(f"context 'reasoning' was not encoded for this sample (have {sorted(contexts)})")
+    if not seg.reasoning_lead:
+        return contexts["reasoning"]
+    if cut is None:
+        raise ValueError(f"the reasoning span's first token starts with {seg.reasoning_lead!r} of the tag: "
+                         "assembling it byte-exactly needs the tokenizer's PrefixCut (cut=...)")
+    return cut(contexts["reasoning"], seg.reasoning_lead)
 
 
 def assemble_vigos(
@@ -75,21 +100,27 @@ def assemble_vigos(
     *,
     reasoning_teacher_sees_description: bool = False,
     correct: bool | None = None,
+    cut: PrefixCutFn | None = None,
 ) -> AssembledRollout:
     """ViGOS rows: perception + reasoning teachers on valid rollouts, the reference teacher otherwise.
+
+    Every teacher row decodes to its context's text followed by the completion's bytes from the
+    first byte of the span it scores (byte-exact, ``../shared/METHOD.md`` section 1).
 
     Args:
         contexts: prompt prefixes by context name (``student``, ``perception``, ``reasoning``,
             ``reference``), int64 ``[L_name]``; the student's ends with its ``<description>`` prefill.
         completion: int64 ``[n]`` generated ids (EOS included when generated).
         seg: :func:`~vigos_megatron.rollout.segments.parse_completion` of ``completion``.
+        cut: re-encodes the reasoning prefix when the span's first token straddles ``<think>``
+            (:class:`~vigos_megatron.data.contexts.PrefixCut`); required only then.
     """
     n = int(completion.numel())
-    student = _row(contexts, "student", completion)
+    student = context_row(contexts, "student", completion)
     ls = contexts["student"].numel()
     out = AssembledRollout([student], [None, None], completion_tokens=n, valid=seg.valid, correct=correct)
     if not seg.valid:
-        ref = _row(contexts, "reference", completion)
+        ref = context_row(contexts, "reference", completion)
         lr = contexts["reference"].numel()
         out.teacher_slots[0] = ref
         out.scores = [(0, ls - 1 + j, 0, lr - 1 + j, REFERENCE) for j in range(n)]
@@ -97,14 +128,15 @@ def assemble_vigos(
     d0, d1 = seg.description
     r0, r1 = seg.reasoning
     # perception: image only, then the completion up to the end of the description
-    out.teacher_slots[0] = _row(contexts, "perception", completion[:d1])
+    out.teacher_slots[0] = context_row(contexts, "perception", completion[:d1])
     lp = contexts["perception"].numel()
     out.scores += [(0, ls - 1 + j, 0, lp - 1 + j, PERCEPTION) for j in range(d0, d1)]
     # reasoning: privileged prompt then ONLY the reasoning+answer tokens (released code), or
     # the whole completion prefix when it also sees the description (paper wording)
     offset = 0 if reasoning_teacher_sees_description else r0
-    out.teacher_slots[1] = _row(contexts, "reasoning", completion[offset:r1])
-    lq = contexts["reasoning"].numel()
+    prefix = contexts["reasoning"] if reasoning_teacher_sees_description else reasoning_prefix(contexts, seg, cut)
+    out.teacher_slots[1] = context_row(contexts, "reasoning", completion[offset:r1], prefix=prefix)
+    lq = prefix.numel()
     out.scores += [(0, ls - 1 + j, 1, lq - 1 + j - offset, REASONING) for j in range(r0, r1)]
     return out
 
@@ -114,8 +146,8 @@ def assemble_opsd(contexts: dict[str, Tensor], completion: Tensor, *, correct: b
     n = int(completion.numel())
     ls, lo = contexts["student"].numel(), contexts["opsd"].numel()
     return AssembledRollout(
-        [_row(contexts, "student", completion)],
-        [_row(contexts, "opsd", completion)],
+        [context_row(contexts, "student", completion)],
+        [context_row(contexts, "opsd", completion)],
         scores=[(0, ls - 1 + j, 0, lo - 1 + j, 0) for j in range(n)],
         completion_tokens=n,
         correct=correct,
@@ -138,8 +170,8 @@ def assemble_vgs(
     text-only positions are recovered by :func:`pack_vgs`.
     """
     n = int(completion.numel())
-    rows_s = [_row(contexts, "student", completion), _row(contexts, "student_text", completion, has_image=False)]
-    rows_t = [_row(contexts, teacher_image_context, completion), _row(contexts, teacher_text_context, completion, has_image=False)]
+    rows_s = [context_row(contexts, "student", completion), context_row(contexts, "student_text", completion, has_image=False)]
+    rows_t = [context_row(contexts, teacher_image_context, completion), context_row(contexts, teacher_text_context, completion, has_image=False)]
     return AssembledRollout(rows_s, rows_t, completion_tokens=n, correct=correct)
 
 

@@ -104,6 +104,8 @@ class TokenBytes:
             table[i] = t.content.encode("utf-8")
         self._table = table
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        #: every added token (special or not): the tokenizer splits text at each of them before BPE
+        self.added_ids = frozenset(added)
 
     def __len__(self) -> int:
         return len(self._table)
@@ -168,6 +170,10 @@ class CompletionSegments:
     reasoning: tuple[int, int] = (0, 0)
     #: :func:`extract_boxed` of the completion's text (the last box; None when absent or unclosed)
     answer: str | None = None
+    #: bytes of the reasoning span's first token that lie BEFORE the span (the ``>`` of ``<think>``
+    #: in ``>The``): a teacher that reads the reasoning after its own ``<think>`` prefix drops them
+    #: from its prefix instead (``b""`` when the token starts at the span, and on invalid rows)
+    reasoning_lead: bytes = b""
     device: torch.device = field(default=torch.device("cpu"), compare=False, repr=False)
 
     def _span_mask(self, span: tuple[int, int]) -> Tensor:
@@ -315,5 +321,6 @@ def parse_completion(token_ids, tokenizer) -> CompletionSegments:
     if desc[1] > rea[0]:
         return invalid("one token spans both the description and the reasoning")
     return CompletionSegments(
-        num_tokens=n, valid=True, reason="", description=desc, reasoning=rea, answer=answer, device=device
+        num_tokens=n, valid=True, reason="", description=desc, reasoning=rea, answer=answer, device=device,
+        reasoning_lead=text[starts[rea[0]]:think_end],
     )

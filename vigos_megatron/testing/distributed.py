@@ -36,27 +36,46 @@ def subprocess_env(extra: dict | None = None) -> dict:
 
 def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600, env: dict | None = None,
                  force_cpu: bool = True) -> str:
-    """Run ``script`` on ``nproc`` processes; return combined stdout+stderr or raise.
+    """Run ``script`` on ``nproc`` processes; return their output or raise with it.
 
-    ``force_cpu=False`` lets the ranks use GPUs (NCCL) where there are enough of them.
+    Each rank writes its stdout and stderr to its own files (torchrun's ``--redirects 3``), so
+    lines of different ranks never interleave; the returned text is torchrun's own output, then
+    rank 0's stdout and stderr, then rank 1's, and so on. ``force_cpu=False`` lets the ranks use
+    GPUs (NCCL) where there are enough of them.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(script),
-        *map(str, args),
-    ]
-    full_env = subprocess_env({FORCE_CPU_ENV: "1"} if force_cpu else None)
-    if env:
-        full_env.update(env)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    out = proc.stdout + proc.stderr
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as logs:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            f"--log-dir={logs}",
+            "--redirects=3",
+            str(script),
+            *map(str, args),
+        ]
+        full_env = subprocess_env({FORCE_CPU_ENV: "1"} if force_cpu else None)
+        if env:
+            full_env.update(env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+        out = proc.stdout + proc.stderr + rank_output(Path(logs), nproc)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{out[-20000:]}")
     return out
+
+
+def rank_output(log_dir: Path, nproc: int) -> str:
+    """The per-rank stdout / stderr files under torchrun's ``log_dir``, rank by rank (last attempt)."""
+    parts = []
+    for rank in range(nproc):
+        for stream in ("stdout", "stderr"):
+            files = sorted(log_dir.glob(f"*/attempt_*/{rank}/{stream}.log"))
+            if files:
+                parts.append(files[-1].read_text(errors="replace"))
+    return "".join(parts)
 
 
 def init_gloo(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234):

@@ -1,57 +1,61 @@
-"""A short supervised warm start that teaches a tiny random Qwen2.5-VL the completion format.
+"""A supervised warm start that teaches a tiny random Qwen2.5-VL the completion format, and its check.
 
 A random model never closes ``</description>``: every rollout of the embedded demo would be
 malformed, and training would only ever use the reference teacher. The real backbones follow the
 model card's format from the prompt alone, under every ViGOS context; the tiny one is given that
-ability by a few dozen steps of teacher-forced training on its own synthetic samples, each
-context prefix followed by what that context's prefill leads to::
+ability by teacher-forced training on its own synthetic samples. Each step draws completions
 
-    student, reference   <description> shapes</description><think> count</think>\\boxed{3}<|im_end|>
-    perception           <description> shapes</description>
-    reasoning            <think> count</think>\\boxed{3}<|im_end|>
+    <description> shapes</description><think> count</think>\\boxed{A}<|im_end|>
 
-The student's and the reference's boxed answer is the sample's answer with probability
-``p_correct`` (another digit otherwise); the reasoning context, which shows the reference
-answer, always boxes it (a privileged teacher that knows the answer). Sampled rollouts are then a
-mix (the sampling temperature is above 1): mostly well formed, some right and some wrong, a few
-malformed, and the run has all three teachers at work. Teaching the format under the teacher
-contexts too matters: a self-distillation teacher that has the format only under the student's
-context would train it out of the student.
+(``A`` the sample's answer with probability ``p_correct``, another digit otherwise), tokenises
+them as the student would emit them, parses them (:func:`~vigos_megatron.rollout.parse_completion`)
+and builds the rows with the training's own byte-exact assembly
+(:func:`~vigos_megatron.rollout.assembly.assemble_vigos`): the student row (the whole completion),
+the perception teacher's row (the description), the reasoning teacher's row (the reasoning of a
+completion that boxes the reference answer, which that privileged context shows; its prefix is cut
+where the first reasoning token carries the end of ``<think>``) and the reference teacher's row (the
+whole completion). The loss is the token cross-entropy of each row's appended completion tokens.
 
-The warm start is deterministic: a fixed seed, a fixed number of CPU threads, the samples in a fixed order; the
-same checkpoint comes out of every launch on a machine, whatever the layout of the launch.
+Positions are the ones the Megatron student uses: Qwen2.5-VL's mrope ids from ``get_rope_index``
+(:func:`vigos_megatron.models.stage_forward.mrope_positions`, the function the training stage and the
+rollout engine call), passed explicitly to the Hugging Face model.
+
+:func:`check_format` is the warm start's acceptance test: the student's prompts sampled at the run's
+sampling settings through the project's own rollout engine (a one-process Megatron model), and the
+fraction of completions that parse as valid.
+
+Deterministic on a machine: a fixed seed, a fixed number of CPU threads, the rows in a fixed order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-#: the contexts taught, in turn (ContextEncoder names)
-CONTEXTS = ("student", "reference", "perception", "reasoning")
+#: the contexts a warm-start sample must carry (ContextEncoder names)
+CONTEXTS = ("student", "perception", "reasoning", "reference")
 #: one description and one reasoning: the tiny model learns a fixed format in a few dozen steps
 DESCRIPTION, REASONING = "shapes", "count"
-
-
-def format_completion(context: str, answer: str, rng: random.Random, *, p_correct: float) -> str:
-    """What follows ``context``'s prefill in a well-formed completion (ends with ``<|im_end|>`` but for perception)."""
-    if context == "perception":
-        return f" {DESCRIPTION}</description>"
-    if context == "reasoning":
-        return f" {REASONING}</think>\\boxed{{{answer}}}<|im_end|>"
-    boxed = answer if (answer and rng.random() < p_correct) else str(rng.randrange(10))
-    return f" {DESCRIPTION}</description><think> {REASONING}</think>\\boxed{{{boxed}}}<|im_end|>"
-
-
 #: the warm start always runs on this many CPU threads: its result must not depend on the launch
 THREADS = 2
 
 
+def format_completion(answer: str) -> str:
+    """A well-formed completion (what follows the student's ``<description>`` prefill) boxing ``answer``."""
+    return f" {DESCRIPTION}</description><think> {REASONING}</think>\\boxed{{{answer}}}<|im_end|>"
+
+
+def drawn_answer(answer: str, rng: random.Random, p_correct: float) -> str:
+    """``answer`` with probability ``p_correct`` (when there is one), else a random digit."""
+    return answer if (answer and rng.random() < p_correct) else str(rng.randrange(10))
+
+
 @contextlib.contextmanager
-def _fixed_threads():
+def fixed_threads():
     n = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
@@ -60,64 +64,150 @@ def _fixed_threads():
         torch.set_num_threads(n)
 
 
-def _batch(prefixes: list[torch.Tensor], completions: list[torch.Tensor], samples: list[dict], pad_id: int) -> dict:
-    """Right-padded HF inputs: prefix + completion per row, labels on the completion only."""
-    rows = [torch.cat([p, c]) for p, c in zip(prefixes, completions)]
-    L = max(r.numel() for r in rows)
+@dataclass
+class TrainingRow:
+    """One teacher-forced row: ``ids`` int64 ``[L]``; the last ``targets`` tokens are supervised."""
+
+    ids: torch.Tensor
+    targets: int
+    sample: dict
+
+
+def sample_rows(sample: dict, tok, cut, rng: random.Random, *, p_correct: float) -> list[TrainingRow]:
+    """The four rows one sample contributes to a warm-start step, assembled as training assembles them."""
+    from vigos_megatron.rollout import parse_completion
+    from vigos_megatron.rollout.assembly import assemble_vigos, context_row
+
+    ctx = sample["contexts"]
+    answer = sample.get("answer") or ""
+
+    def completion(boxed: str):
+        ids = torch.tensor(tok(format_completion(boxed), add_special_tokens=False)["input_ids"], dtype=torch.long)
+        seg = parse_completion(ids, tok)
+        if not seg.valid:
+            raise ValueError(f"format warm start: the completion for answer {boxed!r} does not parse ({seg.reason})")
+        return ids, seg
+
+    ids, seg = completion(drawn_answer(answer, rng, p_correct))
+    student_rows = assemble_vigos(ctx, ids, seg, cut=cut)
+    # the privileged reasoning context shows the reference answer: its completions box it
+    r_ids, r_seg = completion(answer or drawn_answer("", rng, 0.0))
+    reasoning_row = assemble_vigos(ctx, r_ids, r_seg, cut=cut).teacher_slots[1]
+    reference_row = context_row(ctx, "reference", ids)
+    n, (r0, r1), d1 = ids.numel(), r_seg.reasoning, seg.description[1]
+    return [
+        TrainingRow(student_rows.student_slots[0].ids, n, sample),
+        TrainingRow(student_rows.teacher_slots[0].ids, d1, sample),  # perception: the description
+        TrainingRow(reasoning_row.ids, r1 - r0, sample),
+        TrainingRow(reference_row.ids, n, sample),
+    ]
+
+
+def hf_batch(rows: list[TrainingRow], model, pad_id: int) -> dict:
+    """Right-padded HF inputs with explicit mrope ``position_ids`` ``[3, B, L]``; labels on the targets."""
+    from vigos_megatron.models.stage_forward import mrope_positions
+
+    L = max(r.ids.numel() for r in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
     labels = torch.full((len(rows), L), -100, dtype=torch.long)
-    for i, (r, c) in enumerate(zip(rows, completions)):
-        ids[i, : r.numel()] = r
-        mask[i, : r.numel()] = 1
-        labels[i, r.numel() - c.numel(): r.numel()] = c
+    for i, r in enumerate(rows):
+        n = r.ids.numel()
+        ids[i, :n] = r.ids
+        mask[i, :n] = 1
+        labels[i, n - r.targets: n] = r.ids[n - r.targets:]
+    grid = torch.cat([r.sample["image_grid_thw"] for r in rows])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-            "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples])}
+            "position_ids": mrope_positions(model.model, ids, grid),
+            "pixel_values": torch.cat([r.sample["pixel_values"] for r in rows]), "image_grid_thw": grid}
 
 
-def prime_format(hf_dir, samples: list[dict], *, steps: int = 120, batch_size: int = 8, lr: float = 1e-2,
-                 p_correct: float = 0.7, seed: int = 0) -> dict:
-    """Train the checkpoint at ``hf_dir`` in place on ``samples`` with format completions.
+class FormatPrior:
+    """Teacher-forced training of the HF checkpoint at ``hf_dir`` on ``samples`` (kept in memory
+    between :meth:`train` calls, so a warm start can be continued; :meth:`save` writes it back).
 
     Args:
-        hf_dir: a tiny HF Qwen2.5-VL checkpoint (``write_tiny_checkpoint``), rewritten in place.
         samples: :class:`~vigos_megatron.data.contexts.ContextEncoder` outputs with the contexts of
-            :data:`CONTEXTS` (int64 ``[L]`` each, image contexts), ``pixel_values`` ``[patches, D]``,
-            ``image_grid_thw`` ``[1, 3]`` and ``answer``.
-        steps: AdamW steps, each on ``batch_size`` rows: (sample, context) pairs in turn (shuffled
-            once), with freshly drawn completions.
-
-    Returns ``{"steps", "first_loss", "last_loss"}`` (mean token cross-entropy of the completions).
+            :data:`CONTEXTS`, ``pixel_values`` ``[patches, D]``, ``image_grid_thw`` ``[1, 3]`` and ``answer``.
+        batch_size: rows per AdamW step; each step takes the next ``batch_size`` rows of fresh draws.
     """
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    if not samples:
-        raise ValueError("prime_format: no samples")
-    missing = [c for c in CONTEXTS if c not in samples[0]["contexts"]]
-    if missing:
-        raise ValueError(f"prime_format: the samples lack the contexts {missing}")
-    hf_dir = Path(hf_dir)
+    def __init__(self, hf_dir, samples: list[dict], *, batch_size: int = 8, lr: float = 1e-2,
+                 p_correct: float = 0.7, seed: int = 0):
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        from vigos_megatron.data.contexts import PrefixCut
+
+        if not samples:
+            raise ValueError("format warm start: no samples")
+        missing = [c for c in CONTEXTS if c not in samples[0]["contexts"]]
+        if missing:
+            raise ValueError(f"format warm start: the samples lack the contexts {missing}")
+        self.hf_dir = Path(hf_dir)
+        self.samples, self.batch_size, self.p_correct = samples, batch_size, p_correct
+        self.tok = AutoTokenizer.from_pretrained(self.hf_dir)
+        self.cut = PrefixCut(self.tok)
+        self.rng = random.Random(seed)
+        self.steps = 0
+        self._queue: list[TrainingRow] = []
+        with fixed_threads():
+            torch.manual_seed(seed)
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.hf_dir, dtype=torch.float32)
+            self.model.train()
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
+
+    def _next_rows(self) -> list[TrainingRow]:
+        while len(self._queue) < self.batch_size:
+            rows = [r for s in self.samples for r in sample_rows(s, self.tok, self.cut, self.rng, p_correct=self.p_correct)]
+            self.rng.shuffle(rows)  # every batch mixes contexts (one-context batches make it forget the others)
+            self._queue += rows
+        out, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size:]
+        return out
+
+    def train(self, steps: int, *, log=None, every: int = 20) -> float:
+        """``steps`` more AdamW steps; returns the last step's mean token cross-entropy."""
+        loss = float("nan")
+        with fixed_threads():
+            for _ in range(steps):
+                out = self.model(**hf_batch(self._next_rows(), self.model, int(self.tok.pad_token_id)))
+                self.opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                self.opt.step()
+                self.steps += 1
+                loss = float(out.loss.detach())
+                if log is not None and (self.steps % every == 0 or self.steps == 1):
+                    log(f"format warm start: step {self.steps}, loss {loss:.4g}")
+        return loss
+
+    def save(self) -> None:
+        self.model.save_pretrained(self.hf_dir, safe_serialization=True)
+
+
+def check_format(hf_dir, samples: list[dict], sampling, *, step: int = 0) -> tuple[int, int, list[str]]:
+    """Sample the student prompt of each of ``samples`` once through the rollout engine on a one-process
+    Megatron model built from ``hf_dir`` (``sampling``: a :class:`~vigos_megatron.config.sampling.SamplingConfig`).
+
+    Returns ``(valid, total, reasons)``: how many completions parse as valid ViGOS completions and
+    the reason of each invalid one. Needs no process group (it makes and ends its own).
+    """
+    from transformers import AutoTokenizer
+
+    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.rollout import parse_completion
+    from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
+    from vigos_megatron.training.loop import stop_token_ids
+
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    rng = random.Random(seed)
-    pairs = [(s, c) for c in CONTEXTS for s in samples]
-    rng.shuffle(pairs)  # every batch mixes contexts (one-context batches in turn make it forget the others)
-    with _fixed_threads():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        losses = []
-        for step in range(steps):
-            batch = [pairs[(step * batch_size + i) % len(pairs)] for i in range(min(batch_size, len(pairs)))]
-            texts = [format_completion(c, s.get("answer") or "", rng, p_correct=p_correct) for s, c in batch]
-            completions = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
-            inputs = _batch([s["contexts"][c] for s, c in batch], completions, [s for s, _ in batch],
-                            int(tok.pad_token_id))
-            out = model(**inputs)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            losses.append(float(out.loss.detach()))
-        model.save_pretrained(hf_dir, safe_serialization=True)
-    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
+    with fixed_threads(), local_model_parallel():
+        builder = QwenVLBuilder.from_hf(hf_dir, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                        dtype=torch.float32, transformer_impl="local")
+        chunks = builder.build(init_weights=False)
+        builder.load_hf_weights(chunks, hf_dir)
+        engine = MegatronRolloutEngine(chunks, hf_config=builder.hf_config, stop_token_ids=stop_token_ids(tok),
+                                       pad_token_id=int(tok.pad_token_id))
+        prompts = [RolloutPrompt(input_ids=s["contexts"]["student"], pixel_values=s["pixel_values"],
+                                 image_grid_thw=s["image_grid_thw"], sample_id=i) for i, s in enumerate(samples)]
+        completions = engine.generate(prompts, sampling, step=step)
+    segs = [parse_completion(c.token_ids, tok) for c in completions]
+    return sum(s.valid for s in segs), len(segs), [s.reason for s in segs if not s.valid]

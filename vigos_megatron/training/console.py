@@ -28,6 +28,10 @@ KNOWN_MESSAGES = (
     "absl.logging is not installed",
     "supports MoE experts",
     "No CUDA runtime is found",
+    # torch.distributed.checkpoint in the one-process converters
+    "torch.distributed is disabled, unavailable or uninitialized",
+    "The argument order of load has been changed",
+    "we are deprecating ShardedTensor",
 )
 
 #: megatron's INFO lines (every parameter of every DDP bucket, the optimizer's whole config) are not
@@ -93,3 +97,24 @@ def print_line(text: str) -> None:
     when the stream is unbuffered, e.g. under ``PYTHONUNBUFFERED=1``)."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def run_cli(main, prog: str, argv=None) -> int:
+    """``main(argv)`` with the user's errors as ONE line on stderr and exit code 2.
+
+    A :class:`~vigos_megatron.errors.UserError` (bad option, path, checkpoint or data) prints
+    ``prog: error: <what, naming the option or file> (hint: ...)``; ``VIGOS_VERBOSE=1`` adds the
+    traceback. Any other exception propagates with its traceback (a bug, not an input problem).
+    """
+    import traceback
+
+    from vigos_megatron.errors import UserError
+
+    try:
+        return main(argv)
+    except UserError as e:
+        if os.environ.get("VIGOS_VERBOSE", "") == "1":
+            traceback.print_exc()
+        sys.stderr.write(f"{prog}: error: {e} (hint: {e.hint}; VIGOS_VERBOSE=1 shows the traceback)\n")
+        sys.stderr.flush()
+        return 2

@@ -40,6 +40,8 @@ class RunContext:
     engine: object
     tokenizer: object
     pad_id: int
+    #: the tokenizer's PrefixCut: byte-exact teacher contexts
+    cut: object
 
 
 # --------------------------------------------------------------------------- set-up
@@ -79,6 +81,7 @@ def build_run(cfg, layout) -> tuple[RunContext, object]:
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
+    from vigos_megatron.data.contexts import PrefixCut
     from vigos_megatron.rollout.engine import MegatronRolloutEngine
     from vigos_megatron.runtime import use_cuda
     from vigos_megatron.training.checkpoint import load_training_checkpoint
@@ -96,7 +99,7 @@ def build_run(cfg, layout) -> tuple[RunContext, object]:
                                    stop_token_ids=stop_token_ids(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
     loader = make_loader(cfg, layout, ps, state.loader if state is not None else None)
     ctx = RunContext(models=models, optimizer=optimizer, scheduler=scheduler, loader=loader, engine=engine,
-                     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id))
+                     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id), cut=PrefixCut(tokenizer))
     return ctx, state
 
 
@@ -190,9 +193,11 @@ def train(cfg, layout, *, log=print) -> int:
     steps of this launch, or SIGTERM. Returns the number of steps done in this launch."""
     from megatron.core import parallel_state as ps
 
+    from vigos_megatron.losses.objectives import EXPECTED_TERMS, OBJECTIVE_TERMS
     from vigos_megatron.runtime import compute_device
     from vigos_megatron.training.checkpoint import TrainState, save_training_checkpoint
-    from vigos_megatron.training.metrics import MetricsWriter, format_progress
+    from vigos_megatron.training.metrics import MetricsWriter, TermWatch, format_progress
+    from vigos_megatron.training.rollout_log import RolloutLog
     from vigos_megatron.training.optimizer import ensure_params_gathered
     from vigos_megatron.training.signals import StopSignal
 
@@ -204,6 +209,9 @@ def train(cfg, layout, *, log=print) -> int:
     hf_config = ctx.models.builder.hf_config
     writer = MetricsWriter(cfg.run_dir, enabled=is_metrics_rank(ps), tensorboard=cfg.logging.tensorboard,
                            resume_step=start)
+    rollout_log = RolloutLog(cfg.run_dir, count=cfg.logging.dump_rollouts, enabled=is_metrics_rank(ps),
+                             resume_step=start, tokenizer=ctx.tokenizer, term_names=OBJECTIVE_TERMS[cfg.loss.objective])
+    terms = TermWatch(EXPECTED_TERMS[cfg.loss.objective])
     if rank0:
         log(f"[vigos] {'resuming at' if start else 'starting'} step {start} of {cfg.train.steps}; this launch runs "
             f"steps {start + 1}..{end}; layout TP={layout.tp} PP={layout.pp} DP={layout.dp}; "
@@ -249,11 +257,12 @@ def train(cfg, layout, *, log=print) -> int:
                 ensure_params_gathered(ctx.models.model, ctx.optimizer)  # rollouts read the post-step weights
                 rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step, tokenizer=ctx.tokenizer)
                 t1 = time.perf_counter()
-                inputs = build_step_inputs(rollouts, cfg, hf_config=hf_config, pad_id=ctx.pad_id,
+                inputs = build_step_inputs(rollouts, cfg, hf_config=hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
                                            dp_group=ps.get_data_parallel_group(),
                                            tp_group=ps.get_tensor_model_parallel_group())
                 result = train_step(ctx.models.model, ctx.optimizer, ctx.scheduler, inputs.batches, inputs.loss_fn,
                                     on_nonfinite=cfg.train.on_nonfinite)
+                rollout_log.write(step + 1, rollouts, inputs.assembled)
                 del inputs  # the stream's buffers go before the next rollouts
                 t2 = time.perf_counter()
                 step += 1
@@ -264,6 +273,9 @@ def train(cfg, layout, *, log=print) -> int:
                 writer.log(step, metrics)
                 if rank0 and (step % cfg.logging.progress_interval == 0 or step == end):
                     log(format_progress(step, cfg.train.steps, progress_fields(metrics)))
+                notice = terms.check(step, metrics)
+                if rank0 and notice:
+                    log(notice)
                 if not result.applied and rank0:
                     log(f"[vigos] step {step}: non-finite loss or gradient; update skipped (train.on_nonfinite=skip)")
                 interval = cfg.checkpoint.save_interval

@@ -172,3 +172,28 @@ def format_progress(step: int, total: int, metrics: dict) -> str:
     for key in sorted(k for k in metrics if k not in seen):
         parts.append(f"{key} {_fmt(metrics[key])}")
     return " | ".join(parts)
+
+
+class TermWatch:
+    """A one-line notice when a loss term has no tokens in a step: once, and again when that changes.
+
+    ``expected``: the objective's terms that a healthy step has tokens for
+    (:data:`~vigos_megatron.losses.objectives.EXPECTED_TERMS`).
+    """
+
+    def __init__(self, expected: tuple[str, ...]):
+        self.expected = expected
+        self.missing: tuple[str, ...] = ()
+
+    def check(self, step: int, metrics: dict) -> str | None:
+        """The notice for this step's metrics line, or None when nothing changed."""
+        missing = tuple(t for t in self.expected if f"term/{t}" not in metrics)
+        if missing == self.missing:
+            return None
+        self.missing = missing
+        if not missing:
+            return f"[vigos] step {step}: every loss term has tokens again"
+        trained = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("term/"))
+        why = f"invalid rate {metrics['invalid_rate']:.2f}" if "invalid_rate" in metrics else "no such tokens"
+        return (f"[vigos] warning: step {step}: no tokens for the {', '.join(missing)} term(s) ({why}); "
+                f"this step trains only {', '.join(trained) or 'nothing'}")

@@ -30,10 +30,13 @@ class StepInputs:
     loss_fn: object
     #: supervised tokens per term over the global batch (empty for VGS)
     global_counts: list[float]
+    #: the rows and scored tokens of each rollout, in order (``AssembledRollout``)
+    assembled: list
 
 
-def assemble(rollouts: list[Rollout], cfg) -> list:
-    """The rows and supervised tokens of every rollout for ``cfg.loss.objective``."""
+def assemble(rollouts: list[Rollout], cfg, cut) -> list:
+    """The rows and supervised tokens of every rollout for ``cfg.loss.objective`` (byte-exact teacher
+    contexts: ``cut`` is the tokenizer's :class:`~vigos_megatron.data.contexts.PrefixCut`)."""
     from vigos_megatron.rollout.assembly import assemble_opsd, assemble_vgs, assemble_vigos
 
     objective = cfg.loss.objective
@@ -41,7 +44,7 @@ def assemble(rollouts: list[Rollout], cfg) -> list:
     for r in rollouts:
         ctx = r.sample["contexts"]
         if objective == "vigos":
-            out.append(assemble_vigos(ctx, r.completion, r.segments, correct=r.correct,
+            out.append(assemble_vigos(ctx, r.completion, r.segments, correct=r.correct, cut=cut,
                                       reasoning_teacher_sees_description=cfg.data.context.reasoning_teacher_sees_description))
         elif objective == "opsd":
             out.append(assemble_opsd(ctx, r.completion, correct=r.correct))
@@ -66,7 +69,7 @@ def fill_micro_batches(assembled: list, vision: list, micro_batch_size: int) -> 
     return missing
 
 
-def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, dp_group, tp_group) -> StepInputs:
+def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, cut, dp_group, tp_group) -> StepInputs:
     """Micro-batches of ``cfg.train.micro_batch_size`` rollouts and the objective of the global batch."""
     from vigos_megatron.losses.objectives import build_loss, global_segment_counts
     from vigos_megatron.rollout.assembly import pack_distill, pack_vgs
@@ -74,7 +77,8 @@ def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, d
     from vigos_megatron.schedule.batch import make_stream_batches
     from vigos_megatron.schedule.forward_step import ReportedLoss
 
-    assembled = assemble(rollouts, cfg)
+    assembled = assemble(rollouts, cfg, cut)
+    rolled = list(assembled)
     vision = [r.sample for r in rollouts]
     fill_micro_batches(assembled, vision, cfg.train.micro_batch_size)
     pack = pack_vgs if cfg.loss.objective == "vgs" else pack_distill
@@ -92,4 +96,4 @@ def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, d
         counts = global_segment_counts([b.tokens.segment.to(device) for b in batches], n_terms, dp_group=dp_group)
     loss = build_loss(cfg.loss, counts, tp_group=tp_group)
     return StepInputs(batches=batches, loss_fn=ReportedLoss(loss),
-                      global_counts=[] if counts is None else [float(c) for c in counts])
+                      global_counts=[] if counts is None else [float(c) for c in counts], assembled=rolled)

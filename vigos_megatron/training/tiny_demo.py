@@ -1,65 +1,160 @@
-"""The embedded default run: a tiny random Qwen2.5-VL and a few synthetic samples under ``run_dir``.
+"""The embedded default run's assets: a tiny Qwen2.5-VL taught the completion format, and its shards.
 
-``conf/tiny_cpu.yaml`` sets ``tiny.enabled=true``. At the first launch rank 0 writes, under
-``<run_dir>/tiny/``:
+``conf/tiny_cpu.yaml`` sets ``tiny.enabled=true``. The run then reads its model, processor and
+shards from a cache entry (never from ``run_dir``, which ``make demo`` removes):
 
-* ``hf/``      a tiny random Qwen2.5-VL checkpoint (``write_tiny_checkpoint``, fixed seed) with a
-               locally trained tokenizer and processor, then (``tiny.format_prior_steps``) taught
-               the completion format on the samples below, so that its rollouts parse and all
-               three teachers are used: the weights do not depend on the layout;
-* ``parquet/`` ``tiny.samples`` synthetic Vision-SR1-47K rows (real schema, small images);
-* ``shards/``  their WebDataset shards (``tools/make_webdataset.py``'s converter).
+    <cache>/tiny/<key>/hf/          the checkpoint (``write_tiny_checkpoint``, fixed seed), taught the
+                                    completion format (:mod:`vigos_megatron.testing.format_prior`)
+    <cache>/tiny/<key>/shards/      ``tiny.samples`` synthetic Vision-SR1-47K rows as WebDataset shards
+    <cache>/tiny/<key>/report.json  warm-start steps and loss, the self-check's valid rate
 
-Later launches reuse them. The run's model / processor / shard paths are pointed there.
+``<cache>`` is ``$VIGOS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vigos-megatron``, else
+``~/.cache/vigos-megatron``. ``<key>`` hashes everything that decides the bytes: the ``tiny``,
+``data.context`` (prompt file content included) and ``sampling`` settings, the sources of the
+generating modules (:data:`GENERATING_MODULES`) and the torch / transformers versions. An entry is
+built in a temporary directory by ONE process at a time (a file lock) and renamed when complete;
+a later launch, the test suite and a second ``make demo`` reuse it.
+
+The build runs in its own process (``python -m vigos_megatron.training.tiny_demo SPEC OUT``): the
+warm start's self-check builds a one-process Megatron model with its own process group, which must
+not meet the launch's. Steps, each announced on the console:
+
+1. synthetic rows -> parquet -> shards (the converter of ``tools/make_webdataset.py``);
+2. the random checkpoint;
+3. ``tiny.format_prior_steps`` warm-start steps, then the self-check: the student prompts of the
+   first ``tiny.check_prompts`` samples sampled at the run's ``sampling`` settings through the
+   rollout engine must parse as valid at a rate of at least ``tiny.min_valid_rate``; if not, the
+   warm start continues in rounds of ``format_prior_steps`` steps up to ``tiny.format_prior_max_steps``
+   and then fails, naming the rate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-TINY_SUBDIR = "tiny"
 #: images of the synthetic samples: a few merged patches each, so a CPU step stays short
 TINY_IMAGE_SIZE = (56, 56)
+#: modules whose code decides an entry's bytes (their sources are part of the cache key)
+GENERATING_MODULES = (
+    "vigos_megatron.training.tiny_demo",
+    "vigos_megatron.testing.tiny_qwen",
+    "vigos_megatron.testing.format_prior",
+    "vigos_megatron.data.synthetic",
+    "vigos_megatron.data.webdataset_writer",
+    "vigos_megatron.data.contexts",
+    "vigos_megatron.data.prompts",
+    "vigos_megatron.data.images",
+    "vigos_megatron.rollout.assembly",
+    "vigos_megatron.rollout.segments",
+    "vigos_megatron.rollout.sampling",
+)
+CACHE_ENV = "VIGOS_CACHE_DIR"
+READY = "report.json"
+#: variables of a torchrun launch that the builder process must not inherit
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+               "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
-def tiny_paths(run_dir) -> dict[str, Path]:
-    base = Path(run_dir) / TINY_SUBDIR
-    return {"hf": base / "hf", "parquet": base / "parquet", "shards": base / "shards"}
+def cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vigos-megatron"
 
 
-def write_tiny_assets(run_dir, *, samples: int, seed: int, format_prior_steps: int = 0,
-                      context=None) -> dict[str, Path]:
-    """Write the tiny checkpoint and shards under ``run_dir`` when absent (call on ONE rank).
+def asset_spec(cfg) -> dict:
+    """What decides a run's assets (a :class:`~vigos_megatron.config.train.PretrainConfig`), as JSON data."""
+    ctx = cfg.data.context
+    return {
+        "tiny": dataclasses.asdict(cfg.tiny) | {"enabled": True},
+        "context": {"prompts": Path(ctx.prompts_path).read_text(), "min_pixels": ctx.min_pixels,
+                    "max_pixels": ctx.max_pixels, "max_prompt_tokens": ctx.max_prompt_tokens},
+        "sampling": dataclasses.asdict(cfg.sampling),
+    }
 
-    With ``format_prior_steps > 0`` the checkpoint is taught the completion format on the
-    synthetic samples (:func:`~vigos_megatron.testing.format_prior.prime_format`), encoded with
-    ``context`` (a :class:`~vigos_megatron.config.data.ContextConfig`; its ``processor_path`` is
-    replaced by the tiny checkpoint's). The checkpoint is written to a temporary directory and
-    renamed when complete, so an interrupted first launch leaves no half-made checkpoint behind.
-    """
-    paths = tiny_paths(run_dir)
-    with _no_progress_bars():
-        _write(paths, samples=samples, seed=seed, format_prior_steps=format_prior_steps, context=context)
+
+def asset_key(spec: dict) -> str:
+    import importlib.util
+
+    import torch
+    import transformers
+
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    for name in GENERATING_MODULES:
+        h.update(name.encode())
+        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def asset_paths(entry: Path) -> dict[str, Path]:
+    return {"hf": entry / "hf", "parquet": entry / "parquet", "shards": entry / "shards", "report": entry / READY}
+
+
+def ensure_tiny_assets(cfg, *, log=print) -> dict[str, Path]:
+    """The cache entry of ``cfg``'s assets, built first when absent (call on ONE rank; needs no process group)."""
+    spec = asset_spec(cfg)
+    entry = cache_root() / "tiny" / asset_key(spec)
+    paths = asset_paths(entry)
+    if paths["report"].is_file():
+        return paths
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same entry
+        if paths["report"].is_file():
+            return paths
+        for stale in entry.parent.glob(f"{entry.name}.tmp-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+        tmp.mkdir()
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True))
+        log(f"[vigos] tiny assets: building {entry} (once; later launches and the tests reuse it)")
+        t0 = time.perf_counter()
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+        proc = subprocess.run([sys.executable, "-m", "vigos_megatron.training.tiny_demo", str(tmp / "spec.json"),
+                               str(tmp)], env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"tiny assets: building {entry} failed (exit code {proc.returncode}; its output is above)")
+        shutil.rmtree(entry, ignore_errors=True)
+        tmp.rename(entry)
+        log(f"[vigos] tiny assets: ready in {time.perf_counter() - t0:.0f} s")
     return paths
 
 
-def write_tiny_assets_for(cfg) -> dict[str, Path]:
-    """:func:`write_tiny_assets` with a run's settings (``cfg.tiny``, ``cfg.data.context``); call on ONE rank."""
-    return write_tiny_assets(cfg.run_dir, samples=cfg.tiny.samples, seed=cfg.tiny.seed,
-                             format_prior_steps=cfg.tiny.format_prior_steps, context=cfg.data.context)
-
-
-def prepare_tiny_run(cfg):
-    """Rank 0 writes the assets when absent, the others wait; returns ``cfg`` pointed at them
-    (call once the process group is up)."""
+def prepare_tiny_run(cfg, *, log=print):
+    """Under a process group: rank 0 makes sure the assets exist, the others wait; returns ``cfg``
+    pointed at them."""
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:
-        write_tiny_assets_for(cfg)
-    dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        ensure_tiny_assets(cfg, log=log)
+    if dist.is_initialized():
+        dist.barrier()
     return with_tiny_paths(cfg)
+
+
+def with_tiny_paths(cfg):
+    """``cfg`` (a :class:`~vigos_megatron.config.train.PretrainConfig`) pointed at its asset cache entry."""
+    paths = asset_paths(cache_root() / "tiny" / asset_key(asset_spec(cfg)))
+    model = dataclasses.replace(cfg.model, hf_path=str(paths["hf"]))
+    loader = dataclasses.replace(cfg.data.loader, shards_dir=str(paths["shards"]))
+    context = dataclasses.replace(cfg.data.context, processor_path=str(paths["hf"]))
+    data = dataclasses.replace(cfg.data, loader=loader, context=context)
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+# --------------------------------------------------------------------------- the builder (own process)
 
 
 @contextlib.contextmanager
@@ -76,55 +171,89 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _write(paths: dict, *, samples: int, seed: int, format_prior_steps: int, context) -> None:
-    import shutil
-
+def write_tiny_assets(out_dir, *, samples: int, seed: int) -> dict[str, Path]:
+    """The random checkpoint and ``samples`` synthetic shard samples under ``out_dir`` (no warm start)."""
     from vigos_megatron.data.synthetic import image_bytes, typical_rows, write_parquet
     from vigos_megatron.data.webdataset_writer import convert
     from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
 
-    if not (paths["shards"] / "manifest.json").is_file():
-        rows = typical_rows(samples, width=TINY_IMAGE_SIZE[0], height=TINY_IMAGE_SIZE[1], prefix="tiny", seed=seed)
-        for i, r in enumerate(rows):
-            r["images"] = {"bytes": image_bytes(*TINY_IMAGE_SIZE, seed=seed + 1000 + i), "path": f"tiny{i}.jpg"}
-        parquet = write_parquet(paths["parquet"] / "tiny.parquet", rows)
-        convert([str(parquet)], str(paths["shards"]), samples_per_shard=max(1, samples // 4), progress=None)
-    if not (paths["hf"] / "config.json").is_file():
-        tmp = paths["hf"].with_name(paths["hf"].name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_tiny_checkpoint(tmp, seed=seed)
-        if format_prior_steps > 0:
-            if context is None:
-                raise ValueError("write_tiny_assets: format_prior_steps needs the data.context config")
-            _prime(tmp, paths["shards"], context, steps=format_prior_steps, seed=seed)
-        shutil.rmtree(paths["hf"], ignore_errors=True)
-        tmp.rename(paths["hf"])
+    paths = asset_paths(Path(out_dir))
+    rows = typical_rows(samples, width=TINY_IMAGE_SIZE[0], height=TINY_IMAGE_SIZE[1], prefix="tiny", seed=seed)
+    for i, r in enumerate(rows):
+        r["images"] = {"bytes": image_bytes(*TINY_IMAGE_SIZE, seed=seed + 1000 + i), "path": f"tiny{i}.jpg"}
+    parquet = write_parquet(paths["parquet"] / "tiny.parquet", rows)
+    convert([str(parquet)], str(paths["shards"]), samples_per_shard=max(1, samples // 4), progress=None)
+    with _no_progress_bars():
+        write_tiny_checkpoint(paths["hf"], seed=seed)
+    return paths
 
 
-def _prime(hf_dir: Path, shards: Path, context, *, steps: int, seed: int) -> None:
-    """Teach the checkpoint at ``hf_dir`` the completion format on every sample of ``shards``."""
-    import json
-
+def _encoded_samples(paths: dict, spec: dict, seed: int) -> list[dict]:
+    """Every shard sample with the warm start's contexts, in file order."""
     from vigos_megatron.data.contexts import ContextEncoder
     from vigos_megatron.data.loader import StreamingLoader
-    from vigos_megatron.testing.format_prior import CONTEXTS, prime_format
+    from vigos_megatron.testing.format_prior import CONTEXTS
 
-    encode = ContextEncoder(hf_dir, context.prompts_path, min_pixels=context.min_pixels,
-                            max_pixels=context.max_pixels, max_prompt_tokens=context.max_prompt_tokens,
-                            contexts=CONTEXTS)
-    n = json.loads((shards / "manifest.json").read_text())["counts"]["converted"]
-    loader = StreamingLoader(shards, rank=0, world_size=1, batch_size=n, seed=seed, num_workers=0,
+    c = spec["context"]
+    prompts = paths["hf"].parent / "prompts.yaml"  # the run's prompt templates, as hashed into the key
+    prompts.write_text(c["prompts"])
+    encode = ContextEncoder(paths["hf"], prompts, min_pixels=c["min_pixels"],
+                            max_pixels=c["max_pixels"], max_prompt_tokens=c["max_prompt_tokens"], contexts=CONTEXTS)
+    n = json.loads((paths["shards"] / "manifest.json").read_text())["counts"]["converted"]
+    loader = StreamingLoader(paths["shards"], rank=0, world_size=1, batch_size=n, seed=seed, num_workers=0,
                              shuffle_shards=False, shuffle_buffer=1, prefetch_factor=None, encode=encode)
-    samples = next(iter(loader))["samples"]
-    report = prime_format(hf_dir, samples, steps=steps, seed=seed)
-    (hf_dir / "format_prior.json").write_text(json.dumps({**report, "samples": len(samples)}, indent=2))
+    return next(iter(loader))["samples"]
 
 
-def with_tiny_paths(cfg):
-    """``cfg`` (a :class:`~vigos_megatron.config.train.PretrainConfig`) pointed at the tiny assets."""
-    paths = tiny_paths(cfg.run_dir)
-    model = dataclasses.replace(cfg.model, hf_path=str(paths["hf"]))
-    loader = dataclasses.replace(cfg.data.loader, shards_dir=str(paths["shards"]))
-    context = dataclasses.replace(cfg.data.context, processor_path=str(paths["hf"]))
-    data = dataclasses.replace(cfg.data, loader=loader, context=context)
-    return dataclasses.replace(cfg, model=model, data=data)
+def build(spec: dict, out_dir: Path, *, log=print) -> dict:
+    """Write the assets of ``spec`` (:func:`asset_spec`) under ``out_dir``; returns the report."""
+    from vigos_megatron.config.sampling import SamplingConfig
+    from vigos_megatron.testing.format_prior import FormatPrior, check_format
+
+    t = spec["tiny"]
+    log(f"[vigos] tiny assets: {t['samples']} synthetic samples -> shards; random checkpoint (seed {t['seed']})")
+    paths = write_tiny_assets(out_dir, samples=t["samples"], seed=t["seed"])
+    report: dict = {"format_prior_steps": 0, "checks": []}
+    if t["format_prior_steps"] > 0:
+        samples = _encoded_samples(paths, spec, t["seed"])
+        sampling = SamplingConfig(**spec["sampling"])
+        checked = samples[: t["check_prompts"]]
+        with _no_progress_bars():
+            prior = FormatPrior(paths["hf"], samples, seed=t["seed"])
+            while True:
+                loss = prior.train(t["format_prior_steps"], log=lambda m: log(f"[vigos] tiny assets: {m}"))
+                prior.save()
+                valid, total, reasons = check_format(paths["hf"], checked, sampling)
+                rate = valid / total
+                report["checks"].append({"steps": prior.steps, "loss": loss, "valid": valid, "total": total})
+                log(f"[vigos] tiny assets: self-check after {prior.steps} steps: {valid}/{total} sampled "
+                    f"completions valid ({rate:.0%}; tiny.min_valid_rate {t['min_valid_rate']:.0%})")
+                if rate >= t["min_valid_rate"]:
+                    break
+                if prior.steps + t["format_prior_steps"] > t["format_prior_max_steps"]:
+                    log(f"[vigos] tiny assets: the format warm start reached a valid rate of {rate:.0%} < "
+                        f"tiny.min_valid_rate {t['min_valid_rate']:.0%} after {prior.steps} steps "
+                        f"(tiny.format_prior_max_steps {t['format_prior_max_steps']}); invalid: {sorted(set(reasons))}")
+                    raise SystemExit(1)
+        report["format_prior_steps"] = prior.steps
+        report["valid_rate"] = rate
+    shutil.rmtree(paths["parquet"], ignore_errors=True)
+    paths["report"].write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m vigos_megatron.training.tiny_demo SPEC.json OUT_DIR", file=sys.stderr)
+        return 2
+    from vigos_megatron.training.console import print_line, quiet_library_logs
+
+    quiet_library_logs(0)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    build(json.loads(Path(argv[0]).read_text()), Path(argv[1]), log=print_line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
