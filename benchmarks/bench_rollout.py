@@ -138,7 +138,7 @@ def decode_bytes_per_step(chunks, builder, batch: int, mean_seq: float) -> tuple
 
 def run(args) -> None:
     from vigos_megatron.config.sampling import SamplingConfig
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
     from vigos_megatron.runtime import describe, model_device
 

@@ -126,9 +126,9 @@ def main() -> int:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from vigos_megatron.config.loss import ViGOSLossConfig
-    from vigos_megatron.losses.objectives import global_segment_counts, vigos_loss
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.objectives.vigos import ViGOSLossConfig, vigos_loss
+    from vigos_megatron.losses.objectives import global_segment_counts
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
     from vigos_megatron.models.teacher import build_teacher_replica
     from vigos_megatron.runtime import use_cuda

@@ -255,7 +255,7 @@ def main() -> None:
     from vigos_megatron.training.console import quiet_library_logs
 
     quiet_library_logs()  # the platform adaptations; known library warnings not shown
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
 
     with local_model_parallel():
         device = runtime.compute_device()

@@ -83,7 +83,9 @@ def main() -> None:
     import torch.distributed as dist
 
     from vigos_megatron import platform
-    from vigos_megatron.losses.objectives import VGSTokens, build_loss, global_segment_counts
+    from vigos_megatron import objectives
+    from vigos_megatron.losses.objectives import VGSTokens
+    from vigos_megatron.objectives.vgs import VGS
 
     platform.activate()
     dist.init_process_group("gloo")
@@ -92,18 +94,22 @@ def main() -> None:
     v_local = cfg.vocab_size // cfg.tensor_parallel
     stream, tokens = synthetic_batch(cfg, v_local, rank)
     stream.requires_grad_()
-    n_seg = 3 if cfg.loss.objective == "vigos" else 1
-    seg = tokens.segment if n_seg == 3 else torch.zeros_like(tokens.segment)
-    counts = global_segment_counts([seg], n_seg)  # DP=1 here; pass the DP group in training
-    loss_fn = build_loss(cfg.loss, counts, tp_group=tp_group)
-    if cfg.loss.objective == "vgs":
+    objective = objectives.get(cfg.loss.objective)
+    # a one-term objective gives every token its term 0
+    seg = tokens.segment if len(objective.terms) == 3 else torch.zeros_like(tokens.segment)
+    tokens = type(tokens)(tokens.student_index, tokens.teacher_index, seg, tokens.completion_tokens, tokens.rows,
+                          tokens.invalid_rows)
+    # DP=1 here: pass the DP group in training
+    loss_fn = objective.build_loss(getattr(cfg.loss, objective.name), [tokens], chunk_bytes=cfg.loss.chunk_bytes,
+                                   impl=cfg.loss.impl, dp_group=None, tp_group=tp_group)
+    if isinstance(objective, VGS):
         # reuse the stream's rows as (student I,x), (student x), (teacher I,x), (teacher x)
         B, R = cfg.rollouts, stream.shape[1]
         pos = tokens.student_index // R
         b = tokens.student_index % R
         batch = VGSTokens(pos * R + b, tokens.teacher_index, pos * R + B + b, pos * R + 2 * B + b)
     else:
-        batch = type(tokens)(tokens.student_index, tokens.teacher_index, seg, tokens.completion_tokens, tokens.rows, tokens.invalid_rows)
+        batch = tokens
     loss, num_tokens, report = loss_fn(batch, stream)
     (loss / num_tokens).backward()
     grad_sq = stream.grad.double().pow(2).sum()

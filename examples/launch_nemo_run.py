@@ -266,6 +266,7 @@ def main(argv=None) -> int:
                 run.run(run.Script(inline=node_script_for(args, plan)), executor=make_executor(run, args, plan),
                         name=plan.job_name, dryrun=True)
         return 0
+    run = import_nemo_run()
     from vigos_megatron.config.paths import check_paths
 
     try:  # the paths the nodes will read, checked here first (a shared file system is assumed)
@@ -273,7 +274,6 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"launch_nemo_run: configuration error: {e}", file=sys.stderr)
         return 2
-    run = import_nemo_run()
     run.run(run.Script(inline=node_script_for(args, plan)), executor=make_executor(run, args, plan),
             name=plan.job_name)
     return 0

@@ -55,7 +55,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(tiny, tmp_path, kind):
 def test_round_trip_keeps_the_current_key_layout(tiny, tmp_path):
     """A source in transformers' current layout (model.language_model.*) comes back in it."""
     from vigos_megatron.convert.converters import hf_to_megatron, megatron_to_hf
-    from vigos_megatron.convert.hf_checkpoint import canonical_hf_name, stored_key_layout
+    from vigos_megatron.models.hf_checkpoint import canonical_hf_name, stored_key_layout
 
     src = tmp_path / "current"
     shutil.copytree(tiny["untied"], src)
@@ -99,7 +99,7 @@ def _rewrite_safetensors(hf_dir, fn):
 
 def test_hf_to_megatron_refusals(tiny, tmp_path):
     from vigos_megatron.convert.converters import hf_to_megatron
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
+    from vigos_megatron.models.hf_checkpoint import CheckpointError
     from vigos_megatron.models.qwen2_5_vl import ModelBuildError
 
     with pytest.raises(ModelBuildError, match="no config.json"):
@@ -130,7 +130,7 @@ def test_hf_to_megatron_refusals(tiny, tmp_path):
 
 def test_megatron_to_hf_refusals(tiny, tmp_path):
     from vigos_megatron.convert.converters import hf_to_megatron, megatron_to_hf
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
+    from vigos_megatron.models.hf_checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="not a Megatron distributed checkpoint"):
         megatron_to_hf(tiny["untied"], tmp_path / "x", quiet=True)
@@ -157,8 +157,8 @@ def test_megatron_to_hf_refusals(tiny, tmp_path):
 def test_import_verification_catches_an_inexact_tensor(tiny):
     """verify_against_hf fails, naming the tensor, when one imported weight differs from the source."""
     from vigos_megatron.convert.converters import load_hf_into, verify_against_hf
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.models.hf_checkpoint import CheckpointError
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
 
     with local_model_parallel():

@@ -48,7 +48,7 @@ def test_model_on_cuda_bf16_matches_hf_on_the_same_device(tiny):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vigos_megatron.models.forward import chunk_forward
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
     from vigos_megatron.runtime import model_device
 
@@ -76,7 +76,7 @@ def test_one_vigos_step_in_schedule_on_cuda_matches_cpu_fp32(tiny):
     same step in fp32 on the CPU (a forced-CPU gloo process)."""
     import schedule_common as sc
 
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.testing.distributed import run_torchrun
 
     out = tiny["base"] / "cpu_fp32_step.pt"

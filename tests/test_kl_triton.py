@@ -127,18 +127,24 @@ def test_kernels_compile_for_h100(dtype):
 
 def test_loss_config_impl():
     from vigos_megatron.config.loader import ConfigError, load_config
+    from vigos_megatron import objectives
     from vigos_megatron.config.loss import LossConfig
-    from vigos_megatron.losses.objectives import build_loss, vigos_loss
-    from vigos_megatron.config.loss import ViGOSLossConfig
+    from vigos_megatron.losses.objectives import DistillTokens
+    from vigos_megatron.losses.vocab_parallel_kl import LogitRows, kl_rows
 
     assert LossConfig().impl == "auto"
-    cfg = load_config(LossConfig, None, ["impl=torch", "objective=vgs"])
-    assert build_loss(cfg, None).impl == "torch"
-    assert build_loss(load_config(LossConfig, None, ["impl=triton"]), torch.ones(3)).impl == "triton"
+    for name, impl in (("vgs", "torch"), ("vigos", "triton")):
+        cfg = load_config(LossConfig, None, [f"impl={impl}", f"objective={name}"])
+        tokens = [DistillTokens(*(torch.zeros(1, dtype=torch.long),) * 3)]
+        fn = objectives.get(name).build_loss(getattr(cfg, name), tokens, chunk_bytes=cfg.chunk_bytes, impl=cfg.impl,
+                                             dp_group=None, tp_group=None)
+        assert fn.impl == impl
     with pytest.raises(ConfigError, match="impl"):
         load_config(LossConfig, None, ["impl=cuda"])
+    z = torch.zeros(2, 8)
     with pytest.raises(ValueError, match="impl"):
-        vigos_loss(ViGOSLossConfig(), torch.ones(3), impl="fast")
+        kl_rows(LogitRows(z, torch.zeros(1, dtype=torch.long)), LogitRows(z, torch.zeros(1, dtype=torch.long)),
+                reverse=False, impl="fast")
 
 
 # --------------------------------------------------------------------------- GPU (compiled kernels)

@@ -8,17 +8,18 @@ import textwrap
 import pytest
 import torch
 
-from vigos_megatron.config.loss import LossConfig, OPSDLossConfig, VGSLossConfig, ViGOSLossConfig
+from vigos_megatron import objectives
 from vigos_megatron.losses.objectives import (
     DistillTokens,
+    SegmentedDistillationLoss,
     VGSLoss,
     VGSTokens,
-    build_loss,
     check_schedule_config,
     global_segment_counts,
-    opsd_loss,
-    vigos_loss,
 )
+from vigos_megatron.objectives.opsd import OPSDLossConfig
+from vigos_megatron.objectives.vgs import VGSLossConfig
+from vigos_megatron.objectives.vigos import ViGOSLossConfig, vigos_loss
 from vigos_megatron.losses.vocab_parallel_kl import LogitRows, kl_rows, vocab_parallel_kl
 from vigos_megatron.testing.kl_reference import kl_reference, rel_norm_err
 
@@ -191,7 +192,7 @@ def test_opsd_is_token_mean_forward_kl():
     R, B = 8, 2
     spec = [(b, p, 0, p, 0) for b in range(2) for p in range(4)]
     sidx, tidx, seg = _tokens(spec, R, B)
-    fn = opsd_loss(OPSDLossConfig(clip=0.0), global_segment_counts([seg], 1))
+    fn = SegmentedDistillationLoss(objectives.get("opsd").segments(OPSDLossConfig()), global_segment_counts([seg], 1))
     loss, n, _ = fn(DistillTokens(sidx, tidx, seg), out)
     flat = out.detach().reshape(-1, V)
     ref = kl_reference(flat[sidx], flat[tidx], "forward").mean()
@@ -204,8 +205,9 @@ def test_schedule_config_check_and_builder():
 
     with pytest.raises(ValueError, match="calculate_per_token_loss"):
         check_schedule_config(C())
-    cfg = LossConfig(objective="vgs")
-    assert isinstance(build_loss(cfg, None), VGSLoss)
+    vgs = objectives.get("vgs")
+    fn = vgs.build_loss(VGSLossConfig(), [], chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None)
+    assert isinstance(fn, VGSLoss) and fn.impl == "torch"
 
 
 # ----------------------------------------------------------------------------- VGS

@@ -47,7 +47,7 @@ def test_tp1_logit_parity_and_mrope_from_config(tiny_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vigos_megatron.models.forward import chunk_forward
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
 
     batch = make_batch(tiny_dir)
@@ -93,9 +93,9 @@ def test_layout_errors_are_clear(tiny_dir, tmp_path):
 
 
 def test_qwen2_5_vl_7b_builds_on_meta_with_expected_param_count():
-    from vigos_megatron.convert.hf_checkpoint import expected_shapes
+    from vigos_megatron.models.hf_checkpoint import expected_shapes
     from vigos_megatron.models.hf_configs import QWEN2_5_VL_7B_PARAMS, qwen2_5_vl_7b_config
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, param_bytes, param_count
 
     cfg = qwen2_5_vl_7b_config()

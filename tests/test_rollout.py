@@ -253,25 +253,24 @@ def _contexts(lengths, seed=0):
 CTX = {"student": 9, "perception": 4, "reasoning": 12, "reference": 14, "opsd": 13, "student_text": 6, "opsd_text": 7}
 
 
-def _row_pos(i, mb, layout):
-    R, S = mb.input_ids.shape
-    return (i // S, i % S) if layout == "bsv" else (i % R, i // R)
+def _row_pos(i, mb):
+    S = mb.input_ids.shape[1]
+    return i // S, i % S
 
 
-def _check_alignment(mb, completions, layout="bsv"):
+def _check_alignment(mb, completions):
     """The token after each scoring position is the scored completion token, in both rows."""
     t = mb.tokens
     for s, te in zip(t.student_index.tolist(), t.teacher_index.tolist()):
-        (rs, ps), (rt, pt) = _row_pos(s, mb, layout), _row_pos(te, mb, layout)
+        (rs, ps), (rt, pt) = _row_pos(s, mb), _row_pos(te, mb)
         assert int(mb.input_ids[rs, ps + 1]) == int(mb.input_ids[rt, pt + 1])
         assert rs < mb.num_student_rows <= rt
         assert ps + 1 < int(mb.lengths[rs]) and pt + 1 < int(mb.lengths[rt])  # scored tokens are real
     assert sum(c.numel() for c in completions) == t.completion_tokens
 
 
-@pytest.mark.parametrize("layout", ["bsv", "sbv"])
 @pytest.mark.parametrize("sees_description", [False, True])
-def test_vigos_assembly_alignment(tok, tb, sees_description, layout):
+def test_vigos_assembly_alignment(tok, tb, sees_description):
     texts = [
         " a cat</description>\n<think> two ears</think> \\boxed{cat}<|im_end|>",  # valid
         " broken output without tags<|im_end|>",  # invalid
@@ -282,9 +281,9 @@ def test_vigos_assembly_alignment(tok, tb, sees_description, layout):
     for i, c in enumerate(comps):
         seg = parse_completion(c.tolist(), tb)
         rolls.append(assemble_vigos(_contexts(CTX, i), c, seg, reasoning_teacher_sees_description=sees_description, correct=i == 0))
-    mb = pack_distill(rolls, pad_id=0, multiple=16, logits_layout=layout)
+    mb = pack_distill(rolls, pad_id=0, multiple=16)
     assert mb.input_ids.shape == (3 * 3, mb.seq_length) and mb.seq_length % 16 == 0
-    _check_alignment(mb, comps, layout)
+    _check_alignment(mb, comps)
     seg = mb.tokens.segment
     s0 = parse_completion(comps[0].tolist(), tb)
     s2 = parse_completion(comps[2].tolist(), tb)
@@ -313,7 +312,7 @@ def test_opsd_and_vgs_assembly(tok, tb):
     assert mb.num_student_rows == 4 and R == 8
     t = mb.tokens
     for a, b, c, d in zip(t.student_image_index, t.student_text_index, t.teacher_image_index, t.teacher_text_index):
-        toks = {int(mb.input_ids[r, p + 1]) for r, p in (_row_pos(int(i), mb, "bsv") for i in (a, b, c, d))}
+        toks = {int(mb.input_ids[r, p + 1]) for r, p in (_row_pos(int(i), mb) for i in (a, b, c, d))}
         assert len(toks) == 1  # all four rows score the same completion token
     assert not bool(mb.row_has_image[2:4].any()) and bool(mb.row_has_image[:2].all())
 

@@ -139,7 +139,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def setup(tiny_dir):
     """Prompts, HF greedy reference, stop ids (one row stops early), and the TP=1 model."""
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
 
     prompts = student_prompts(tiny_dir)
@@ -323,7 +323,7 @@ def test_bad_prompts_and_settings_raise_clear_errors(setup):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_memory_returns_to_its_pre_generation_level(tiny_dir):
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
 
     prompts = student_prompts(tiny_dir)

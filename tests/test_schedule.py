@@ -156,7 +156,7 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision):
     against ``Qwen25VLModel.forward`` on every row with full logits. ``frozen-shared-tower``:
     the student's tower is frozen and the stage reuses the teacher's features for it (the
     teacher's language model is perturbed, its tower is not)."""
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.schedule import LOSS_KEY, StudentTeacherStage, reduce_reports, run_stream_schedule
 
     t0 = time.perf_counter()
@@ -221,7 +221,7 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision):
 @pytest.fixture(scope="module")
 def pp1_reference(tiny):
     """``reference(kind)``: the PP=1 single-process step for ``kind`` ("" or "_tied"), computed once."""
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
 
     cache = {}
 

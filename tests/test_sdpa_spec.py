@@ -26,7 +26,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def mp():
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
 
     with local_model_parallel() as ps:
         yield ps

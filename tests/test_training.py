@@ -162,7 +162,7 @@ def _build(hf):
 def test_nonfinite_step_is_not_applied(tiny_step, action):
     import schedule_common as sc
 
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.training.update import NonFiniteStep, train_step
 
     with local_model_parallel() as ps:
@@ -194,7 +194,7 @@ def test_teacher_runs_inside_the_schedule_once_per_micro_batch(tiny_step):
     holding micro-batch i's teacher logits is freed before micro-batch i+1 runs."""
     import schedule_common as sc
 
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.training.update import train_step
 
     calls, outputs, alive_at_next = [], [], []

@@ -67,7 +67,7 @@ def trained(tiny_hf, tmp_path_factory):
     import ckpt_common as cc
     import schedule_common as sc
 
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.training.checkpoint import TrainState, save_training_checkpoint
 
     run = tmp_path_factory.mktemp("run")
@@ -184,7 +184,7 @@ def test_bf16_mixed_precision_and_distributed_optimizer_checkpoints(trained, tin
     ``fp32_param`` <-> ``param``, moments, step); an fp32 checkpoint's optimizer state is refused."""
     import ckpt_common as cc
 
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
+    from vigos_megatron.models.hf_checkpoint import CheckpointError
     from vigos_megatron.training.checkpoint import (
         TrainState,
         load_training_checkpoint,
@@ -239,7 +239,7 @@ def test_crash_before_tracker_update_keeps_previous_latest(trained, tiny_hf, mon
     import ckpt_common as cc
 
     from vigos_megatron.convert import megatron_checkpoint as mc
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
+    from vigos_megatron.models.hf_checkpoint import CheckpointError
     from vigos_megatron.training.checkpoint import (
         TrainState,
         latest_iteration,
@@ -298,7 +298,7 @@ def test_converter_exports_a_training_checkpoint(trained, tmp_path):
     import importlib.util
 
     from vigos_megatron.convert.converters import load_hf_state
-    from vigos_megatron.convert.hf_checkpoint import canonical_hf_name
+    from vigos_megatron.models.hf_checkpoint import canonical_hf_name
 
     spec = importlib.util.spec_from_file_location("convert_megatron_to_hf", ROOT / "tools" / "convert_megatron_to_hf.py")
     tool = importlib.util.module_from_spec(spec)
@@ -324,7 +324,7 @@ def test_dp2_distributed_optimizer_resume_and_dp1_load(torchrun, tiny_hf, tmp_pa
     import ckpt_common as cc
     import schedule_common as sc
 
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.training.checkpoint import load_training_checkpoint, optimizer_kind
 
     run, out = tmp_path / "run", tmp_path / "dp2"
@@ -380,7 +380,7 @@ def test_tp2_checkpoint_loads_at_tp1(torchrun, tiny_hf, tmp_path):
     import ckpt_common as cc
     import schedule_common as sc
 
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.training.checkpoint import load_training_checkpoint
 
     run, out = tmp_path / "run", tmp_path / "tp2"

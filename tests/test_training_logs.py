@@ -46,12 +46,12 @@ def _rollout(env, text: str):
 
 
 def test_rollout_record_shows_what_each_teacher_read(env):
-    from vigos_megatron.losses.objectives import OBJECTIVE_TERMS
+    from vigos_megatron import objectives
     from vigos_megatron.rollout.segments import token_bytes_for
     from vigos_megatron.training.rollout_log import rollout_record
 
     r, a = _rollout(env, " two shapes.</description><think>The count is 2.</think>\\boxed{2}<|im_end|>")
-    rec = rollout_record(r, a, token_bytes_for(env["tok"]), OBJECTIVE_TERMS["vigos"])
+    rec = rollout_record(r, a, token_bytes_for(env["tok"]), objectives.get("vigos").terms)
     assert json.loads(json.dumps(rec)) == rec
     assert rec["valid"] and rec["correct"] and rec["answer"] == "2" and rec["reference_answer"] == "2"
     assert rec["prompt"].endswith("<|im_start|>assistant\n<description>")
@@ -64,7 +64,7 @@ def test_rollout_record_shows_what_each_teacher_read(env):
     assert reasoning["scored"]["reasoning"]["text"] == ">The count is 2.</think>\\boxed{2}"  # the first token carries the tag's >
 
     r, a = _rollout(env, " no tags here<|im_end|>")
-    rec = rollout_record(r, a, token_bytes_for(env["tok"]), OBJECTIVE_TERMS["vigos"])
+    rec = rollout_record(r, a, token_bytes_for(env["tok"]), objectives.get("vigos").terms)
     assert not rec["valid"] and rec["reason"] == "no </description>" and not rec["correct"]
     (reference,) = rec["teachers"]
     assert reference["context"] == "reference" and reference["scored"]["reference"]["text"] == " no tags here<|im_end|>"
@@ -95,10 +95,10 @@ def test_readable_caps_long_texts():
 
 
 def test_term_watch_speaks_once_and_on_change():
-    from vigos_megatron.losses.objectives import EXPECTED_TERMS
+    from vigos_megatron import objectives
     from vigos_megatron.training.metrics import TermWatch
 
-    w = TermWatch(EXPECTED_TERMS["vigos"])
+    w = TermWatch(objectives.get("vigos").expected_terms)
     healthy = {"term/perception": 0.1, "term/reasoning": 0.2, "invalid_rate": 0.0}
     broken = {"term/reference": 0.3, "invalid_rate": 1.0}
     assert w.check(1, healthy) is None  # the fallback term alone being empty is normal

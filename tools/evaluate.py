@@ -298,8 +298,8 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from vigos_megatron import runtime
-    from vigos_megatron.convert.hf_checkpoint import CheckpointError
+    from vigos_megatron import runtime, startup
+    from vigos_megatron.models.hf_checkpoint import CheckpointError
     from vigos_megatron.data.loader import DropSample, ShardSource
     from vigos_megatron.models.qwen2_5_vl import ModelBuildError, QwenVLBuilder
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
@@ -327,7 +327,7 @@ def run(args) -> int:
     from vigos_megatron.training.console import quiet_library_logs
 
     quiet_library_logs(rank)  # the platform adaptations, then known library warnings kept off the console
-    ps = runtime.init_distributed(args.tp, args.pp, seed=args.seed)
+    ps = startup.init_distributed(args.tp, args.pp, seed=args.seed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     dtype = torch.bfloat16 if runtime.use_cuda() else torch.float32
     try:
@@ -343,7 +343,7 @@ def run(args) -> int:
     except (ModelBuildError, CheckpointError) as e:
         if rank == 0:
             print(f"evaluate: error: {e}", file=sys.stderr)
-        runtime.destroy_distributed()
+        startup.destroy_distributed()
         return 2
     from transformers import AutoTokenizer
 
@@ -438,7 +438,7 @@ def run(args) -> int:
         say(f"[evaluate] wrote {out / 'report.json'} and {out / 'per_question.jsonl'}"
             + (f"; {len(all_skipped)} prompt(s) skipped" if all_skipped else ""))
     dist.barrier()
-    runtime.destroy_distributed()
+    startup.destroy_distributed()
     return 0
 
 

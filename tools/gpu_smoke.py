@@ -48,7 +48,7 @@ def model_check(tmp: Path) -> str:
     import torch
 
     from vigos_megatron.models.forward import chunk_forward
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
     from vigos_megatron.runtime import model_device, use_cuda
     from vigos_megatron.testing.tiny_qwen import image_text_batch, write_tiny_checkpoint

@@ -9,15 +9,13 @@ feeds (``model_device(model)``), and the process-group backend follows the hardw
   adapts megatron-core's CUDA touch-points). Forcing the CPU is how multi-rank cases run on a
   machine with fewer GPUs than ranks (e.g. the TP=2 tests on a one-GPU machine).
 
-Tools, tests, benchmarks and the training entry point all go through :func:`init_distributed`
-(torchrun workers) or :func:`~vigos_megatron.models.parallel.local_model_parallel` (one process),
-both of which call :func:`backend` and :func:`compute_device` from here.
+Processes start through :mod:`vigos_megatron.startup` (``init_distributed`` for torchrun workers,
+``local_model_parallel`` for one process), which asks :func:`backend` and :func:`bind_device` here.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
 
@@ -71,46 +69,6 @@ def model_device(model) -> torch.device:
         for p in m.parameters():
             return p.device
     return compute_device()
-
-
-def init_distributed(
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    *,
-    seed: int = 1234,
-    timeout_minutes: int = 30,
-):
-    """Worker side (under torchrun): platform adaptations, this rank's device, the default process
-    group on :func:`backend`, and megatron-core's model-parallel groups. Returns ``parallel_state``."""
-    import torch.distributed as dist
-
-    from vigos_megatron import platform
-
-    platform.activate()
-    device = bind_device()
-    if not dist.is_initialized():
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend(), timeout=timedelta(minutes=timeout_minutes), **kwargs)
-    from megatron.core import parallel_state, tensor_parallel
-
-    if not parallel_state.is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-        )
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return parallel_state
-
-
-def destroy_distributed() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if parallel_state.is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def describe() -> str:

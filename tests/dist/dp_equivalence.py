@@ -110,8 +110,8 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer import TransformerConfig
 
-    from vigos_megatron.config.loss import ViGOSLossConfig
-    from vigos_megatron.losses.objectives import check_schedule_config, global_segment_counts, vigos_loss
+    from vigos_megatron.objectives.vigos import ViGOSLossConfig, vigos_loss
+    from vigos_megatron.losses.objectives import check_schedule_config, global_segment_counts
 
     rank, dp = dist.get_rank(), dist.get_world_size()
     config = TransformerConfig(

@@ -127,7 +127,7 @@ def max_diff(a: dict, b: dict, where: dict | None = None) -> float:
 def main():
     run_dir, overlap, steps = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
 
-    from vigos_megatron import runtime
+    from vigos_megatron import startup
     from vigos_megatron.config.loader import load_config
     from vigos_megatron.config.train import PretrainConfig, validate_layout
 
@@ -139,7 +139,7 @@ def main():
     ])
     layout = validate_layout(cfg, world)
     assert layout.dp == 2, layout
-    runtime.init_distributed(1, 1, seed=cfg.train.seed)
+    startup.init_distributed(1, 1, seed=cfg.train.seed)
     import megatron.bridge  # noqa: F401
     from megatron.core import parallel_state as ps
 
@@ -235,7 +235,7 @@ def main():
         print("DPW " + json.dumps(line), flush=True)
         logits_before = logits_after
 
-    runtime.destroy_distributed()
+    startup.destroy_distributed()
 
 
 def _prompt(sample):

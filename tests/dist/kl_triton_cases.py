@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vigos_megatron.config.loss import VGSLossConfig, ViGOSLossConfig
-from vigos_megatron.losses.objectives import DistillTokens, VGSLoss, VGSTokens, global_segment_counts, vigos_loss
+from vigos_megatron.losses.objectives import DistillTokens, VGSLoss, VGSTokens, global_segment_counts
+from vigos_megatron.objectives.vgs import VGSLossConfig
+from vigos_megatron.objectives.vigos import ViGOSLossConfig, vigos_loss
 from vigos_megatron.losses.vocab_parallel_kl import LogitRows, kl_rows, vocab_parallel_kl
 from vigos_megatron.testing.kl_reference import clipped_reference, kl_reference, kl_tolerance_ok
 

@@ -57,7 +57,7 @@ def main():
         truncate_at,
     )
 
-    from vigos_megatron.runtime import destroy_distributed, init_distributed
+    from vigos_megatron.startup import destroy_distributed, init_distributed
 
     ps = init_distributed(args.tp, args.pp)
     rank = dist.get_rank()

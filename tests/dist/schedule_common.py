@@ -104,8 +104,8 @@ def build_models(hf_dir, tp: int, pp: int, teacher_hf=None, dtype=torch.float32)
 
 
 def make_loss(batches, ps):
-    from vigos_megatron.config.loss import ViGOSLossConfig
-    from vigos_megatron.losses.objectives import global_segment_counts, vigos_loss
+    from vigos_megatron.objectives.vigos import ViGOSLossConfig, vigos_loss
+    from vigos_megatron.losses.objectives import global_segment_counts
     from vigos_megatron.schedule.forward_step import ReportedLoss
 
     counts = global_segment_counts([b.tokens.segment for b in batches], 3, dp_group=ps.get_data_parallel_group())

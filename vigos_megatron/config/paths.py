@@ -72,7 +72,7 @@ def check_paths(cfg) -> None:
     _file("data.context.prompts_path", cfg.data.context.prompts_path)
     if cfg.model.init_checkpoint:
         from vigos_megatron.convert.megatron_checkpoint import resolve_checkpoint
-        from vigos_megatron.convert.hf_checkpoint import CheckpointError
+        from vigos_megatron.models.hf_checkpoint import CheckpointError
 
         _directory("model.init_checkpoint", cfg.model.init_checkpoint)
         try:

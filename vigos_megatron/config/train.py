@@ -26,14 +26,6 @@ from vigos_megatron.config.sampling import SamplingConfig
 NONFINITE_ACTIONS = ("skip", "stop")
 DECAY_STYLES = ("linear", "cosine", "constant")
 
-#: the contexts each objective reads (``data.context.contexts`` must hold them)
-OBJECTIVE_CONTEXTS = {
-    "vigos": ("student", "perception", "reasoning", "reference"),
-    "opsd": ("student", "opsd"),
-    "vgs": ("student", "student_text"),
-}
-
-
 @dataclass
 class ParallelConfig:
     """The one place where the layout is set; data parallelism = world size / (tp * pp)."""
@@ -205,7 +197,9 @@ class PretrainConfig:
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not divide "
                               f"train.global_batch_size={self.train.global_batch_size}")
-        needed = OBJECTIVE_CONTEXTS[self.loss.objective]
+        from vigos_megatron import objectives
+
+        needed = objectives.get(self.loss.objective).contexts(self)
         missing = [c for c in needed if c not in self.data.context.contexts]
         if missing:
             raise ConfigError(f"data.context.contexts: objective {self.loss.objective!r} needs the contexts {missing}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vigos_megatron.convert.hf_checkpoint import (
+from vigos_megatron.models.hf_checkpoint import (
     CURRENT_LAYOUT,
     HUB_LAYOUT,
     CheckpointError,
@@ -135,7 +135,7 @@ def verify_against_hf(builder, chunks, hf_dir, *, show_progress: bool = False) -
 
 def hf_to_megatron(hf_model, output, *, quiet: bool = False) -> Path:
     """Convert a HF Qwen2.5-VL directory to a Megatron run directory; returns the checkpoint dir."""
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, load_hf_config
 
     hf_dir, out = Path(hf_model), Path(output)
@@ -172,7 +172,7 @@ def export_state(builder, chunks, *, key_layout: str = HUB_LAYOUT, show_progress
 
 def megatron_to_hf(checkpoint, output, *, quiet: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Convert a Megatron run / checkpoint directory to a HF directory; returns ``output``."""
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, load_hf_config
 
     t0 = time.time()
@@ -186,7 +186,7 @@ def megatron_to_hf(checkpoint, output, *, quiet: bool = False, max_shard_bytes: 
         builder = QwenVLBuilder.from_hf(hf_config, dtype=config_dtype(hf_config))
         chunks = builder.build(init_weights=False)
         load_model_checkpoint(chunks, ckpt)  # refuses missing tensors / shape mismatches
-        from vigos_megatron.convert.hf_checkpoint import expected_shapes
+        from vigos_megatron.models.hf_checkpoint import expected_shapes
 
         n_expected = len(expected_shapes(hf_config)) - int(bool(hf_config.tie_word_embeddings))
         paths = save_safetensors_sharded(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vigos_megatron.convert.hf_checkpoint import CheckpointError
+from vigos_megatron.models.hf_checkpoint import CheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 HF_SUBDIR = "hf"
@@ -101,7 +101,7 @@ def save_model_checkpoint(
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
 
-    from vigos_megatron.convert.hf_checkpoint import copy_tokenizer_processor_files, record_key_layout
+    from vigos_megatron.models.hf_checkpoint import copy_tokenizer_processor_files, record_key_layout
 
     run = Path(run_dir)
     ckpt = run / iter_dir_name(iteration)

@@ -40,17 +40,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vigos_megatron.config.loss import OPSDLossConfig, VGSLossConfig, ViGOSLossConfig
-from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, IMPLS, LogitRows, kl_rows
+from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, LogitRows, kl_rows
 
 # ViGOS segments (ids used in DistillTokens.segment)
 PERCEPTION, REASONING, REFERENCE = 0, 1, 2
-VIGOS_SEGMENTS = ("perception", "reasoning", "reference")
-#: each objective's term names, by segment id (``DistillTokens.segment``; VGS scores every token)
-OBJECTIVE_TERMS = {"vigos": VIGOS_SEGMENTS, "opsd": ("privileged",), "vgs": ("vgs",)}
-#: the terms a healthy step has tokens for (ViGOS's "reference" is the fallback for malformed
-#: rollouts, empty when every rollout is well formed)
-EXPECTED_TERMS = {"vigos": ("perception", "reasoning"), "opsd": ("privileged",), "vgs": ()}
 
 
 @dataclass(frozen=True)
@@ -144,11 +137,6 @@ def global_segment_counts(segments_per_microbatch: Sequence[Tensor], num_segment
     return counts
 
 
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
-
-
 def _pair(a, b, device) -> Tensor:
     return torch.stack([torch.as_tensor(a, dtype=torch.float64, device=device).reshape(()),
                         torch.as_tensor(b, dtype=torch.float64, device=device).reshape(())])
@@ -177,7 +165,6 @@ class SegmentedDistillationLoss:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         impl: str = "auto",
     ):
-        _check_impl(impl)
         if len(global_counts) != len(segments):
             raise ValueError(f"global_counts has {len(global_counts)} entries for {len(segments)} segments")
         for s in segments:
@@ -230,32 +217,6 @@ class SegmentedDistillationLoss:
         return loss, num_tokens, report
 
 
-def vigos_loss(cfg: ViGOSLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES, impl="auto"):
-    """ViGOS: forward KL on perception/reasoning segments of valid rows, reverse KL on invalid rows."""
-    segments = (
-        Segment("perception", "forward", cfg.lambda_perception),
-        Segment("reasoning", "forward", cfg.lambda_reasoning),
-        Segment("reference", "reverse", cfg.lambda_reference),
-    )
-    return SegmentedDistillationLoss(
-        segments, global_counts, temperature=cfg.temperature, clip=cfg.clip, tp_group=tp_group, chunk_bytes=chunk_bytes,
-        impl=impl,
-    )
-
-
-def opsd_loss(cfg: OPSDLossConfig, global_counts: Tensor, *, tp_group=None, chunk_bytes=DEFAULT_CHUNK_BYTES, impl="auto"):
-    """Vanilla OPSD: one privileged teacher, forward KL on every completion token (segment 0)."""
-    return SegmentedDistillationLoss(
-        (Segment("privileged", "forward", cfg.weight),),
-        global_counts,
-        temperature=cfg.temperature,
-        clip=cfg.clip,
-        tp_group=tp_group,
-        chunk_bytes=chunk_bytes,
-        impl=impl,
-    )
-
-
 class VGSLoss:
     """Visual Gradient Steering (seed 003) on vocabulary-sharded logits.
 
@@ -275,8 +236,8 @@ class VGSLoss:
     sums the three logits rows chunk by chunk.
     """
 
-    def __init__(self, cfg: VGSLossConfig, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
-        _check_impl(impl)
+    def __init__(self, cfg, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
+        """``cfg``: :class:`~vigos_megatron.objectives.vgs.VGSLossConfig`."""
         self.cfg = cfg
         self.tp_group = tp_group
         self.chunk_bytes = chunk_bytes
@@ -328,15 +289,3 @@ class VGSLoss:
             "vgs/lp_selected_fraction": _pair(selected.numel(), n, dev),
         }
         return loss, torch.tensor(n, dtype=torch.int, device=dev), report
-
-
-def build_loss(loss_cfg, global_counts: Tensor | None, *, tp_group=None):
-    """The configured objective (``loss_cfg``: :class:`~vigos_megatron.config.loss.LossConfig`)."""
-    kw = dict(tp_group=tp_group, chunk_bytes=loss_cfg.chunk_bytes, impl=loss_cfg.impl)
-    if loss_cfg.objective == "vigos":
-        return vigos_loss(loss_cfg.vigos, global_counts, **kw)
-    if loss_cfg.objective == "opsd":
-        return opsd_loss(loss_cfg.opsd, global_counts, **kw)
-    if loss_cfg.objective == "vgs":
-        return VGSLoss(loss_cfg.vgs, **kw)
-    raise ValueError(f"unknown objective {loss_cfg.objective!r}")

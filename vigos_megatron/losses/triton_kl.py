@@ -39,13 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.losses import _triton_kl_kernels as K
-from vigos_megatron.losses.vocab_parallel_kl import (
-    LogitRows,
-    _all_reduce,
-    _group_size,
-    _kl_from_stats,
-    _raise_non_finite,
-)
+from vigos_megatron.losses.kl_common import LogitRows, all_reduce, group_size, kl_from_stats, raise_non_finite
 
 #: True when the kernels were defined under Triton's interpreter (CPU tensors allowed).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -170,14 +164,14 @@ class _TritonKL(torch.autograd.Function):
                 num_warps=cfg.fwd_num_warps,
             )
         m_local = stats[:, 0:2]
-        m = _all_reduce(m_local.clone(), dist.ReduceOp.MAX, group)  # all-reduce #1: [n, 2]
+        m = all_reduce(m_local.clone(), dist.ReduceOp.MAX, group)  # all-reduce #1: [n, 2]
         s = stats[:, 2:6]
-        if _group_size(group) > 1:
+        if group_size(group) > 1:
             s = s * torch.exp(m_local - m).repeat(1, 2)  # (S_a, S_b, C_a, C_b) onto the global maxima
-        s = _all_reduce(s.contiguous(), dist.ReduceOp.SUM, group)  # all-reduce #2: [n, 4]
-        kl, lse_a, lse_b = _kl_from_stats(m, s, reverse)
+        s = all_reduce(s.contiguous(), dist.ReduceOp.SUM, group)  # all-reduce #2: [n, 4]
+        kl, lse_a, lse_b = kl_from_stats(m, s, reverse)
         if not bool(torch.isfinite(kl).all()):
-            _raise_non_finite(logits, n_a)
+            raise_non_finite(logits, n_a)
         clipped = kl > clip if clip is not None else torch.zeros_like(reverse)
         ctx.meta = meta
         ctx.shapes = [x.shape for x in logits]

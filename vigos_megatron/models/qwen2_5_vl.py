@@ -21,7 +21,7 @@ Logits come out ``[B, S, V/TP]`` (vocabulary-sharded).
 
 Call :func:`vigos_megatron.platform.activate` and initialise megatron ``parallel_state``
 (e.g. :func:`vigos_megatron.testing.distributed.init_gloo` or
-:func:`vigos_megatron.models.parallel.local_model_parallel`) before building.
+:func:`vigos_megatron.startup.local_model_parallel`) before building.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ class QwenVLBuilder:
         return chunks
 
     def load_hf_weights(self, chunks: list, hf_dir) -> None:
-        from vigos_megatron.convert.hf_checkpoint import check_hf_weights
+        from vigos_megatron.models.hf_checkpoint import check_hf_weights
 
         check_hf_weights(hf_dir, self.hf_config)
         self.bridge.load_hf_weights(chunks, str(hf_dir))

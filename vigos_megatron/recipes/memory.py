@@ -77,6 +77,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vigos_megatron import objectives
 from vigos_megatron.errors import UserError
 
 GIB = 1024**3
@@ -89,14 +90,6 @@ DEFAULT_RESERVE_GIB = 5.0
 
 LAYER_SPECS = ("local", "sdpa", "transformer_engine")
 RECOMPUTE = ("none", "selective", "full")
-OBJECTIVES = ("vigos", "opsd", "vgs")
-
-#: rows per rollout in the training stream: (student rows, teacher rows)
-STREAM_ROWS = {"vigos": (1, 2), "opsd": (1, 1), "vgs": (2, 2)}
-#: rows per rollout that show the image: (student, teacher)
-IMAGE_ROWS = {"vigos": (1, 2), "opsd": (1, 1), "vgs": (1, 1)}
-#: logits rows the loss reads per completion token: (student, teacher)
-LOGIT_ROWS = {"vigos": (1, 1), "opsd": (1, 1), "vgs": (2, 2)}
 
 
 class LayoutError(UserError, ValueError):
@@ -359,7 +352,7 @@ class Workload:
                 raise LayoutError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.image_tokens < 0:
             raise LayoutError(f"image_tokens: must be >= 0, got {self.image_tokens}")
-        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("objective", self.objective, objectives.MODULES)
         _check_choice("recompute", self.recompute, RECOMPUTE)
         _check_choice("layer_spec", self.layer_spec, LAYER_SPECS)
         _check_choice("rollout_layer_spec", self.rollout_layer_spec, LAYER_SPECS)
@@ -547,9 +540,10 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
     # ---- training phase
     h, v_local = m.hidden_size, m.vocab_size // tp
     layers = m.num_layers // pp
-    ks, kt = STREAM_ROWS[w.objective]
-    img_s, img_t = IMAGE_ROWS[w.objective]
-    ls, lt = LOGIT_ROWS[w.objective]
+    per_rollout = objectives.get(w.objective).rows  # (student, teacher)
+    ks, kt = per_rollout.stream
+    img_s, img_t = per_rollout.image
+    ls, lt = per_rollout.logits
     mb = w.micro_batch_size
     seq = w.seq_length
     ns, nt = ks * mb, kt * mb

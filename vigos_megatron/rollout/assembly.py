@@ -5,21 +5,11 @@ the student's completion ids. This module appends the completion tokens each con
 score (METHOD.md section 2) and packs a micro-batch into the layout of
 ``../shared/DESIGN-NOTES.md``: ``R = (Ks + Kt) * B`` rows of one padded length ``S``, the
 ``Ks`` student slots first (trainable rows), then the ``Kt`` teacher slots; slot ``c`` of
-rollout ``b`` is row ``c * B + b``. The loss reads the last stage's logits flattened over
-their leading dimensions: megatron's GPTModel (hence Qwen2.5-VL) returns them batch-first,
-``[R, S, V/tp]`` (``logits_layout="bsv"``, the default), so the prediction at position ``p``
-of row ``r`` is flat row ``r * S + p``; with ``"sbv"`` (``[S, R, V/tp]``) it is ``p * R + r``.
-That is what :class:`~vigos_megatron.losses.objectives.DistillTokens` indexes.
-
-Slots per objective (an unused slot is an all-pad row):
-
-========  ======================  ==================================================
-objective student slots           teacher slots
-========  ======================  ==================================================
-vigos     student                 perception (valid) / reference (invalid); reasoning
-opsd      student                 opsd
-vgs       student, student_text   teacher image context, teacher text context
-========  ======================  ==================================================
+rollout ``b`` is row ``c * B + b``. The loss tokens index the logical logits ``[R, S, V/tp]``
+flattened batch-first (the prediction at position ``p`` of row ``r`` is ``r * S + p``);
+:func:`~vigos_megatron.schedule.batch.select_loss_positions` maps them to the positions the last
+stage computes. Which slots a rollout fills is its objective's choice (:mod:`vigos_megatron.objectives`);
+an unused slot is an all-pad row.
 
 The logits at position ``p`` predict token ``p + 1``; for completion token ``j`` appended
 after a prefix of length ``L`` at offset ``o`` (``o`` = first appended completion index),
@@ -141,13 +131,16 @@ def assemble_vigos(
     return out
 
 
-def assemble_opsd(contexts: dict[str, Tensor], completion: Tensor, *, correct: bool | None = None) -> AssembledRollout:
-    """Vanilla OPSD: the privileged ``opsd`` teacher scores every completion token (segment 0)."""
+def assemble_opsd(contexts: dict[str, Tensor], completion: Tensor, *, correct: bool | None = None,
+                  teacher_context: str = "opsd") -> AssembledRollout:
+    """One teacher context scores every completion token (segment 0): vanilla OPSD's privileged
+    ``opsd`` context, or the student's own context (``teacher_context="student"``, the standard
+    on-policy distillation of a separate teacher). Both prefixes end where the completion starts."""
     n = int(completion.numel())
-    ls, lo = contexts["student"].numel(), contexts["opsd"].numel()
+    ls, lo = contexts["student"].numel(), contexts[teacher_context].numel()
     return AssembledRollout(
         [context_row(contexts, "student", completion)],
-        [context_row(contexts, "opsd", completion)],
+        [context_row(contexts, teacher_context, completion)],
         scores=[(0, ls - 1 + j, 0, lo - 1 + j, 0) for j in range(n)],
         completion_tokens=n,
         correct=correct,
@@ -198,12 +191,9 @@ class MicroBatchStream:
     tokens: DistillTokens | VGSTokens | None = None
 
 
-def _flat_index(layout: str, R: int, S: int):
-    if layout == "bsv":
-        return lambda row, pos: row * S + pos
-    if layout == "sbv":
-        return lambda row, pos: pos * R + row
-    raise ValueError(f"logits_layout must be 'bsv' or 'sbv', got {layout!r}")
+def _flat_index(R: int, S: int):
+    """Batch-first flat index of (row, position) in the logical logits ``[R, S, V/tp]``."""
+    return lambda row, pos: row * S + pos
 
 
 def longest_row(rollouts: list[AssembledRollout]) -> int:
@@ -258,7 +248,6 @@ def pack_distill(
     pad_id: int,
     multiple: int = 64,
     seq_length: int | None = None,
-    logits_layout: str = "bsv",
 ) -> MicroBatchStream:
     """Pack ViGOS/OPSD rollouts; ``tokens`` is the micro-batch's :class:`DistillTokens`.
 
@@ -267,7 +256,7 @@ def pack_distill(
     """
     mb = _pack(rollouts, pad_id, multiple, seq_length)
     B, R = mb.rollouts, mb.input_ids.shape[0]
-    flat = _flat_index(logits_layout, R, mb.seq_length)
+    flat = _flat_index(R, mb.seq_length)
     ks = mb.num_student_rows // B
     sidx, tidx, seg = [], [], []
     for b, r in enumerate(rollouts):
@@ -294,12 +283,11 @@ def pack_vgs(
     pad_id: int,
     multiple: int = 64,
     seq_length: int | None = None,
-    logits_layout: str = "bsv",
 ) -> MicroBatchStream:
     """Pack VGS rollouts; ``tokens`` is the micro-batch's :class:`VGSTokens` (every completion token)."""
     mb = _pack(rollouts, pad_id, multiple, seq_length)
     B, R = mb.rollouts, mb.input_ids.shape[0]
-    flat = _flat_index(logits_layout, R, mb.seq_length)
+    flat = _flat_index(R, mb.seq_length)
     idx = [[], [], [], []]
     for b, r in enumerate(rollouts):
         rows = r.student_slots + r.teacher_slots

@@ -258,7 +258,7 @@ def stream_batch(stream: MicroBatchStream, vision: Sequence[Mapping], *, image_t
     """Model inputs of one packed micro-batch.
 
     Args:
-        stream: from :func:`~vigos_megatron.rollout.assembly.pack_distill` (``logits_layout="bsv"``).
+        stream: from :func:`~vigos_megatron.rollout.assembly.pack_distill` or ``pack_vgs``.
         vision: per rollout of the micro-batch (``B`` entries, in packing order), a mapping with
             ``pixel_values`` ``[patches, D]`` and ``image_grid_thw`` ``[1, 3]`` (the
             :class:`~vigos_megatron.data.contexts.ContextEncoder` output has both).
@@ -346,7 +346,7 @@ def make_stream_batches(
         idx = order[k:k + B]
         group = [rollouts[i] for i in idx]
         out.append(stream_batch(
-            pack(group, pad_id=pad_id, seq_length=padded_length(group, multiple), logits_layout="bsv"),
+            pack(group, pad_id=pad_id, seq_length=padded_length(group, multiple)),
             [vision[i] for i in idx], image_token_id=image_token_id,
             spatial_merge_size=spatial_merge_size, slot_lengths=slot_lengths_of(group, multiple),
         ))

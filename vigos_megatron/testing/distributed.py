@@ -5,7 +5,7 @@ Launcher side: :func:`run_torchrun` starts ``python -m torch.distributed.run
 environment (``PYTHONPATH`` included), and raises with the captured output when it fails.
 By default it forces every rank onto the CPU with gloo (``VIGOS_FORCE_CPU=1``), so multi-rank
 cases run the same on a CPU machine and on a machine with fewer GPUs than ranks.
-Worker side: :func:`init_gloo` = :func:`vigos_megatron.runtime.init_distributed` (the backend
+Worker side: :func:`init_gloo` = :func:`vigos_megatron.startup.init_distributed` (the backend
 follows the hardware and the forced-CPU setting).
 """
 
@@ -80,12 +80,12 @@ def rank_output(log_dir: Path, nproc: int) -> str:
 
 def init_gloo(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234):
     """Worker-side: default group + platform adaptations + megatron parallel state (see module doc)."""
-    from vigos_megatron.runtime import init_distributed
+    from vigos_megatron.startup import init_distributed
 
     return init_distributed(tensor_model_parallel_size, pipeline_model_parallel_size, seed=seed)
 
 
 def destroy():
-    from vigos_megatron.runtime import destroy_distributed
+    from vigos_megatron.startup import destroy_distributed
 
     destroy_distributed()

@@ -192,7 +192,7 @@ def check_format(hf_dir, samples: list[dict], sampling, *, step: int = 0) -> tup
     """
     from transformers import AutoTokenizer
 
-    from vigos_megatron.models.parallel import local_model_parallel
+    from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
     from vigos_megatron.rollout import parse_completion
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt

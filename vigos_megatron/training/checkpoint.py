@@ -36,7 +36,7 @@ pointing the request at the other kind's keys: the Adam moments share their keys
 weights are ``param`` (distributed) / ``fp32_param`` (mixed precision), and for the ``fp32``
 kind the model weights themselves; the Adam step count moves from one kind's common state to
 the other's. Only a change of parameter dtype (``fp32`` <-> ``mixed_precision``) is refused,
-with :class:`~vigos_megatron.convert.hf_checkpoint.CheckpointError`; ``load_optimizer=False``
+with :class:`~vigos_megatron.models.hf_checkpoint.CheckpointError`; ``load_optimizer=False``
 then resumes with the checkpoint's weights, schedule and loader positions and fresh Adam
 moments. RNG streams and per-rank loader counters are restored only at the layout that wrote
 them (elsewhere the RNG streams stay as seeded and every rank takes rank 0's
@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vigos_megatron.convert.hf_checkpoint import CheckpointError
+from vigos_megatron.models.hf_checkpoint import CheckpointError
 from vigos_megatron.convert.megatron_checkpoint import (
     TRACKER_FILE,
     check_model_checkpoint,

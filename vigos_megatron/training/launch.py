@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 def run_rank(cfg, layout) -> int:
     """This rank's part of the run (process-group environment set: torchrun's, or one rank's)."""
-    from vigos_megatron import runtime
+    from vigos_megatron import runtime, startup
     from vigos_megatron.training.console import print_line, quiet_library_logs
 
     quiet_library_logs(int(os.environ.get("RANK", "0")))
@@ -58,7 +58,7 @@ def run_rank(cfg, layout) -> int:
 
     from vigos_megatron.training.loop import train
 
-    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    startup.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
     log = print_line if dist.get_rank() == 0 else (lambda _line: None)
     try:
         if cfg.tiny.enabled:
@@ -68,7 +68,7 @@ def run_rank(cfg, layout) -> int:
         log(f"[vigos] {runtime.describe()}; run_dir {cfg.run_dir}")
         train(cfg, layout, log=print_line)
     finally:
-        runtime.destroy_distributed()
+        startup.destroy_distributed()
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -193,7 +192,7 @@ def train(cfg, layout, *, log=print) -> int:
     steps of this launch, or SIGTERM. Returns the number of steps done in this launch."""
     from megatron.core import parallel_state as ps
 
-    from vigos_megatron.losses.objectives import EXPECTED_TERMS, OBJECTIVE_TERMS
+    from vigos_megatron import objectives
     from vigos_megatron.runtime import compute_device
     from vigos_megatron.training.checkpoint import TrainState, save_training_checkpoint
     from vigos_megatron.training.metrics import MetricsWriter, TermWatch, format_progress
@@ -209,9 +208,10 @@ def train(cfg, layout, *, log=print) -> int:
     hf_config = ctx.models.builder.hf_config
     writer = MetricsWriter(cfg.run_dir, enabled=is_metrics_rank(ps), tensorboard=cfg.logging.tensorboard,
                            resume_step=start)
+    objective = objectives.get(cfg.loss.objective)
     rollout_log = RolloutLog(cfg.run_dir, count=cfg.logging.dump_rollouts, enabled=is_metrics_rank(ps),
-                             resume_step=start, tokenizer=ctx.tokenizer, term_names=OBJECTIVE_TERMS[cfg.loss.objective])
-    terms = TermWatch(EXPECTED_TERMS[cfg.loss.objective])
+                             resume_step=start, tokenizer=ctx.tokenizer, term_names=objective.terms)
+    terms = TermWatch(objective.expected_terms)
     if rank0:
         log(f"[vigos] {'resuming at' if start else 'starting'} step {start} of {cfg.train.steps}; this launch runs "
             f"steps {start + 1}..{end}; layout TP={layout.tp} PP={layout.pp} DP={layout.dp}; "

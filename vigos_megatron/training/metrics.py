@@ -178,7 +178,7 @@ class TermWatch:
     """A one-line notice when a loss term has no tokens in a step: once, and again when that changes.
 
     ``expected``: the objective's terms that a healthy step has tokens for
-    (:data:`~vigos_megatron.losses.objectives.EXPECTED_TERMS`).
+    (:attr:`~vigos_megatron.objectives.base.Objective.expected_terms`).
     """
 
     def __init__(self, expected: tuple[str, ...]):

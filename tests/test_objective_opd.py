@@ -1,0 +1,108 @@
+"""The ``opd`` objective (standard on-policy distillation, the VGS paper's baseline).
+
+* fast: the rows a rollout contributes (student context + completion, twice), every completion token
+  scored with reverse KL; the loss is the token-mean reverse KL; loss and gradient are exactly zero
+  when the teacher's logits equal the student's (the default self-teacher under the student's own
+  context);
+* slow: first-step parity of the training loop across TP1 / TP2 / PP2 with a separate teacher
+  checkpoint of another seed (``model.teacher_hf_path``), the loss above zero.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vigos_megatron import objectives
+from vigos_megatron.losses.objectives import DistillTokens
+from vigos_megatron.testing.kl_reference import kl_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 96
+
+
+def _cfg(*overrides):
+    from vigos_megatron.config.loader import load_config
+    from vigos_megatron.config.train import PretrainConfig
+
+    return load_config(PretrainConfig, ROOT / "conf/tiny_cpu.yaml", ["run_dir=unused", *overrides])
+
+
+def test_opd_is_registered_and_configured():
+    cfg = _cfg("loss.objective=opd")
+    opd = objectives.get("opd")
+    assert opd.contexts(cfg) == ("student",) and opd.terms == ("std",)
+    assert (cfg.loss.opd.weight, cfg.loss.opd.clip) == (1.0, 0.0)
+    from vigos_megatron.config.loader import load_config
+    from vigos_megatron.config.train import PretrainConfig
+
+    composed = load_config(PretrainConfig, ROOT / "conf/tiny_cpu.yaml", ["run_dir=unused"])
+    assert composed.loss.objective == "vigos" and hasattr(composed.loss, "opd")
+
+
+def test_opd_rows_and_loss():
+    from vigos_megatron.rollout.segments import CompletionSegments
+    from vigos_megatron.training.rollouts import Rollout
+
+    ctx = {"student": torch.arange(10, 17)}
+    completion = torch.tensor([40, 41, 42, 43])
+    r = Rollout(sample={"contexts": ctx}, completion=completion, finish_reason="stop",
+                segments=CompletionSegments(num_tokens=4, valid=False, reason="x"), correct=False)
+    opd = objectives.get("opd")
+    a = opd.assemble(r, _cfg("loss.objective=opd"), cut=None)
+    assert torch.equal(a.student_slots[0].ids, a.teacher_slots[0].ids)
+    assert a.teacher_slots[0].context == "student" and len(a.scores) == 4
+    mb = opd.pack([a], pad_id=0, seq_length=16)
+    g = torch.Generator().manual_seed(0)
+    out = (torch.randn(2, 16, V, generator=g) * 2).requires_grad_()
+    settings = _cfg("loss.objective=opd").loss.opd
+    fn = opd.build_loss(settings, [mb.tokens], chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None)
+    loss, n, report = fn(mb.tokens, out)
+    flat = out.detach().reshape(-1, V)
+    ref = kl_reference(flat[mb.tokens.student_index], flat[mb.tokens.teacher_index], "reverse").mean()
+    assert int(n) == 4 and abs(float(loss / n) - float(ref)) < 1e-5 and float(ref) > 0.1
+    assert set(report) >= {"kl/std", "clip_fraction"}
+
+
+def test_opd_loss_and_gradient_are_zero_when_the_teacher_equals_the_student():
+    opd = objectives.get("opd")
+    g = torch.Generator().manual_seed(1)
+    S = 6
+    logits = torch.randn(S, V, generator=g) * 3
+    out = torch.stack([logits, logits], dim=0).requires_grad_()  # row 0 student, row 1 teacher: equal
+    pos = torch.arange(S)
+    tokens = DistillTokens(pos, S + pos, torch.zeros(S, dtype=torch.long), completion_tokens=S, rows=1)
+    fn = opd.build_loss(_cfg().loss.opd, [tokens], chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None)
+    loss, n, _ = fn(tokens, out)
+    loss.backward()
+    assert float(loss) == 0.0 and int(n) == S
+    assert float(out.grad.abs().max()) == 0.0
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.slow
+def test_opd_first_step_parity_with_a_separate_teacher(tiny_demo_assets, tmp_path):
+    from vigos_megatron.testing.distributed import run_torchrun
+    from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
+
+    teacher = write_tiny_checkpoint(tmp_path / "teacher", seed=7)  # same architecture and tokenizer, other weights
+    layouts = {"tp1": (1, ["parallel.tp=1"]), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.tp=1", "parallel.pp=2"])}
+    first = {}
+    for name, (nproc, ov) in layouts.items():
+        run = tmp_path / name
+        run_torchrun(ROOT / "examples" / "pretrain_vigos.py", nproc, "--config", ROOT / "conf" / "tiny_cpu.yaml",
+                     f"run_dir={run}", "train.steps=1", "loss.objective=opd", f"model.teacher_hf_path={teacher}", *ov,
+                     timeout=600)
+        first[name] = _metrics(run)[0]
+    ref = first["tp1"]
+    assert ref["loss"] > 1e-3 and "term/std" in ref and ref["grad_norm"] > 0, ref
+    for name, m in first.items():
+        for key in ("loss", "term/std", "grad_norm"):
+            assert abs(m[key] - ref[key]) <= 1e-5 * abs(ref[key]), (name, key, m[key], ref[key])
+        assert m["completion_tokens"] == ref["completion_tokens"], name

@@ -1,0 +1,203 @@
+"""The chunked torch implementation of the vocabulary-parallel KL (the math, the all-reduces and
+the closed-form gradients: :mod:`vigos_megatron.losses.vocab_parallel_kl`).
+
+:func:`torch_kl_rows` is called by :func:`~vigos_megatron.losses.vocab_parallel_kl.kl_rows` with
+validated terms; temporaries are a few fp32 ``[chunk, V/tp]`` tensors whatever the token count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vigos_megatron.losses.kl_common import LogitRows, all_reduce, kl_from_stats, raise_non_finite
+
+
+def _rows(term_logits: Tensor) -> Tensor:
+    return term_logits.reshape(-1, term_logits.shape[-1])
+
+
+def _side_chunk(terms, index_list, lo: int, hi: int, inv_t: float) -> Tensor:
+    """Fresh fp32 ``[hi-lo, V/tp]`` logits of one side for tokens ``lo:hi``, divided by T."""
+    out = None
+    for (rows, coef), idx in zip(terms, index_list):
+        x = rows[lo:hi] if idx is None else rows.index_select(0, idx[lo:hi])
+        scale = coef * inv_t
+        if out is None:
+            out = x.to(torch.float32, copy=idx is None)  # never alias the caller's tensor
+            if scale != 1.0:
+                out.mul_(scale)
+        else:
+            out.add_(x, alpha=scale)
+    return out
+
+
+def _chunk_len(n: int, v_local: int, chunk_bytes: int) -> int:
+    return max(1, min(n, chunk_bytes // max(1, 4 * v_local)))
+
+
+def _side_max(terms, index_list, lo: int, hi: int, inv_t: float) -> Tensor:
+    """Per-token max of one side's scaled logits (any upper-bound shift works for stability)."""
+    if len(terms) == 1 and terms[0][1] > 0:
+        (rows, coef), idx = terms[0], index_list[0]
+        x = rows[lo:hi] if idx is None else rows.index_select(0, idx[lo:hi])
+        return x.amax(dim=-1).float() * (coef * inv_t)  # no fp32 copy of the chunk
+    return _side_chunk(terms, index_list, lo, hi, inv_t).amax(dim=-1)
+
+
+def _token_maxima(sides, inv_t, n, chunk, group) -> Tensor:
+    """``[n, 2]`` global per-token maxima (``MAX`` all-reduce #1)."""
+    m = torch.empty(n, 2, dtype=torch.float32, device=sides[0][0][0][0].device)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        for j, (terms, idx) in enumerate(sides):
+            m[lo:hi, j] = _side_max(terms, idx, lo, hi, inv_t)
+    return all_reduce(m, dist.ReduceOp.MAX, group)
+
+
+def _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group) -> Tensor:
+    """``[n, 4]`` global ``(S_a, S_b, C_a, C_b)`` (``SUM`` all-reduce #2).
+
+    With ``a' = a - m_a``, ``b' = b - m_b`` and ``dm = m_a - m_b`` (all in place):
+    ``C_a = sum e^{a'} (a' - b') + dm * S_a`` and ``C_b = -sum e^{b'} (a' - b') - dm * S_b``.
+    """
+    s = torch.zeros(n, 4, dtype=torch.float32, device=m.device)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        a = _side_chunk(*sides[0], lo, hi, inv_t).sub_(m[lo:hi, 0:1])
+        b = _side_chunk(*sides[1], lo, hi, inv_t).sub_(m[lo:hi, 1:2])
+        ea = torch.exp(a)
+        eb = torch.exp(b)
+        s[lo:hi, 0] = ea.sum(-1)
+        s[lo:hi, 1] = eb.sum(-1)
+        d = a.sub_(b)
+        dm = m[lo:hi, 0] - m[lo:hi, 1]
+        if want_a:
+            s[lo:hi, 2] = (ea.mul_(d)).sum(-1) + dm * s[lo:hi, 0]
+        if want_b:
+            s[lo:hi, 3] = -(eb.mul_(d)).sum(-1) - dm * s[lo:hi, 1]
+        del a, b, ea, eb, d
+    return all_reduce(s, dist.ReduceOp.SUM, group)
+
+
+def _side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
+    """Gradients w.r.t. the two sides' (temperature-scaled) logits for one chunk.
+
+    ``a``/``b`` are consumed (overwritten). ``g`` is ``[c, 1]`` (incoming gradient / T).
+    ``mode`` is ``"forward"``, ``"reverse"`` or ``"mixed"`` (per-token ``reverse``);
+    the single-direction modes work in place on 4 chunk-sized tensors::
+
+        reverse: da = p_a (la - lb - kl),  db = q_b - p_a
+        forward: da = p_a - q_b,           db = q_b (lb - la - kl)
+    """
+    la = a.sub_(lse_a[:, None])  # log p_a
+    lb = b.sub_(lse_b[:, None])  # log q_b
+    pa = torch.exp(la)
+    qb = torch.exp(lb)
+    d = la.sub_(lb)  # la - lb
+    k = kl[:, None]
+    if mode == "reverse":
+        da = (d - k if need_b else d.sub_(k)).mul_(pa).mul_(g)
+        db = qb.sub_(pa).mul_(g) if need_b else None
+    elif mode == "forward":
+        db = d.neg_().sub_(k).mul_(qb).mul_(g) if need_b else None
+        da = pa.sub_(qb).mul_(g)
+    else:
+        r = reverse[:, None]
+        da = torch.where(r, pa * (d - k), pa - qb).mul_(g)
+        db = torch.where(r, qb - pa, qb * (d.neg_() - k)).mul_(g) if need_b else None
+    return da, db
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Per-token KL between two vocabulary-sharded sides; see the module docstring.
+
+    ``forward(ctx, meta, *flat)`` with ``flat = (logits_0, index_0, logits_1, index_1, ...)``
+    (``index_i`` may be ``None``) and ``meta = (n_a_terms, coefs, reverse, inv_t, clip,
+    group, chunk, want_a, want_b)``. Returns fp32 ``[n]`` (clipped where ``kl > clip``).
+    Backward returns, for each logits tensor that needs it, a gradient of its own
+    dtype and shape: the rows it contributed receive ``coef * g/T * dKL/dside``.
+    """
+
+    @staticmethod
+    def forward(ctx, meta, *flat):
+        n_a, coefs, reverse, inv_t, clip, group, chunk, want_a, want_b = meta
+        logits = flat[0::2]
+        indices = flat[1::2]
+        rows = [_rows(x) for x in logits]
+        terms = list(zip(rows, coefs))
+        sides = ((terms[:n_a], indices[:n_a]), (terms[n_a:], indices[n_a:]))
+        n = reverse.numel()
+        m = _token_maxima(sides, inv_t, n, chunk, group)
+        s = _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group)
+        kl, lse_a, lse_b = kl_from_stats(m, s, reverse)
+        if not bool(torch.isfinite(kl).all()):
+            raise_non_finite(logits, n_a)
+        clipped = kl > clip if clip is not None else torch.zeros_like(reverse)
+        ctx.meta = meta
+        ctx.shapes = [x.shape for x in logits]
+        ctx.save_for_backward(kl, lse_a, lse_b, clipped, *[i if i is not None else torch.empty(0) for i in indices], *logits)
+        ctx.has_index = [i is not None for i in indices]
+        out = torch.where(clipped, torch.full_like(kl, clip if clip is not None else 0.0), kl)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        n_a, coefs, reverse, inv_t, clip, group, chunk, want_a, want_b = ctx.meta
+        saved = ctx.saved_tensors
+        kl, lse_a, lse_b, clipped = saved[:4]
+        k = len(ctx.shapes)
+        indices = [t if has else None for t, has in zip(saved[4 : 4 + k], ctx.has_index)]
+        logits = saved[4 + k :]
+        needs = [ctx.needs_input_grad[1 + 2 * i] for i in range(k)]
+        rows = [_rows(x) for x in logits]
+        terms = list(zip(rows, coefs))
+        sides = ((terms[:n_a], indices[:n_a]), (terms[n_a:], indices[n_a:]))
+        need_b = any(needs[n_a:])
+        mode = "mixed" if (want_a and want_b) else ("reverse" if want_a else "forward")
+        grads = [
+            (torch.zeros_like(r) if indices[i] is not None else torch.empty_like(r)) if needs[i] else None
+            for i, r in enumerate(rows)
+        ]
+        g = torch.where(clipped, torch.zeros_like(grad_out), grad_out.float()) * inv_t
+        n = kl.numel()
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            a = _side_chunk(*sides[0], lo, hi, inv_t)
+            b = _side_chunk(*sides[1], lo, hi, inv_t)
+            da, db = _side_grads(
+                a, b, lse_a[lo:hi], lse_b[lo:hi], kl[lo:hi], reverse[lo:hi], g[lo:hi, None], mode, need_b
+            )
+            for i in range(k):
+                if grads[i] is None:
+                    continue
+                side_grad = da if i < n_a else db
+                val = side_grad * coefs[i] if coefs[i] != 1.0 else side_grad
+                if indices[i] is None:
+                    grads[i][lo:hi] = val
+                else:
+                    grads[i].index_add_(0, indices[i][lo:hi], val.to(grads[i].dtype))
+            del a, b, da, db
+        out = [None]
+        for i in range(k):
+            out.append(None if grads[i] is None else grads[i].view(ctx.shapes[i]))
+            out.append(None)
+        return tuple(out)
+
+
+def torch_kl_rows(s_terms: list[LogitRows], t_terms: list[LogitRows], *, reverse: Tensor, want_a: bool, want_b: bool,
+                  temperature: float, clip: float | None, tp_group, chunk_bytes: int) -> Tensor:
+    """fp32 ``[n]`` per-token KL of validated terms (``reverse``: bool ``[n]`` on the logits' device)."""
+    terms = s_terms + t_terms
+    ref = s_terms[0].logits
+    chunk = _chunk_len(reverse.numel(), ref.shape[-1], chunk_bytes)
+    meta = (len(s_terms), tuple(float(t.coef) for t in terms), reverse, 1.0 / float(temperature), clip, tp_group, chunk,
+            want_a, want_b)
+    flat = []
+    for t in terms:
+        flat += [t.logits, t.index]
+    return _VocabParallelKL.apply(meta, *flat)
