@@ -57,9 +57,7 @@ def synthetic_batch(cfg: DemoConfig, v_local: int, rank: int):
     sigma = 0.1 + 0.35 * torch.rand(len(sidx), generator=g)
     for i, (si, ti) in enumerate(zip(sidx, tidx)):
         flat[ti] = flat[si] + float(sigma[i]) * torch.randn(v_local, generator=gen)
-    tokens = DistillTokens(
-        torch.tensor(sidx), torch.tensor(tidx), torch.tensor(seg), completion_tokens=B * L, rows=B, invalid_rows=n_invalid
-    )
+    tokens = DistillTokens(torch.tensor(sidx), torch.tensor(tidx), torch.tensor(seg))
     return stream, tokens
 
 
@@ -97,8 +95,7 @@ def main() -> None:
     objective = objectives.get(cfg.loss.objective)
     # a one-term objective gives every token its term 0
     seg = tokens.segment if len(objective.terms) == 3 else torch.zeros_like(tokens.segment)
-    tokens = type(tokens)(tokens.student_index, tokens.teacher_index, seg, tokens.completion_tokens, tokens.rows,
-                          tokens.invalid_rows)
+    tokens = type(tokens)(tokens.student_index, tokens.teacher_index, seg)
     # DP=1 here: pass the DP group in training
     loss_fn = objective.build_loss(getattr(cfg.loss, objective.name), [tokens], chunk_bytes=cfg.loss.chunk_bytes,
                                    impl=cfg.loss.impl, dp_group=None, tp_group=tp_group)

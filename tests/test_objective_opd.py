@@ -74,7 +74,7 @@ def test_opd_loss_and_gradient_are_zero_when_the_teacher_equals_the_student():
     logits = torch.randn(S, V, generator=g) * 3
     out = torch.stack([logits, logits], dim=0).requires_grad_()  # row 0 student, row 1 teacher: equal
     pos = torch.arange(S)
-    tokens = DistillTokens(pos, S + pos, torch.zeros(S, dtype=torch.long), completion_tokens=S, rows=1)
+    tokens = DistillTokens(pos, S + pos, torch.zeros(S, dtype=torch.long))
     fn = opd.build_loss(_cfg().loss.opd, [tokens], chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None)
     loss, n, _ = fn(tokens, out)
     loss.backward()

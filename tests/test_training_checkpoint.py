@@ -76,7 +76,7 @@ def trained(tiny_hf, tmp_path_factory):
         inputs = sc.build_inputs(tiny_hf)
         a = cc.build(tiny_hf, ps, inputs=inputs)
         history = [cc.train_step(a, ps) for _ in range(SAVE_AT)]
-        state = TrainState(step=SAVE_AT, loader={"consumed_positions": 8}, consumed_prompts=8, extra={"note": "x"})
+        state = TrainState(step=SAVE_AT, loader={"consumed_positions": 8, "note": "x"})
         t_save = time.perf_counter()
         save_training_checkpoint(run, state, student_chunks=[a.student], model=a.model, optimizer=a.optimizer,
                                  scheduler=a.scheduler, hf_source_dir=tiny_hf)
@@ -341,7 +341,7 @@ def test_dp2_distributed_optimizer_resume_and_dp1_load(torchrun, tiny_hf, tmp_pa
         assert x["history_b"][0] == x["history_a"][SAVE_AT], r
         assert x["next_b"]["adam_step"] == x["next_a"]["adam_step"] == SAVE_AT + 1, r
         assert _equal_dicts(x["next_b"]["params"], x["next_a"]["params"]) == [], r
-        assert x["train_state"].loader["dp_rank"] == r and x["train_state"].extra["rank"] == r
+        assert x["train_state"].loader["dp_rank"] == r and x["train_state"].loader["rank"] == r
     # DP rank 0 holds the gathered optimizer tensors (fully_reshardable format)
     assert len(res[0]["at_save"]["opt"]) > 0 and res[1]["at_save"]["opt"] == {}
     print(f"DP=2 distributed optimizer: save {res[0]['save_s']:.1f}s, load {res[0]['load_s']:.1f}s, "
@@ -355,7 +355,7 @@ def test_dp2_distributed_optimizer_resume_and_dp1_load(torchrun, tiny_hf, tmp_pa
         with pytest.warns(UserWarning, match="written at"):
             state = load_training_checkpoint(run, student_chunks=[b.student], model=b.model, optimizer=b.optimizer,
                                              scheduler=b.scheduler)
-        assert state.step == SAVE_AT and state.extra["rank"] == 0
+        assert state.step == SAVE_AT and state.loader["rank"] == 0
         assert _equal_dicts(cc.params(b), res[0]["at_save"]["params"]) == []
         opt, ref_opt = cc.optimizer_state(b), res[0]["at_save"]["opt"]
         moments = [k for k in ref_opt if ".exp_avg" in k]

@@ -50,8 +50,7 @@ def main():
     res = {"kind": optimizer_kind(a.optimizer), "history_a": [], "history_b": []}
     for _ in range(SAVE_AT):
         res["history_a"].append(cc.train_step(a, ps))
-    state = TrainState(step=SAVE_AT, loader={"dp_rank": dp_rank, "consumed_positions": 8 * SAVE_AT},
-                       consumed_prompts=4 * SAVE_AT, extra={"rank": rank})
+    state = TrainState(step=SAVE_AT, loader={"dp_rank": dp_rank, "consumed_positions": 8 * SAVE_AT, "rank": rank})
     t_save = time.perf_counter()
     save_training_checkpoint(args.run_dir, state, student_chunks=[a.student], model=a.model, optimizer=a.optimizer,
                              scheduler=a.scheduler, hf_source_dir=args.hf)

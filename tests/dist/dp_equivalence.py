@@ -80,7 +80,7 @@ def micro_batch(ids):
             sidx.append(p * R + b)
             tidx.append(q * R + B + c * B + b)
             seg.append(sg)
-    t = DistillTokens(torch.tensor(sidx), torch.tensor(tidx), torch.tensor(seg), completion_tokens=len(seg), rows=B)
+    t = DistillTokens(torch.tensor(sidx), torch.tensor(tidx), torch.tensor(seg))
     return x, B, t
 
 

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 dp_weights_worker.py RUN_DIR OVERLAP STEPS
 
 Built exactly as the training loop builds a run (``conf/tiny_cpu.yaml`` at TP=1, the demo's
-cached checkpoint and shards, :func:`vigos_megatron.training.loop.build_run`: megatron
+cached checkpoint and shards, :func:`vigos_megatron.training.setup.build_run`: megatron
 DDP + the distributed optimizer, ``optimizer.overlap_param_gather=OVERLAP``). One fixed batch of
 this rank's prompts is generated, scored and trained on, ``STEPS`` times, as in the loop:
 ``ensure_params_gathered -> generate_rollouts -> build_step_inputs -> train_step``.
@@ -144,7 +144,7 @@ def main():
     from megatron.core import parallel_state as ps
 
     from vigos_megatron.rollout.engine import MegatronRolloutEngine
-    from vigos_megatron.training.loop import build_run, stop_token_ids
+    from vigos_megatron.training.setup import build_run, stop_token_ids
     from vigos_megatron.training.optimizer import ensure_params_gathered
     from vigos_megatron.training.rollouts import generate_rollouts
     from vigos_megatron.training.scoring import build_step_inputs
@@ -174,7 +174,7 @@ def main():
                                        pad_token_id=ctx.pad_id)
 
     # step 0's rollouts, from the initial weights (exactly the loop's pre-generation path)
-    ensure_params_gathered(ctx.models.model, ctx.optimizer)
+    ensure_params_gathered(ctx.models.model)
     with PrefillLogits(student[0]) as cap:
         rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=0, tokenizer=ctx.tokenizer)
     logits_before = cap.logits
@@ -199,8 +199,8 @@ def main():
         not_owned = {n: ~m for n, m in owned.items()}
 
         # the loop's pre-generation path
-        forced = ensure_params_gathered(ctx.models.model, ctx.optimizer)
-        forced_again = ensure_params_gathered(ctx.models.model, ctx.optimizer)
+        forced = ensure_params_gathered(ctx.models.model)
+        forced_again = ensure_params_gathered(ctx.models.model)
         after_guard = snapshot(params)
         state_before = gather_state(ctx.models.model)
         with PrefillLogits(student[0]) as cap:

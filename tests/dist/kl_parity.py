@@ -152,7 +152,7 @@ def _objective_case(rank, size, group, sl) -> list[str]:
     loss_fn = vigos_loss(cfg, counts, tp_group=group, chunk_bytes=4096)
     out = full[..., sl].clone().requires_grad_()
     with collective_monitor():
-        loss, num_tokens, report = loss_fn(DistillTokens(sidx, tidx, seg, completion_tokens=15, rows=3, invalid_rows=1), out)
+        loss, num_tokens, report = loss_fn(DistillTokens(sidx, tidx, seg), out)
         (loss / num_tokens).backward()
     # float64 reference written out per term
     ref_in = full.double().requires_grad_()

@@ -287,7 +287,7 @@ def case_objective_vigos(ctx: Ctx) -> list[str]:
     for impl in ("triton", "torch"):
         loss_fn = vigos_loss(cfg, counts.to(ctx.device), tp_group=ctx.group, impl=impl)
         out = full[..., ctx.sl].clone().to(ctx.device).requires_grad_()
-        toks = DistillTokens(sidx.to(ctx.device), tidx.to(ctx.device), seg.to(ctx.device), completion_tokens=15, rows=3, invalid_rows=1)
+        toks = DistillTokens(sidx.to(ctx.device), tidx.to(ctx.device), seg.to(ctx.device))
         with collective_monitor():
             loss, num_tokens, report = loss_fn(toks, out)
             (loss / num_tokens).backward()

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 #: Default bytes of ONE fp32 work tensor ``[chunk, V/tp]``; about 6 are alive at once.
@@ -35,18 +34,6 @@ class LogitRows:
     logits: Tensor
     index: Tensor | None = None
     coef: float = 1.0
-
-
-def group_size(group) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
-def all_reduce(t: Tensor, op, group) -> Tensor:
-    if t.numel() > 0 and group_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
 
 
 def kl_from_stats(m: Tensor, s: Tensor, reverse: Tensor):

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from vigos_megatron.collectives import all_reduce
 from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, LogitRows, kl_rows
 
 # ViGOS segments (ids used in DistillTokens.segment)
@@ -77,18 +77,14 @@ class DistillTokens:
         student_index: row of the student's logits predicting each supervised token.
         teacher_index: row of the responsible teacher's logits for the same token.
         segment: segment id of each token (ViGOS: ``PERCEPTION``/``REASONING``/``REFERENCE``).
-        completion_tokens: all completion tokens of the micro-batch (supervised or not).
-        rows: rollouts in the micro-batch; ``invalid_rows`` of them are malformed.
-        correct_rows: rollouts whose boxed answer matched the reference (-1: unknown).
+
+    Rollout statistics (validity, accuracy, token fractions) are the training loop's, from the
+    rollouts themselves (:func:`vigos_megatron.training.metrics.rollout_stats`).
     """
 
     student_index: Tensor
     teacher_index: Tensor
     segment: Tensor
-    completion_tokens: int = 0
-    rows: int = 0
-    invalid_rows: int = 0
-    correct_rows: int = -1
 
     def __post_init__(self):
         _check_token_indices(self, ("student_index", "teacher_index", "segment"))
@@ -132,9 +128,7 @@ def global_segment_counts(segments_per_microbatch: Sequence[Tensor], num_segment
     for seg in segments_per_microbatch:
         if seg.numel():
             counts += torch.bincount(seg, minlength=num_segments)[:num_segments].to(torch.float64)
-    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(counts, group=dp_group)
-    return counts
+    return all_reduce(counts, dp_group)
 
 
 def _pair(a, b, device) -> Tensor:
@@ -207,12 +201,6 @@ class SegmentedDistillationLoss:
                 report[f"kl/{s.name}"] = torch.stack([sums[i], cnts[i]])
             clipped = (kl.detach() >= self.clip).sum() if self.clip is not None else 0
             report["clip_fraction"] = _pair(clipped, n, device)
-            report["tokens/supervised_fraction"] = _pair(n, tokens.completion_tokens, device)
-            for i, s in enumerate(self.segments):
-                report[f"tokens/{s.name}_fraction"] = _pair(cnts[i], tokens.completion_tokens, device)
-            report["rollouts/invalid_fraction"] = _pair(tokens.invalid_rows, tokens.rows, device)
-            if tokens.correct_rows >= 0:
-                report["rollouts/accuracy"] = _pair(tokens.correct_rows, tokens.rows, device)
         num_tokens = torch.tensor(n, dtype=torch.int, device=device)
         return loss, num_tokens, report
 

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vigos_megatron.losses.kl_common import LogitRows, all_reduce, kl_from_stats, raise_non_finite
+from vigos_megatron.collectives import all_reduce
+from vigos_megatron.losses.kl_common import LogitRows, kl_from_stats, raise_non_finite
 
 
 def _rows(term_logits: Tensor) -> Tensor:
@@ -53,7 +54,7 @@ def _token_maxima(sides, inv_t, n, chunk, group) -> Tensor:
         hi = min(n, lo + chunk)
         for j, (terms, idx) in enumerate(sides):
             m[lo:hi, j] = _side_max(terms, idx, lo, hi, inv_t)
-    return all_reduce(m, dist.ReduceOp.MAX, group)
+    return all_reduce(m, group, dist.ReduceOp.MAX)
 
 
 def _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group) -> Tensor:
@@ -78,7 +79,7 @@ def _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group) -> Tensor:
         if want_b:
             s[lo:hi, 3] = -(eb.mul_(d)).sum(-1) - dm * s[lo:hi, 1]
         del a, b, ea, eb, d
-    return all_reduce(s, dist.ReduceOp.SUM, group)
+    return all_reduce(s, group, dist.ReduceOp.SUM)
 
 
 def _side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):

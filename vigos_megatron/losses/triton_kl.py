@@ -39,7 +39,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.losses import _triton_kl_kernels as K
-from vigos_megatron.losses.kl_common import LogitRows, all_reduce, group_size, kl_from_stats, raise_non_finite
+from vigos_megatron.collectives import all_reduce, group_size
+from vigos_megatron.losses.kl_common import LogitRows, kl_from_stats, raise_non_finite
 
 #: True when the kernels were defined under Triton's interpreter (CPU tensors allowed).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -164,11 +165,11 @@ class _TritonKL(torch.autograd.Function):
                 num_warps=cfg.fwd_num_warps,
             )
         m_local = stats[:, 0:2]
-        m = all_reduce(m_local.clone(), dist.ReduceOp.MAX, group)  # all-reduce #1: [n, 2]
+        m = all_reduce(m_local.clone(), group, dist.ReduceOp.MAX)  # all-reduce #1: [n, 2]
         s = stats[:, 2:6]
         if group_size(group) > 1:
             s = s * torch.exp(m_local - m).repeat(1, 2)  # (S_a, S_b, C_a, C_b) onto the global maxima
-        s = all_reduce(s.contiguous(), dist.ReduceOp.SUM, group)  # all-reduce #2: [n, 4]
+        s = all_reduce(s.contiguous(), group, dist.ReduceOp.SUM)  # all-reduce #2: [n, 4]
         kl, lse_a, lse_b = kl_from_stats(m, s, reverse)
         if not bool(torch.isfinite(kl).all()):
             raise_non_finite(logits, n_a)

@@ -42,7 +42,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.config.loss import KL_IMPLS
-from vigos_megatron.losses.kl_common import DEFAULT_CHUNK_BYTES, LogitRows, all_reduce, group_size
+from vigos_megatron.collectives import all_reduce, group_size
+from vigos_megatron.losses.kl_common import DEFAULT_CHUNK_BYTES, LogitRows
 from vigos_megatron.losses.torch_kl import torch_kl_rows
 
 Direction = Literal["forward", "reverse"]
@@ -94,7 +95,7 @@ def _check_vocab(v_local: int, vocab_size: int | None, group, device) -> None:
     if tp > 1:
         # one 2-element all-reduce: every rank must hold the same shard width
         w = torch.tensor([v_local, -v_local], dtype=torch.float64, device=device)
-        all_reduce(w, dist.ReduceOp.MAX, group)
+        all_reduce(w, group, dist.ReduceOp.MAX)
         if int(w[0]) != v_local or int(-w[1]) != v_local:
             raise ValueError(
                 f"vocabulary shards differ across the tensor-parallel group (this rank {v_local}, "

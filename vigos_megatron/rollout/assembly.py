@@ -264,15 +264,10 @@ def pack_distill(
             sidx.append(flat(s_slot * B + b, s_pos))
             tidx.append(flat((ks + t_slot) * B + b, t_pos))
             seg.append(segment)
-    known = [r.correct for r in rollouts if r.correct is not None]
     mb.tokens = DistillTokens(
         torch.tensor(sidx, dtype=torch.long),
         torch.tensor(tidx, dtype=torch.long),
         torch.tensor(seg, dtype=torch.long),
-        completion_tokens=sum(r.completion_tokens for r in rollouts),
-        rows=B,
-        invalid_rows=sum(not r.valid for r in rollouts),
-        correct_rows=sum(known) if len(known) == B else -1,
     )
     return mb
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from vigos_megatron.collectives import all_reduce, group_size
 from vigos_megatron.losses.objectives import check_schedule_config
 from vigos_megatron.runtime import compute_device, model_device
 from vigos_megatron.schedule.batch import StreamBatch
@@ -104,8 +105,9 @@ def reduce_reports(reports: Sequence[dict], dp_group=None) -> dict[str, float]:
     if not reports:
         return {}
     keys = sorted(set().union(*reports))
-    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        gathered = [None] * dist.get_world_size(dp_group)
+    dp = group_size(dp_group)
+    if dp > 1:
+        gathered = [None] * dp
         dist.all_gather_object(gathered, keys, group=dp_group)
         keys = sorted(set().union(*gathered))
     sums = torch.zeros(len(keys), 2, dtype=torch.float64)
@@ -113,9 +115,6 @@ def reduce_reports(reports: Sequence[dict], dp_group=None) -> dict[str, float]:
         for i, k in enumerate(keys):
             if k in rep:
                 sums[i] += torch.as_tensor(rep[k], dtype=torch.float64).detach().cpu().reshape(2)
-    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        dev = compute_device()
-        sums = sums.to(dev)
-        dist.all_reduce(sums, group=dp_group)
-        sums = sums.cpu()
+    if dp > 1:
+        sums = all_reduce(sums.to(compute_device()), dp_group).cpu()
     return {k: float(sums[i, 0] / sums[i, 1]) if sums[i, 1] != 0 else float("nan") for i, k in enumerate(keys)}

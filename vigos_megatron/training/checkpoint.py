@@ -87,10 +87,6 @@ class TrainState:
     step: int
     #: ``StreamingLoader.state_dict()`` of this rank's loader
     loader: dict = field(default_factory=dict)
-    #: prompts drawn so far over all data-parallel ranks
-    consumed_prompts: int = 0
-    #: anything else the loop wants back (plain Python values)
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -417,7 +413,7 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
         run.mkdir(parents=True, exist_ok=True)
     _barrier()
     _prepare_iteration_dir(run, int(state.step))
-    ensure_params_gathered(model, optimizer)
+    ensure_params_gathered(model)
 
     materialize_optimizer_state(optimizer)
     model_sd = model_sharded_state_dict(student_chunks)["model"]
@@ -560,4 +556,4 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
                           f"{' and optimizer' if load_optimizer else ''} state loaded; RNG streams stay as seeded "
                           "and every rank takes rank 0's loader state")
         ts = meta["train_state"]
-    return TrainState(**ts)
+    return TrainState(step=ts["step"], loader=ts.get("loader", {}))

@@ -22,6 +22,15 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from vigos_megatron.collectives import all_reduce
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vigos_megatron.rollout.engine import GenerationStats
+    from vigos_megatron.training.rollouts import Rollout
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -197,3 +206,71 @@ class TermWatch:
         why = f"invalid rate {metrics['invalid_rate']:.2f}" if "invalid_rate" in metrics else "no such tokens"
         return (f"[vigos] warning: step {step}: no tokens for the {', '.join(missing)} term(s) ({why}); "
                 f"this step trains only {', '.join(trained) or 'nothing'}")
+
+
+# --------------------------------------------------------------------------- one step's line
+
+
+def rollout_stats(rollouts: "list[Rollout]", dp_group, device) -> dict[str, float]:
+    """Invalid-rollout rate, answer accuracy and segment token fractions over the global batch."""
+    sums = torch.zeros(7, dtype=torch.float64)
+    for r in rollouts:
+        n = int(r.completion.numel())
+        seg = r.segments
+        sums += torch.tensor([
+            1.0, float(not seg.valid), float(r.correct), n,
+            (seg.description[1] - seg.description[0]) if seg.valid else 0,
+            (seg.reasoning[1] - seg.reasoning[0]) if seg.valid else 0,
+            float(r.finish_reason == "length"),
+        ], dtype=torch.float64)
+    sums = all_reduce(sums.to(device), dp_group)
+    rows, invalid, correct, tokens, desc, rea, truncated = sums.tolist()
+    rows_d, tok_d = max(rows, 1.0), max(tokens, 1.0)
+    return {
+        "rollouts": rows, "completion_tokens": tokens,
+        "invalid_rate": invalid / rows_d, "rollout_accuracy": correct / rows_d, "truncated_rate": truncated / rows_d,
+        "description_token_fraction": desc / tok_d, "reasoning_token_fraction": rea / tok_d,
+        "mean_completion_tokens": tokens / rows_d,
+    }
+
+
+def step_metrics(result, stats: dict, *, rollout_s: float, update_s: float, step_s: float, dropped: int,
+                 generation: "GenerationStats | None" = None) -> dict:
+    """The metrics line of one step (``step`` is added by the writer).
+
+    ``result``: the :class:`~vigos_megatron.training.update.UpdateResult`; ``stats``: :func:`rollout_stats`;
+    ``dropped``: samples the loaders dropped since the run began, summed over data-parallel ranks;
+    ``generation``: this rank's rollout-engine counters (``gen/*``: prefill and decode seconds,
+    generated tokens per decode second; timings of data-parallel rank 0's engine).
+    """
+    reports = result.reports
+    m = {"loss": result.loss, "applied": int(result.applied)}
+    for key, value in sorted(reports.items()):
+        # a term with no token in this step's global batch has no value (0/0): left out
+        if (key.startswith("kl/") or key.startswith("vgs/")) and math.isfinite(value):
+            m[f"term/{key.split('/', 1)[1]}"] = value
+    m["clip_rate"] = reports.get("clip_fraction", 0.0)
+    m.update({k: v for k, v in stats.items()})
+    m.update({"grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": stats["completion_tokens"] / step_s,
+              "rollout_time_s": rollout_s, "update_time_s": update_s, "step_time_s": step_s,
+              "dropped_samples": dropped})
+    if generation is not None:
+        m.update({"gen/prefill_s": generation.prefill_seconds, "gen/decode_s": generation.decode_seconds,
+                  "gen/decode_tokens_per_s": generation.generated_tokens / max(generation.decode_seconds, 1e-9)})
+    return m
+
+
+#: what the console line shows (metrics.jsonl has everything)
+PROGRESS_KEYS = ("loss", "grad_norm", "lr", "tokens_per_s", "rollout_time_s", "update_time_s", "invalid_rate",
+                 "rollout_accuracy", "clip_rate")
+
+
+def progress_fields(metrics: dict) -> dict:
+    keys = PROGRESS_KEYS + tuple(k for k in metrics if k.startswith("term/"))
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def is_metrics_rank(ps) -> bool:
+    """TP rank 0 of the last pipeline stage, DP rank 0: exactly one rank writes metrics."""
+    return (ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True)
+            and ps.get_data_parallel_rank() == 0)

@@ -264,15 +264,13 @@ def _complete_param_gather(group) -> bool:
     return True
 
 
-def ensure_params_gathered(model: list, optimizer=None) -> bool:
+def ensure_params_gathered(model: list) -> bool:
     """Make the full post-step parameters present on every rank before they are read outside a
     training forward (rollout generation, checkpoint saving). Returns True when a gather had to
     be completed.
 
     Args:
         model: this rank's DDP chunks (:func:`ddp_config`).
-        optimizer: unused (megatron's optimizer holds no pending gather of its own); accepted so
-            callers pass what they have.
 
     Without ``overlap_param_gather`` (the default) the distributed optimizer gathers inside
     ``step()`` and nothing is ever pending: a no-op. With it, every bucket group whose all-gather

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vigos_megatron.config.train import Layout, PretrainConfig
 
 
 @dataclass
@@ -55,7 +59,7 @@ def load_initial_weights(builder, chunks: list, model_cfg) -> None:
         builder.load_hf_weights(chunks, model_cfg.hf_path)
 
 
-def build_training_models(cfg, *, dtype: torch.dtype, ddp_config) -> TrainingModels:
+def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_config) -> TrainingModels:
     """``cfg``: :class:`~vigos_megatron.config.train.PretrainConfig`; parallel state must be initialised."""
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
@@ -88,3 +92,79 @@ def build_training_models(cfg, *, dtype: torch.dtype, ddp_config) -> TrainingMod
     config.finalize_model_grads_func = finalize_model_grads
     model = [DistributedDataParallel(config, ddp_config, stage)]
     return TrainingModels(builder=builder, student=student, teacher=teacher, model=model, hf_files=hf_files)
+
+
+# --------------------------------------------------------------------------- a launch's run context
+
+
+@dataclass
+class RunContext:
+    """What the loop needs besides the config, built once per launch."""
+
+    models: TrainingModels
+    optimizer: object
+    scheduler: object
+    loader: object
+    engine: object
+    tokenizer: object
+    pad_id: int
+    #: the tokenizer's PrefixCut: byte-exact teacher contexts
+    cut: object
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """``<|im_end|>`` (the chat turn's end, Qwen's EOS) and ``<|endoftext|>``."""
+    ids = []
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is not None and i != tokenizer.unk_token_id:
+            ids.append(int(i))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the tokenizer has no <|im_end|>, <|endoftext|> or EOS token to stop generation on")
+    return ids
+
+
+def make_loader(cfg: "PretrainConfig", layout: "Layout", ps, loader_state: dict | None):
+    from vigos_megatron.data.contexts import ContextEncoder
+    from vigos_megatron.data.loader import StreamingLoader
+
+    lc = cfg.data.loader
+    loader = StreamingLoader(
+        lc.shards_dir, rank=ps.get_data_parallel_rank(), world_size=layout.dp, batch_size=layout.prompts_per_rank,
+        seed=lc.seed, num_workers=lc.num_workers, shuffle_shards=lc.shuffle_shards, shuffle_buffer=lc.shuffle_buffer,
+        prefetch_factor=lc.prefetch_factor, encode=ContextEncoder.from_config(cfg.data.context),
+    )
+    if loader_state:
+        loader.load_state_dict(loader_state)
+    return loader
+
+
+def build_run(cfg: "PretrainConfig", layout: "Layout") -> tuple[RunContext, object]:
+    """Models, optimizer, resume state, loader and engine of this launch. Returns ``(ctx, state)``."""
+    from megatron.core import parallel_state as ps
+    from transformers import AutoTokenizer
+
+    from vigos_megatron.data.contexts import PrefixCut
+    from vigos_megatron.rollout.engine import MegatronRolloutEngine
+    from vigos_megatron.runtime import use_cuda
+    from vigos_megatron.training.checkpoint import load_training_checkpoint
+    from vigos_megatron.training.optimizer import build_optimizer, ddp_config
+
+    dtype = cfg.model.torch_dtype(use_cuda())
+    models = build_training_models(cfg, dtype=dtype, ddp_config=ddp_config(cfg.optimizer, dp_size=layout.dp))
+    optimizer, scheduler = build_optimizer(cfg.optimizer, models.model, total_steps=cfg.train.steps, dp_size=layout.dp)
+    state = load_training_checkpoint(cfg.run_dir, student_chunks=models.student, model=models.model,
+                                     optimizer=optimizer, scheduler=scheduler,
+                                     load_optimizer=cfg.checkpoint.load_optimizer)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.context.processor_path)
+    engine = MegatronRolloutEngine(models.student, hf_config=models.builder.hf_config,
+                                   stop_token_ids=stop_token_ids(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
+    loader = make_loader(cfg, layout, ps, state.loader if state is not None else None)
+    ctx = RunContext(models=models, optimizer=optimizer, scheduler=scheduler, loader=loader, engine=engine,
+                     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id), cut=PrefixCut(tokenizer))
+    return ctx, state

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 
 
@@ -47,10 +46,9 @@ def share_from_last_stage(obj, ps):
 
 
 def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    from vigos_megatron.collectives import reduce_int
+
+    return reduce_int(int(flag), dist.group.WORLD, dist.ReduceOp.MAX, device=device) > 0
 
 
 def train_step(model: list, optimizer, scheduler, batches: list, loss_fn, *, on_nonfinite: str = "skip") -> UpdateResult:
