@@ -80,6 +80,7 @@ def sft_step(data_iterator, model, *, tp_group, all_logits: bool):
 
     from vigos_megatron.models.stage_forward import embed_rows, image_features, language_forward, mrope_positions
     from vigos_megatron.runtime import model_device
+    from vigos_megatron.testing.kl_reference import rows_model_kwargs
 
     b = next(data_iterator).to(model_device(model))
     s0 = b.slot_lengths[0]
@@ -88,7 +89,7 @@ def sft_step(data_iterator, model, *, tp_group, all_logits: bool):
     idx = torch.div(b.tokens.student_index, S, rounding_mode="floor") * s0 + b.tokens.student_index % S
     target = ids.reshape(-1)[idx + 1]
     if all_logits:
-        kwargs = b.student.model_kwargs(b.images)
+        kwargs = rows_model_kwargs(b.student, b.images)
         kwargs["input_ids"] = ids
         logits = model(**kwargs)  # [Ns, S_0, V/tp]
         rows = logits.reshape(-1, logits.shape[-1])[idx]

@@ -129,13 +129,14 @@ def test_group_by_length_pads_less_and_keeps_every_token(tiny):
 def _vigos_reference(batches, student, teacher, lambdas):
     """float64 ViGOS over the whole step, student and teacher run separately (autograd into the student)."""
     from vigos_megatron.runtime import model_device
+    from vigos_megatron.testing.kl_reference import rows_model_kwargs
 
     per_seg = [[], [], []]
     for b in batches:
         b = b.to(model_device(student))
-        zs = student(**b.student.model_kwargs(b.images))
+        zs = student(**rows_model_kwargs(b.student, b.images))
         with torch.no_grad():
-            zt = teacher(**b.teacher.model_kwargs(b.images))
+            zt = teacher(**rows_model_kwargs(b.teacher, b.images))
         assert zs.shape[:2] == (b.num_student_rows, b.seq_length) and zt.shape[:2] == (b.rows - b.num_student_rows, b.seq_length)
         flat = torch.cat([zs, zt]).reshape(b.rows * b.seq_length, -1).double()
         ls = torch.log_softmax(flat[b.tokens.student_index], -1)

@@ -97,11 +97,9 @@ def _side_slots(rows: Sequence[Tensor], indices: Sequence[Tensor], scales: Seque
 
 
 def _block(requested: int, v: int) -> int:
-    return max(16, min(requested, triton_next_pow2(v)))
+    import triton
 
-
-def triton_next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
+    return max(16, min(requested, triton.next_power_of_2(int(v))))
 
 
 def _csr(index: Tensor | None, rows: int, n: int, device) -> tuple[Tensor, Tensor]:

@@ -79,7 +79,7 @@ def build_teacher_replica(builder, student_chunks: list) -> TeacherReplica:
 
 
 def _unwrap(m):
-    """Strip DDP / Float16Module wrappers (``.module``)."""
-    while hasattr(m, "module") and isinstance(getattr(m, "module"), torch.nn.Module):
-        m = m.module
-    return m
+    """Strip DDP / Float16Module wrappers (megatron's ``unwrap_model``)."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(m)

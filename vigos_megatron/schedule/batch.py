@@ -96,13 +96,6 @@ class RowsInput:
         ids = [i for i in self.row_images[rows] if i is not None]
         return images.grid_thw[ids] if ids else None
 
-    def model_kwargs(self, images: "ImageSet | None") -> dict:
-        """Keyword arguments of ``Qwen25VLModel.forward`` for these rows at the full length ``S`` (each
-        image row with its own copy of the pixels): the reference path of the tests and benchmarks."""
-        ids = self.image_ids
-        pix, grid = images.select(ids) if ids else (None, None)
-        return {"input_ids": self.input_ids, "pixel_values": pix, "image_grid_thw": grid, "attention_mask": None}
-
     def to(self, device) -> "RowsInput":
         return RowsInput(self.input_ids.to(device, non_blocking=True), list(self.row_images))
 

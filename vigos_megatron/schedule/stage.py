@@ -182,9 +182,8 @@ class StudentTeacherStage(MegatronModule):
         outs = self._run_slots(self.student, batch.student, range(0, ks), batch, xs, s_feats)
         with torch.no_grad():
             outs += self._run_slots(self.teacher, batch.teacher, range(ks, n_slots), batch, xs, t_feats)
-        if self.post_process:
-            return torch.cat(outs)  # [N, V/tp]
-        # [T, 1, H], a fresh tensor (megatron frees the sent output's storage: it must not be a view)
+        # last stage: [N, V/tp] logits at the loss positions; otherwise the stream [T, 1, H], a fresh
+        # tensor (megatron frees the sent output's storage: it must not be a view)
         return torch.cat(outs)
 
 

@@ -35,3 +35,12 @@ def rel_norm_err(a: Tensor, b: Tensor) -> float:
     denom = b.double().norm()
     diff = (a.double() - b.double()).norm()
     return float(diff / denom) if denom > 0 else float(diff)
+
+
+def rows_model_kwargs(rows, images) -> dict:
+    """Keyword arguments of ``Qwen25VLModel.forward`` for a :class:`~vigos_megatron.schedule.batch.RowsInput`
+    at the full length ``S`` (each image row with its own copy of the pixels): the unfused reference
+    path that the stage is compared with."""
+    ids = rows.image_ids
+    pix, grid = images.select(ids) if ids else (None, None)
+    return {"input_ids": rows.input_ids, "pixel_values": pix, "image_grid_thw": grid, "attention_mask": None}
