@@ -7,6 +7,7 @@ sit on this module; :mod:`.vocab_parallel_kl` dispatches between them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -54,3 +55,52 @@ def raise_non_finite(logits, n_a):
         "non-finite KL: student_logits or teacher_logits contain inf/nan on another "
         "tensor-parallel rank (or the temperature is too small for fp32)"
     )
+
+
+class KLMeta(NamedTuple):
+    """The non-tensor arguments of both KL autograd Functions (``forward(ctx, meta, *flat)`` with
+    ``flat = (logits_0, index_0, logits_1, index_1, ...)``, the student's ``n_a`` terms first)."""
+
+    n_a: int
+    coefs: tuple[float, ...]
+    #: bool ``[n]``: reverse KL for this token
+    reverse: Tensor
+    inv_t: float
+    clip: float | None
+    group: object
+    want_a: bool
+    want_b: bool
+    #: the implementation's own setting (torch: the chunk length; Triton: its KernelConfig)
+    extra: object
+
+
+def meta_for(s_terms: Sequence[LogitRows], t_terms: Sequence[LogitRows], *, reverse: Tensor, temperature: float,
+             clip: float | None, group, want_a: bool, want_b: bool, extra) -> tuple[KLMeta, list]:
+    """``(meta, flat)`` for ``Function.apply(meta, *flat)``."""
+    terms = list(s_terms) + list(t_terms)
+    meta = KLMeta(len(s_terms), tuple(float(t.coef) for t in terms), reverse, 1.0 / float(temperature), clip, group,
+                  bool(want_a), bool(want_b), extra)
+    flat = []
+    for t in terms:
+        flat += [t.logits, t.index]
+    return meta, flat
+
+
+def save_for_backward(ctx, meta: KLMeta, kl: Tensor, lse_a: Tensor, lse_b: Tensor, clipped: Tensor, indices, logits) -> Tensor:
+    """Keep what backward needs; returns the forward's output (``clip`` where clipped, else ``kl``)."""
+    ctx.meta = meta
+    ctx.shapes = [x.shape for x in logits]
+    ctx.has_index = [i is not None for i in indices]
+    ctx.save_for_backward(kl, lse_a, lse_b, clipped, *[i if i is not None else torch.empty(0) for i in indices], *logits)
+    return torch.where(clipped, torch.full_like(kl, meta.clip if meta.clip is not None else 0.0), kl)
+
+
+def saved_for_backward(ctx):
+    """``(kl, lse_a, lse_b, clipped, indices, logits, needs)``; ``needs[i]``: logits ``i`` wants a gradient."""
+    saved = ctx.saved_tensors
+    kl, lse_a, lse_b, clipped = saved[:4]
+    k = len(ctx.shapes)
+    indices = [t if has else None for t, has in zip(saved[4: 4 + k], ctx.has_index)]
+    logits = saved[4 + k:]
+    needs = [ctx.needs_input_grad[1 + 2 * i] for i in range(k)]
+    return kl, lse_a, lse_b, clipped, indices, logits, needs

@@ -12,7 +12,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.collectives import all_reduce
-from vigos_megatron.losses.kl_common import LogitRows, kl_from_stats, raise_non_finite
+from vigos_megatron.losses.kl_common import (
+    LogitRows,
+    kl_from_stats,
+    meta_for,
+    raise_non_finite,
+    save_for_backward,
+    saved_for_backward,
+)
 
 
 def _rows(term_logits: Tensor) -> Tensor:
@@ -117,16 +124,16 @@ def _side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
 class _VocabParallelKL(torch.autograd.Function):
     """Per-token KL between two vocabulary-sharded sides; see the module docstring.
 
-    ``forward(ctx, meta, *flat)`` with ``flat = (logits_0, index_0, logits_1, index_1, ...)``
-    (``index_i`` may be ``None``) and ``meta = (n_a_terms, coefs, reverse, inv_t, clip,
-    group, chunk, want_a, want_b)``. Returns fp32 ``[n]`` (clipped where ``kl > clip``).
+    ``forward(ctx, meta, *flat)``: :class:`~vigos_megatron.losses.kl_common.KLMeta` (``extra``: the
+    token chunk length), ``flat = (logits_0, index_0, ...)`` (``index_i`` may be ``None``).
+    Returns fp32 ``[n]`` (clipped where ``kl > clip``).
     Backward returns, for each logits tensor that needs it, a gradient of its own
     dtype and shape: the rows it contributed receive ``coef * g/T * dKL/dside``.
     """
 
     @staticmethod
     def forward(ctx, meta, *flat):
-        n_a, coefs, reverse, inv_t, clip, group, chunk, want_a, want_b = meta
+        n_a, coefs, reverse, inv_t, clip, group, want_a, want_b, chunk = meta
         logits = flat[0::2]
         indices = flat[1::2]
         rows = [_rows(x) for x in logits]
@@ -139,22 +146,13 @@ class _VocabParallelKL(torch.autograd.Function):
         if not bool(torch.isfinite(kl).all()):
             raise_non_finite(logits, n_a)
         clipped = kl > clip if clip is not None else torch.zeros_like(reverse)
-        ctx.meta = meta
-        ctx.shapes = [x.shape for x in logits]
-        ctx.save_for_backward(kl, lse_a, lse_b, clipped, *[i if i is not None else torch.empty(0) for i in indices], *logits)
-        ctx.has_index = [i is not None for i in indices]
-        out = torch.where(clipped, torch.full_like(kl, clip if clip is not None else 0.0), kl)
-        return out
+        return save_for_backward(ctx, meta, kl, lse_a, lse_b, clipped, indices, logits)
 
     @staticmethod
     def backward(ctx, grad_out):
-        n_a, coefs, reverse, inv_t, clip, group, chunk, want_a, want_b = ctx.meta
-        saved = ctx.saved_tensors
-        kl, lse_a, lse_b, clipped = saved[:4]
-        k = len(ctx.shapes)
-        indices = [t if has else None for t, has in zip(saved[4 : 4 + k], ctx.has_index)]
-        logits = saved[4 + k :]
-        needs = [ctx.needs_input_grad[1 + 2 * i] for i in range(k)]
+        n_a, coefs, reverse, inv_t, clip, group, want_a, want_b, chunk = ctx.meta
+        kl, lse_a, lse_b, clipped, indices, logits, needs = saved_for_backward(ctx)
+        k = len(logits)
         rows = [_rows(x) for x in logits]
         terms = list(zip(rows, coefs))
         sides = ((terms[:n_a], indices[:n_a]), (terms[n_a:], indices[n_a:]))
@@ -193,12 +191,7 @@ class _VocabParallelKL(torch.autograd.Function):
 def torch_kl_rows(s_terms: list[LogitRows], t_terms: list[LogitRows], *, reverse: Tensor, want_a: bool, want_b: bool,
                   temperature: float, clip: float | None, tp_group, chunk_bytes: int) -> Tensor:
     """fp32 ``[n]`` per-token KL of validated terms (``reverse``: bool ``[n]`` on the logits' device)."""
-    terms = s_terms + t_terms
-    ref = s_terms[0].logits
-    chunk = _chunk_len(reverse.numel(), ref.shape[-1], chunk_bytes)
-    meta = (len(s_terms), tuple(float(t.coef) for t in terms), reverse, 1.0 / float(temperature), clip, tp_group, chunk,
-            want_a, want_b)
-    flat = []
-    for t in terms:
-        flat += [t.logits, t.index]
+    chunk = _chunk_len(reverse.numel(), s_terms[0].logits.shape[-1], chunk_bytes)
+    meta, flat = meta_for(s_terms, t_terms, reverse=reverse, temperature=temperature, clip=clip, group=tp_group,
+                          want_a=want_a, want_b=want_b, extra=chunk)
     return _VocabParallelKL.apply(meta, *flat)

@@ -40,7 +40,14 @@ from torch import Tensor
 
 from vigos_megatron.losses import _triton_kl_kernels as K
 from vigos_megatron.collectives import all_reduce, group_size
-from vigos_megatron.losses.kl_common import LogitRows, kl_from_stats, raise_non_finite
+from vigos_megatron.losses.kl_common import (
+    LogitRows,
+    kl_from_stats,
+    meta_for,
+    raise_non_finite,
+    save_for_backward,
+    saved_for_backward,
+)
 
 #: True when the kernels were defined under Triton's interpreter (CPU tensors allowed).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -131,7 +138,7 @@ class _TritonKL(torch.autograd.Function):
     """Per-token KL on the Triton kernels; interface of ``_VocabParallelKL``.
 
     ``forward(ctx, meta, *flat)`` with ``flat = (logits_0, index_0, logits_1, index_1, ...)``
-    and ``meta = (n_a_terms, coefs, reverse, inv_t, clip, group, want_a, want_b, config)``.
+    and ``meta`` a :class:`~vigos_megatron.losses.kl_common.KLMeta` (``extra``: the :class:`KernelConfig`).
     Returns fp32 ``[n]``; backward returns a gradient of each logits tensor's dtype and shape.
     """
 
@@ -172,21 +179,13 @@ class _TritonKL(torch.autograd.Function):
         if not bool(torch.isfinite(kl).all()):
             raise_non_finite(logits, n_a)
         clipped = kl > clip if clip is not None else torch.zeros_like(reverse)
-        ctx.meta = meta
-        ctx.shapes = [x.shape for x in logits]
-        ctx.has_index = [i is not None for i in indices]
-        ctx.save_for_backward(kl, lse_a, lse_b, clipped, *[i if i is not None else torch.empty(0) for i in indices], *logits)
-        return torch.where(clipped, torch.full_like(kl, clip if clip is not None else 0.0), kl)
+        return save_for_backward(ctx, meta, kl, lse_a, lse_b, clipped, indices, logits)
 
     @staticmethod
     def backward(ctx, grad_out):
         n_a, coefs, reverse, inv_t, clip, group, want_a, want_b, cfg = ctx.meta
-        saved = ctx.saved_tensors
-        kl, lse_a, lse_b, clipped = saved[:4]
-        k = len(ctx.shapes)
-        indices = [t if has else None for t, has in zip(saved[4 : 4 + k], ctx.has_index)]
-        logits = saved[4 + k :]
-        needs = [ctx.needs_input_grad[1 + 2 * i] for i in range(k)]
+        kl, lse_a, lse_b, clipped, indices, logits, needs = saved_for_backward(ctx)
+        k = len(logits)
         n = kl.numel()
         device = kl.device
         rows = [_kernel_rows(x) for x in logits]
@@ -263,19 +262,6 @@ def triton_kl_rows(
     reason = unsupported_reason(len(student), len(teacher), reverse.device)
     if reason is not None:
         raise ValueError(f"impl='triton': {reason}")
-    terms = list(student) + list(teacher)
-    meta = (
-        len(student),
-        tuple(float(t.coef) for t in terms),
-        reverse,
-        1.0 / float(temperature),
-        clip,
-        tp_group,
-        bool(want_a),
-        bool(want_b),
-        config or DEFAULT_CONFIG,
-    )
-    flat = []
-    for t in terms:
-        flat += [t.logits, t.index]
+    meta, flat = meta_for(student, teacher, reverse=reverse, temperature=temperature, clip=clip, group=tp_group,
+                          want_a=want_a, want_b=want_b, extra=config or DEFAULT_CONFIG)
     return _TritonKL.apply(meta, *flat)

@@ -54,7 +54,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vigos_megatron.models.hf_checkpoint import CheckpointError
 from vigos_megatron.convert.megatron_checkpoint import (
     TRACKER_FILE,
     check_model_checkpoint,
@@ -62,6 +61,18 @@ from vigos_megatron.convert.megatron_checkpoint import (
     model_sharded_state_dict,
     resolve_checkpoint,
     save_model_checkpoint,
+)
+from vigos_megatron.models.hf_checkpoint import CheckpointError
+from vigos_megatron.training.optimizer_state import (
+    CONVERTIBLE,
+    adam_step,
+    materialize_optimizer_state,
+    merge_split,
+    optimizer_kind,
+    retarget_main_params,
+    set_adam_step,
+    split_sharded,
+    unwrap_local,
 )
 
 FORMAT_VERSION = 1
@@ -126,58 +137,6 @@ def _rank_coords() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     return shape, offset
 
 
-def optimizer_kind(optimizer) -> str:
-    """``"fp32"``, ``"mixed_precision"`` or ``"distributed"``: what decides whether stored optimizer state fits."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import FP32Optimizer, MixedPrecisionOptimizer
-
-    kinds = set()
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer):
-            kinds.add("distributed")
-        elif isinstance(opt, MixedPrecisionOptimizer):
-            kinds.add("mixed_precision")
-        elif isinstance(opt, FP32Optimizer):
-            kinds.add("fp32")
-        else:
-            kinds.add(type(opt).__name__)
-    return "+".join(sorted(kinds))
-
-
-def materialize_optimizer_state(optimizer) -> int:
-    """Give every parameter of the (chained) optimizer its Adam state, zeros and step 0, where it has
-    none yet (a fresh optimizer, or one whose first steps were all skipped). Returns how many.
-
-    This is exactly the state a fresh Adam starts from, and megatron's checkpoint paths need it:
-    its sharded state dict lists only existing state tensors (a save would miss them, a load
-    would find nothing to fill), and its distributed optimizer's ``state_dict()`` with torch's
-    AdamW (no Apex / Transformer Engine) asserts on an empty state.
-    """
-    from megatron.core import optimizer as mopt
-
-    added = 0
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        params = [p for g in inner.param_groups for p in g["params"]]
-        if all(len(inner.state.get(p, {})) for p in params):
-            continue
-        if mopt.USING_PYTORCH_OPTIMIZER:
-            for p in params:
-                if not inner.state.get(p):
-                    # torch.optim.AdamW's own initial state (_init_group): step is a float32 scalar tensor
-                    inner.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-                    added += 1
-        else:
-            before = sum(1 for p in params if inner.state.get(p))
-            opt.init_state_fn(inner, opt.config)
-            added += sum(1 for p in params if inner.state.get(p)) - before
-    return added
-
-
 def get_rng_state() -> dict:
     """Every RNG stream this process draws from (restored by :func:`set_rng_state`)."""
     from megatron.core import tensor_parallel
@@ -214,151 +173,6 @@ def _rank_state_object(data):
 
     shape, offset = _rank_coords()
     return ShardedObject(RANK_STATE_KEY, data, shape, offset, replica_id=0)
-
-
-def _is_sharded(v) -> bool:
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
-    return isinstance(v, ShardedBase)
-
-
-def _contains_sharded(v) -> bool:
-    if _is_sharded(v):
-        return True
-    if isinstance(v, dict):
-        return any(_contains_sharded(x) for x in v.values())
-    if isinstance(v, (list, tuple)):
-        return any(_contains_sharded(x) for x in v)
-    return False
-
-
-def split_sharded(state: dict) -> tuple[dict, dict]:
-    """``state`` -> ``(sharded, common)``: the sharded leaves (tensors, factories, objects) and
-    everything else, both keeping the dict nesting. A list holding a sharded leaf goes whole to
-    ``sharded`` (it must hold nothing else); :func:`merge_split` inverts it."""
-    sharded, common = {}, {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            s, c = split_sharded(v)
-            if s:
-                sharded[k] = s
-            if c or not s:
-                common[k] = c
-        elif _contains_sharded(v):
-            if isinstance(v, (list, tuple)) and not all(_is_sharded(x) or _contains_sharded(x) for x in v):
-                raise CheckpointError(f"optimizer state entry {k!r} mixes sharded and plain values in a list")
-            sharded[k] = v
-        else:
-            common[k] = v
-    return sharded, common
-
-
-def merge_split(sharded: dict, common: dict) -> dict:
-    """Inverse of :func:`split_sharded` (on loaded values)."""
-    out = dict(common)
-    for k, v in sharded.items():
-        if k in out and isinstance(out[k], dict) and isinstance(v, dict):
-            out[k] = merge_split(v, out[k])
-        else:
-            out[k] = v
-    return out
-
-
-#: (saved kind, current kind) pairs whose tensors map onto each other (same parameter dtype)
-_CONVERTIBLE = {("distributed", "fp32"), ("fp32", "distributed"),
-                ("distributed", "mixed_precision"), ("mixed_precision", "distributed")}
-#: the name of the fp32 main weights in each kind's sharded keys (fp32: the model weights themselves)
-_MAIN_PARAM = {"distributed": "param", "mixed_precision": "fp32_param", "fp32": None}
-_STATE_PREFIX = "optimizer.state."
-
-
-def _sharded_leaves(d, path=()):
-    """``(path, leaf)`` for the ShardedTensor / factory leaves of a nested dict (lists: by index)."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
-    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, (list, tuple)) else ()
-    for k, v in items:
-        if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
-            yield path + (k,), v
-        else:
-            yield from _sharded_leaves(v, path + (k,))
-
-
-def _retarget_main_params(opt_sharded: dict, saved_kind: str, kind: str) -> dict:
-    """Point this optimizer's request at another optimizer kind's stored tensors (in place).
-
-    Adam moments share their keys across kinds. The fp32 main weights are stored as
-    ``optimizer.state.param.<key>`` (distributed) or ``optimizer.state.fp32_param.<key>`` (mixed
-    precision): renamed. The ``fp32`` optimizer stores none: its main weights ARE the model
-    weights, stored as ``<key>`` (same global shape and offsets). Those requests are taken out
-    and returned as ``{path: request pointed at <key>}``: the "model" request reads the same
-    shards, and one load may not read a shard twice, so they are loaded by a second load.
-    """
-    mine, theirs = _MAIN_PARAM[kind], _MAIN_PARAM[saved_kind]
-    separate = {}
-    if mine is None:
-        return separate
-    prefix = f"{_STATE_PREFIX}{mine}."
-    for path, leaf in list(_sharded_leaves(opt_sharded)):
-        if leaf.key.startswith(prefix):
-            model_key = leaf.key[len(prefix):]
-            if theirs is None:
-                leaf.key = model_key
-                parent = opt_sharded
-                for k in path[:-1]:
-                    parent = parent[k]
-                separate[path] = parent.pop(path[-1])
-            else:
-                leaf.key = f"{_STATE_PREFIX}{theirs}.{model_key}"
-    return separate
-
-
-def _unwrap_local(x):
-    """A request's non-sharded part with megatron's LocalNonpersistentObject wrappers removed."""
-    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
-
-    if isinstance(x, LocalNonpersistentObject):
-        return x.unwrap()
-    if isinstance(x, dict):
-        return {k: _unwrap_local(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_unwrap_local(v) for v in x]
-    return x
-
-
-def _adam_step(common: dict) -> float:
-    """The Adam step count stored in an optimizer's common state (any kind)."""
-    found = []
-
-    def walk(x, key=None):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, k)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v, key)
-        elif key in ("step", "common_step") and x is not None:
-            found.append(float(x))
-
-    walk(common)
-    if not found:
-        return 0.0  # a checkpoint of an optimizer that never stepped
-    if len(set(found)) != 1:
-        raise CheckpointError(f"optimizer state holds different Adam step counts {sorted(set(found))}")
-    return found[0]
-
-
-def _set_adam_step(common: dict, kind: str, step: float) -> None:
-    if kind == "distributed":
-        for group in common["optimizer"]["param_groups"]:
-            group["step"] = step
-    elif kind == "fp32":
-        common.setdefault("state", {})["common_step"] = torch.tensor(step, dtype=torch.float32)
-    elif kind == "mixed_precision":
-        common["optimizer"].setdefault("state", {})["common_step"] = torch.tensor(step, dtype=torch.float32)
-    else:
-        raise CheckpointError(f"cannot set the Adam step of a {kind!r} optimizer")
 
 
 def latest_iteration(run_dir) -> int | None:
@@ -501,7 +315,7 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
     same_layout = meta["layout"] == layout
     kind = optimizer_kind(optimizer)
     saved_kind = meta["optimizer_kind"]
-    if load_optimizer and saved_kind != kind and (saved_kind, kind) not in _CONVERTIBLE:
+    if load_optimizer and saved_kind != kind and (saved_kind, kind) not in CONVERTIBLE:
         raise CheckpointError(
             f"{ckpt}: its optimizer state was written by the {saved_kind!r} optimizer (layout {meta['layout']}), "
             f"this run uses the {kind!r} one (layout {layout}): the stored state does not map onto it (the "
@@ -519,7 +333,7 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         if saved_kind == kind:
             request[OPTIMIZER_KEY], request[OPTIMIZER_COMMON_KEY] = opt_sharded, opt_common
         else:
-            separate = _retarget_main_params(opt_sharded, saved_kind, kind)
+            separate = retarget_main_params(opt_sharded, saved_kind, kind)
             request[OPTIMIZER_KEY] = opt_sharded
     if same_layout:
         request[RANK_STATE_KEY] = _rank_state_object(None)
@@ -530,8 +344,8 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         if saved_kind == kind:
             common = loaded[OPTIMIZER_COMMON_KEY]
         else:  # the current optimizer's own structure, with the checkpoint's Adam step count
-            common = _unwrap_local(opt_common)
-            _set_adam_step(common, kind, _adam_step(loaded[OPTIMIZER_COMMON_KEY]))
+            common = unwrap_local(opt_common)
+            set_adam_step(common, kind, adam_step(loaded[OPTIMIZER_COMMON_KEY]))
         opt_loaded = loaded.get(OPTIMIZER_KEY, {})
         if separate:  # fp32 main weights from the fp32 optimizer's model weights (a second read)
             paths = list(separate)
