@@ -48,7 +48,7 @@ def build_rollouts(hf_dir, n: int, completion: int, image_side: int):
     from vigos_megatron.data.contexts import ContextEncoder, PrefixCut
     from vigos_megatron.data.synthetic import image_bytes, typical_rows
     from vigos_megatron.rollout import parse_completion
-    from vigos_megatron.rollout.assembly import assemble_vigos
+    from vigos_megatron.schedule.assembly import assemble_vigos
 
     root = Path(__file__).resolve().parents[1]
     px = image_side * image_side
@@ -80,13 +80,13 @@ def sft_step(data_iterator, model, *, tp_group, all_logits: bool):
 
     from vigos_megatron.models.stage_forward import embed_rows, image_features, language_forward, mrope_positions
     from vigos_megatron.runtime import model_device
-    from vigos_megatron.testing.kl_reference import rows_model_kwargs
+    from vigos_megatron.testing.kl_reference import row_and_column, rows_model_kwargs
 
     b = next(data_iterator).to(model_device(model))
     s0 = b.slot_lengths[0]
     ids = b.student.input_ids[:, :s0]  # the student rows at their own length
-    S = b.seq_length
-    idx = torch.div(b.tokens.student_index, S, rounding_mode="floor") * s0 + b.tokens.student_index % S
+    row, col = row_and_column(b, b.tokens.student_index)  # student rows: row < Ns
+    idx = (row * s0 + col).to(ids.device)
     target = ids.reshape(-1)[idx + 1]
     if all_logits:
         kwargs = rows_model_kwargs(b.student, b.images)

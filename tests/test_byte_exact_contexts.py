@@ -77,7 +77,7 @@ def _check_rows(env, rolled, ids, contexts, span_start_byte: dict[str, int]):
 
 @pytest.mark.parametrize("sees", [False, True], ids=["reasoning_only", "sees_description"])
 def test_vigos_rows_decode_to_the_intended_text(env, sees):
-    from vigos_megatron.rollout.assembly import assemble_vigos
+    from vigos_megatron.schedule.assembly import assemble_vigos
 
     enc, sample = env["samples"][sees]
     ctx = sample["contexts"]
@@ -101,7 +101,7 @@ def test_vigos_rows_decode_to_the_intended_text(env, sees):
 
 
 def test_vigos_fails_loudly_without_the_cut(env):
-    from vigos_megatron.rollout.assembly import assemble_vigos
+    from vigos_megatron.schedule.assembly import assemble_vigos
 
     ids, seg = _completion(env, VALID)
     with pytest.raises(ValueError, match="byte-exactly needs the tokenizer's PrefixCut"):
@@ -109,7 +109,7 @@ def test_vigos_fails_loudly_without_the_cut(env):
 
 
 def test_reference_opsd_and_vgs_rows_decode_to_the_intended_text(env):
-    from vigos_megatron.rollout.assembly import assemble_opsd, assemble_vgs, assemble_vigos
+    from vigos_megatron.schedule.assembly import assemble_opsd, assemble_vgs, assemble_vigos
 
     ctx = env["samples"][False][1]["contexts"]
     ids, seg = _completion(env, INVALID)

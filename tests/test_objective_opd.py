@@ -55,9 +55,11 @@ def test_opd_rows_and_loss():
     a = opd.assemble(r, _cfg("loss.objective=opd"), cut=None)
     assert torch.equal(a.student_slots[0].ids, a.teacher_slots[0].ids)
     assert a.teacher_slots[0].context == "student" and len(a.scores) == 4
-    mb = opd.pack([a], pad_id=0, seq_length=16)
+    mb = opd.pack([a], pad_id=0, multiple=16)
+    n = sum(p.numel() for p in mb.positions)  # the last stage's logits [N, V/tp] at the loss positions
+    assert n == 8  # 4 student + 4 teacher positions
     g = torch.Generator().manual_seed(0)
-    out = (torch.randn(2, 16, V, generator=g) * 2).requires_grad_()
+    out = (torch.randn(n, V, generator=g) * 2).requires_grad_()
     settings = _cfg("loss.objective=opd").loss.opd
     fn = opd.build_loss(settings, [mb.tokens], chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None)
     loss, n, report = fn(mb.tokens, out)

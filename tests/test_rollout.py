@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vigos_megatron.losses.objectives import PERCEPTION, REASONING, REFERENCE
-from vigos_megatron.rollout.assembly import assemble_opsd, assemble_vgs, assemble_vigos, pack_distill, pack_vgs
+from vigos_megatron.schedule.assembly import assemble_opsd, assemble_vgs, assemble_vigos, pack_distill, pack_vgs
 from vigos_megatron.rollout import extract_boxed, parse_completion
 from vigos_megatron.rollout.segments import TokenBytes, last_boxed, token_bytes_for
 
@@ -254,19 +254,23 @@ CTX = {"student": 9, "perception": 4, "reasoning": 12, "reference": 14, "opsd": 
 
 
 def _row_pos(i, mb):
-    S = mb.input_ids.shape[1]
-    return i // S, i % S
+    from vigos_megatron.testing.kl_reference import row_and_column
+
+    row, col = row_and_column(mb, [i])
+    return int(row[0]), int(col[0])
 
 
 def _check_alignment(mb, completions):
-    """The token after each scoring position is the scored completion token, in both rows."""
+    """The token after each scoring position is the scored completion token, in both rows; every
+    selected logits position is read by some token."""
     t = mb.tokens
     for s, te in zip(t.student_index.tolist(), t.teacher_index.tolist()):
         (rs, ps), (rt, pt) = _row_pos(s, mb), _row_pos(te, mb)
         assert int(mb.input_ids[rs, ps + 1]) == int(mb.input_ids[rt, pt + 1])
         assert rs < mb.num_student_rows <= rt
         assert ps + 1 < int(mb.lengths[rs]) and pt + 1 < int(mb.lengths[rt])  # scored tokens are real
-    assert sum(c.numel() for c in completions) == t.completion_tokens
+    n = sum(p.numel() for p in mb.positions)
+    assert sorted(set(t.student_index.tolist()) | set(t.teacher_index.tolist())) == list(range(n))
 
 
 @pytest.mark.parametrize("sees_description", [False, True])
@@ -322,14 +326,12 @@ def test_pack_rejects_mixed_objectives(tok, tb):
         pack_distill([assemble_opsd(_contexts(CTX), c), assemble_vgs(_contexts(CTX), c)], pad_id=0)
 
 
-def test_pack_to_a_common_seq_length(tok, tb):
-    from vigos_megatron.rollout.assembly import padded_length
-
+def test_each_slot_at_its_own_length(tok, tb):
     comps = [torch.tensor(enc(tok, t)) for t in (" a</description><think>b</think>\\boxed{c}", " zz")]
     rolls = [assemble_opsd(_contexts(CTX, i), c) for i, c in enumerate(comps)]
-    S = padded_length(rolls, 8) + 16  # e.g. the step's longest micro-batch
-    mb = pack_distill(rolls[:1], pad_id=0, seq_length=S)
-    assert mb.seq_length == S and mb.input_ids.shape[1] == S
-    _check_alignment(mb, comps[:1])
-    with pytest.raises(ValueError, match="shorter than the longest row"):
-        pack_distill(rolls, pad_id=0, seq_length=4)
+    mb = pack_distill(rolls, pad_id=0, multiple=8)
+    longest = [max(CTX["student"] + c.numel() for c in comps), max(CTX["opsd"] + c.numel() for c in comps)]
+    assert mb.slot_lengths == [-(-n // 8) * 8 for n in longest] and mb.seq_length == max(mb.slot_lengths)
+    for c, pos in enumerate(mb.positions):  # flat b * S_c + column, sorted, inside the slot
+        assert bool((pos[1:] > pos[:-1]).all()) and int(pos.max()) < mb.rollouts * mb.slot_lengths[c]
+    _check_alignment(mb, comps)

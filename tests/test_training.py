@@ -212,7 +212,7 @@ def test_teacher_runs_inside_the_schedule_once_per_micro_batch(tiny_step):
             outputs.append(weakref.ref(out))
 
         ks = inputs.batches[0].student_slots
-        slot_positions = [p.numel() for b in inputs.batches for p in b.logits.positions[ks:]]
+        slot_positions = [p.numel() for b in inputs.batches for p in b.positions[ks:]]
         h1 = teacher.language_model.register_forward_hook(on_teacher, with_kwargs=True)
         h2 = stage.register_forward_hook(on_stage)
         try:

@@ -34,7 +34,7 @@ def env(tmp_path_factory):
 def _rollout(env, text: str):
     from vigos_megatron.evaluation import grade
     from vigos_megatron.rollout import parse_completion
-    from vigos_megatron.rollout.assembly import assemble_vigos
+    from vigos_megatron.schedule.assembly import assemble_vigos
     from vigos_megatron.training.rollouts import Rollout
 
     ids = torch.tensor(env["tok"](text, add_special_tokens=False)["input_ids"], dtype=torch.long)

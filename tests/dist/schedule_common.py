@@ -49,7 +49,7 @@ def build_inputs(hf_dir, *, group_by_length: bool = False) -> Inputs:
     from vigos_megatron.data.contexts import ContextEncoder, PrefixCut
     from vigos_megatron.data.synthetic import image_bytes, typical_rows
     from vigos_megatron.models.qwen2_5_vl import load_hf_config
-    from vigos_megatron.rollout.assembly import assemble_vigos
+    from vigos_megatron.schedule.assembly import assemble_vigos
     from vigos_megatron.rollout.segments import TokenBytes, parse_completion
     from vigos_megatron.schedule.batch import make_stream_batches
 

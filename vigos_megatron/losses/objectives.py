@@ -10,7 +10,7 @@ every row of the stream (student rows and teacher context rows; teacher rows com
 without grad), ``[R, S, V/tp]`` from megatron's GPTModel (or ``[S, R, V/tp]``).
 ``tokens`` holds, for each supervised completion token, the index of the student's
 prediction and of the teacher's prediction in ``output_tensor`` flattened over its
-leading dimensions to ``[R*S, V/tp]`` (see ``vigos_megatron.rollout.assembly``).
+leading dimensions to ``[R*S, V/tp]`` (see ``vigos_megatron.schedule.assembly``).
 
 Normalisation over data-parallel ranks and micro-batches
 --------------------------------------------------------

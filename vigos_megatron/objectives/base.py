@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from vigos_megatron.config.train import PretrainConfig
-    from vigos_megatron.rollout.assembly import AssembledRollout, MicroBatchStream
+    from vigos_megatron.schedule.assembly import AssembledRollout, MicroBatchStream
     from vigos_megatron.training.rollouts import Rollout
 
 
@@ -52,14 +52,14 @@ class Objective:
         ``cut`` is the tokenizer's :class:`~vigos_megatron.data.contexts.PrefixCut`)."""
         raise NotImplementedError
 
-    def pack(self, group: list, *, pad_id: int, seq_length: int) -> "MicroBatchStream":
+    def pack(self, group: list, *, pad_id: int, multiple: int) -> "MicroBatchStream":
         """One micro-batch of assembled rollouts as a stream with its loss tokens."""
         raise NotImplementedError
 
     def build_loss(self, settings: Any, tokens: list, *, chunk_bytes: int, impl: str, dp_group, tp_group):
         """The megatron loss callable ``(tokens, output) -> (loss, num_tokens, report)`` of one step
         (``settings``: this objective's ``loss.<name>``; ``tokens``: the loss tokens of this rank's
-        micro-batches, e.g. ``[b.loss_tokens for b in batches]``)."""
+        micro-batches, e.g. ``[b.tokens for b in batches]``)."""
         raise NotImplementedError
 
 
@@ -71,10 +71,10 @@ class SegmentedObjective(Objective):
         """The :class:`~vigos_megatron.losses.objectives.Segment` of each term, in segment-id order."""
         raise NotImplementedError
 
-    def pack(self, group: list, *, pad_id: int, seq_length: int):
-        from vigos_megatron.rollout.assembly import pack_distill
+    def pack(self, group: list, *, pad_id: int, multiple: int):
+        from vigos_megatron.schedule.assembly import pack_distill
 
-        return pack_distill(group, pad_id=pad_id, seq_length=seq_length)
+        return pack_distill(group, pad_id=pad_id, multiple=multiple)
 
     def build_loss(self, settings: Any, tokens: list, *, chunk_bytes: int, impl: str, dp_group, tp_group):
         from vigos_megatron.losses.objectives import SegmentedDistillationLoss, global_segment_counts

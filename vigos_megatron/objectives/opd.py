@@ -40,7 +40,7 @@ class OPD(SegmentedObjective):
         return ("student",)
 
     def assemble(self, rollout, cfg, cut):
-        from vigos_megatron.rollout.assembly import assemble_opsd
+        from vigos_megatron.schedule.assembly import assemble_opsd
 
         return assemble_opsd(rollout.sample["contexts"], rollout.completion, correct=rollout.correct,
                              teacher_context="student")

@@ -36,7 +36,7 @@ class OPSD(SegmentedObjective):
         return ("student", "opsd")
 
     def assemble(self, rollout, cfg, cut):
-        from vigos_megatron.rollout.assembly import assemble_opsd
+        from vigos_megatron.schedule.assembly import assemble_opsd
 
         return assemble_opsd(rollout.sample["contexts"], rollout.completion, correct=rollout.correct)
 

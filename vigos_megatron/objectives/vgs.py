@@ -63,16 +63,16 @@ class VGS(Objective):
         return tuple(dict.fromkeys(("student", "student_text", *teacher_contexts(cfg))))
 
     def assemble(self, rollout, cfg, cut):
-        from vigos_megatron.rollout.assembly import assemble_vgs
+        from vigos_megatron.schedule.assembly import assemble_vgs
 
         image_ctx, text_ctx = teacher_contexts(cfg)
         return assemble_vgs(rollout.sample["contexts"], rollout.completion, teacher_image_context=image_ctx,
                             teacher_text_context=text_ctx, correct=rollout.correct)
 
-    def pack(self, group, *, pad_id, seq_length):
-        from vigos_megatron.rollout.assembly import pack_vgs
+    def pack(self, group, *, pad_id, multiple):
+        from vigos_megatron.schedule.assembly import pack_vgs
 
-        return pack_vgs(group, pad_id=pad_id, seq_length=seq_length)
+        return pack_vgs(group, pad_id=pad_id, multiple=multiple)
 
     def build_loss(self, settings, tokens, *, chunk_bytes, impl, dp_group, tp_group):
         from vigos_megatron.losses.objectives import VGSLoss

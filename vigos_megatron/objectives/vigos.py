@@ -70,7 +70,7 @@ class ViGOS(SegmentedObjective):
         return ("student", "perception", "reasoning", "reference")
 
     def assemble(self, rollout, cfg, cut):
-        from vigos_megatron.rollout.assembly import assemble_vigos
+        from vigos_megatron.schedule.assembly import assemble_vigos
 
         return assemble_vigos(rollout.sample["contexts"], rollout.completion, rollout.segments, correct=rollout.correct,
                               cut=cut, reasoning_teacher_sees_description=cfg.data.context.reasoning_teacher_sees_description)

@@ -1,9 +1,9 @@
-"""Rollouts -> loss inputs: completion parsing (exact token spans) and micro-batch stream assembly.
+"""Rollouts: generation (the KV-cached engine, :mod:`.engine`) and completion parsing.
 
 Public parser (``segments``): :func:`parse_completion` (validity, spans, boolean masks and
 answer of one completion) and :func:`extract_boxed` (the content of the last ``\\boxed{``, the
-answer rule shared by training and evaluation). Stream assembly is in
-:mod:`vigos_megatron.rollout.assembly`.
+answer rule shared by training and evaluation). The rows each teacher reads are assembled in
+:mod:`vigos_megatron.schedule.assembly`.
 """
 
 from vigos_megatron.rollout.segments import CompletionSegments, TokenBytes, extract_boxed, parse_completion, token_bytes_for

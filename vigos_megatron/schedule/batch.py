@@ -1,6 +1,6 @@
 """Assembled rollouts -> the per-micro-batch model inputs of :class:`~vigos_megatron.schedule.stage.StudentTeacherStage`.
 
-A micro-batch of ``B`` rollouts is packed by :func:`~vigos_megatron.rollout.assembly.pack_distill`
+A micro-batch of ``B`` rollouts is packed by :func:`~vigos_megatron.schedule.assembly.pack_distill`
 into ``R`` token rows ``[R, S]`` (slot ``c`` of rollout ``b`` is row ``c * B + b``; the first
 ``num_student_rows`` rows are the student's). This module splits the rows into the student's
 and the teacher's model inputs and attaches the image of every row that has one:
@@ -12,14 +12,12 @@ and the teacher's model inputs and attaches the image of every row that has one:
   model, which image each image row shows (``RowsInput.image_ids``): the vision tower runs
   once per image and model (or once per image when the student shares the teacher's frozen
   tower), not once per row. Only the first stage uses the pixels;
-* the positions whose logits a loss reads (:class:`LogitSelection`): the last stage computes
-  ``[N, V/tp]`` logits there instead of ``[R, S, V/tp]``;
-* the length of every slot (:class:`StreamBatch`): each slot runs at its own length, so a
-  short teacher context is not padded to the student's.
+* the length of every slot and the positions whose logits a loss reads (from the packing, with the
+  loss tokens already indexing the last stage's ``[N, V/tp]`` output): each slot runs at its own
+  length, so a short teacher context is not padded to the student's.
 
 Micro-batches of one schedule call may differ in length (at PP > 1 megatron exchanges each
-stream's shape first, ``variable_seq_lengths``): :func:`make_stream_batches` pads every slot to
-the micro-batch's longest row of that slot and re-indexes the loss tokens accordingly.
+stream's shape first, ``variable_seq_lengths``).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import torch
 from torch import Tensor
 
 from vigos_megatron.losses.objectives import DistillTokens, VGSTokens
-from vigos_megatron.rollout.assembly import AssembledRollout, MicroBatchStream, pack_distill, padded_length
+from vigos_megatron.schedule.assembly import AssembledRollout, MicroBatchStream, pack_distill
 
 
 @dataclass
@@ -100,28 +98,6 @@ class RowsInput:
         return RowsInput(self.input_ids.to(device, non_blocking=True), list(self.row_images))
 
 
-@dataclass
-class LogitSelection:
-    """The positions whose logits the last stage computes, per slot, and the loss tokens re-indexed to them.
-
-    Attributes:
-        positions: per slot (student slots, then teacher slots), int64 ``[N_c]`` sorted flat
-            positions ``b * S_c + column`` into the slot's rows ``[B, S_c]``.
-        tokens: the stream's loss tokens with every index pointing into the last stage's
-            output ``[sum_c N_c, V/tp]`` (the slots' selected logits, in slot order).
-    """
-
-    positions: list[Tensor]
-    tokens: DistillTokens | VGSTokens
-
-    def to(self, device) -> "LogitSelection":
-        return LogitSelection([p.to(device) for p in self.positions], _tokens_to(self.tokens, device))
-
-
-def _index_fields(tokens) -> list[str]:
-    return [f.name for f in dataclasses.fields(tokens) if f.name.endswith("_index")]
-
-
 def _tokens_to(tokens, device):
     return dataclasses.replace(tokens, **{
         f.name: getattr(tokens, f.name).to(device)
@@ -129,53 +105,26 @@ def _tokens_to(tokens, device):
     })
 
 
-def select_loss_positions(tokens: DistillTokens | VGSTokens, *, rollouts: int, seq_length: int,
-                          slot_lengths: Sequence[int]) -> LogitSelection:
-    """The positions that a loss term reads, per slot, and ``tokens`` re-indexed to them.
-
-    ``tokens`` index the logical stream's logits ``[R, S, V/tp]`` flattened batch-first (row
-    ``c * B + b`` is slot ``c`` of rollout ``b``). The selected positions are the sorted union of
-    all their indices, i.e. ordered by (slot, rollout, column); index ``i`` becomes
-    ``searchsorted(positions, i)``, so the last stage's output (each slot's selected logits, in
-    slot order) is read exactly as ``[R*S, V/tp]`` was. Position ``(c, b, column)`` is
-    ``b * S_c + column`` in slot ``c``'s rows ``[B, S_c]``.
-    """
-    B, S = rollouts, seq_length
-    fields = _index_fields(tokens)
-    flat = torch.cat([getattr(tokens, f) for f in fields])
-    positions = torch.unique(flat, sorted=True) if flat.numel() else flat.new_zeros(0)
-    row, col = torch.div(positions, S, rounding_mode="floor"), positions % S
-    slot, b = torch.div(row, B, rounding_mode="floor"), row % B
-    lengths = torch.tensor(list(slot_lengths), dtype=torch.long)
-    if positions.numel() and bool((col >= lengths[slot]).any()):
-        raise ValueError("select_loss_positions: a loss position lies beyond its slot's length")
-    per_slot = [b[slot == c] * int(lengths[c]) + col[slot == c] for c in range(len(slot_lengths))]
-    remapped = dataclasses.replace(tokens, **{f: torch.searchsorted(positions, getattr(tokens, f)) for f in fields})
-    return LogitSelection(per_slot, remapped)
-
-
 @dataclass
 class StreamBatch:
     """One micro-batch of the student+teacher stream.
 
-    The logical layout is ``R = K * B`` rows of ``S`` tokens (slot ``c`` of rollout ``b`` is row
-    ``c * B + b``; the first ``num_student_rows = Ks * B`` rows are the student's). What runs is
-    tighter: slot ``c``'s ``B`` rows are cut to ``slot_lengths[c]`` (``S_c``, the micro-batch's
-    longest row of that slot rounded up; 0 for a slot none of its rollouts uses), and between
-    pipeline stages the stream travels as one tensor ``[T, 1, H]``, ``T = B * sum_c S_c``: the
-    slots' hidden states ``[S_c, B, H]`` flattened and concatenated in slot order. A teacher
-    context shorter than the student's is then not padded to the student's length.
+    Slot ``c`` of rollout ``b`` is row ``c * B + b``; the first ``num_student_rows = Ks * B`` rows
+    are the student's. Slot ``c``'s ``B`` rows run at ``slot_lengths[c]`` (``S_c``, the
+    micro-batch's longest row of that slot rounded up; 0 for a slot none of its rollouts uses),
+    and between pipeline stages the stream travels as one tensor ``[T, 1, H]``,
+    ``T = B * sum_c S_c``: the slots' hidden states ``[S_c, B, H]`` flattened and concatenated in
+    slot order. A teacher context shorter than the student's is then not padded to its length.
 
     Attributes:
         student, teacher: the rows of each model (``num_student_rows`` and ``rows - num_student_rows``).
         images: the micro-batch's distinct images (``None`` when no row has one).
-        num_student_rows: ``Ns = Ks * B``.
-        rows: ``R``; ``seq_length``: ``S`` (the logical layout's length).
+        num_student_rows: ``Ns = Ks * B``; ``rows``: ``R``.
         rollouts: ``B`` samples (use it, not ``R``, for sample/throughput accounting).
         slot_lengths: ``S_c`` per slot (student slots first).
-        tokens: the loss's token indices into the logical layout's logits ``[R*S, V/tp]``.
-        logits: the positions the last stage computes logits at (:func:`select_loss_positions`);
-            the loss reads them with :attr:`loss_tokens`.
+        positions: per slot, int64 ``[N_c]`` sorted flat positions ``b * S_c + column`` whose
+            logits the last stage computes (its output: ``[sum_c N_c, V/tp]``, slot order).
+        tokens: the loss's token indices into that output.
     """
 
     student: RowsInput
@@ -183,16 +132,15 @@ class StreamBatch:
     images: ImageSet | None
     num_student_rows: int
     rows: int
-    seq_length: int
     rollouts: int
     slot_lengths: list[int]
+    positions: list[Tensor]
     tokens: DistillTokens | VGSTokens
-    logits: LogitSelection
 
     @property
-    def loss_tokens(self) -> DistillTokens | VGSTokens:
-        """The token indices into what the last stage returns (what the loss is bound with)."""
-        return self.logits.tokens
+    def seq_length(self) -> int:
+        """``S = max_c S_c``: the width of :attr:`RowsInput.input_ids`."""
+        return max(self.slot_lengths)
 
     @property
     def stream_length(self) -> int:
@@ -206,8 +154,8 @@ class StreamBatch:
     def to(self, device) -> "StreamBatch":
         return dataclasses.replace(
             self, student=self.student.to(device), teacher=self.teacher.to(device),
-            images=None if self.images is None else self.images.to(device), tokens=_tokens_to(self.tokens, device),
-            logits=self.logits.to(device),
+            images=None if self.images is None else self.images.to(device),
+            positions=[p.to(device) for p in self.positions], tokens=_tokens_to(self.tokens, device),
         )
 
 
@@ -236,43 +184,22 @@ def _row_rollouts(stream: MicroBatchStream, rows: range, vision: Sequence[Mappin
     return out
 
 
-def slot_lengths_of(rollouts: Sequence[AssembledRollout], multiple: int) -> list[int]:
-    """``S_c`` per slot: the longest row of slot ``c`` over ``rollouts`` rounded up to ``multiple`` (0: unused)."""
-    slots = [r.student_slots + r.teacher_slots for r in rollouts]
-    out = []
-    for c in range(len(slots[0])):
-        longest = max((rows[c].ids.numel() for rows in slots if rows[c] is not None), default=0)
-        out.append(-(-longest // multiple) * multiple)
-    return out
-
-
 def stream_batch(stream: MicroBatchStream, vision: Sequence[Mapping], *, image_token_id: int,
-                 spatial_merge_size: int, slot_lengths: Sequence[int] | None = None) -> StreamBatch:
+                 spatial_merge_size: int) -> StreamBatch:
     """Model inputs of one packed micro-batch.
 
     Args:
-        stream: from :func:`~vigos_megatron.rollout.assembly.pack_distill` or ``pack_vgs``.
+        stream: from :func:`~vigos_megatron.schedule.assembly.pack_distill` or ``pack_vgs``.
         vision: per rollout of the micro-batch (``B`` entries, in packing order), a mapping with
             ``pixel_values`` ``[patches, D]`` and ``image_grid_thw`` ``[1, 3]`` (the
             :class:`~vigos_megatron.data.contexts.ContextEncoder` output has both).
         image_token_id: ``<|image_pad|>`` id; each image row must hold exactly
             ``prod(grid) / spatial_merge_size**2`` of them.
-        slot_lengths: ``S_c`` per slot (from :func:`slot_lengths_of` over the micro-batch's
-            rollouts); ``None``: every slot at the stream's ``S``.
     """
     if len(vision) != stream.rollouts:
         raise ValueError(f"stream_batch: {len(vision)} vision entries for {stream.rollouts} rollouts")
-    if stream.tokens is None:
-        raise ValueError("stream_batch: the stream has no loss tokens (pack with pack_distill / pack_vgs)")
-    R, S = stream.input_ids.shape
-    B, ns = stream.rollouts, stream.num_student_rows
-    lengths = [S] * (R // B) if slot_lengths is None else list(slot_lengths)
-    if len(lengths) != R // B:
-        raise ValueError(f"stream_batch: {len(lengths)} slot lengths for {R // B} slots")
-    for c, s_c in enumerate(lengths):
-        longest = int(stream.lengths[c * B:(c + 1) * B].max())
-        if not longest <= s_c <= S:
-            raise ValueError(f"stream_batch: slot {c} length {s_c} outside [{longest}, {S}]")
+    R = stream.input_ids.shape[0]
+    ns = stream.num_student_rows
     args = (vision, image_token_id, spatial_merge_size)
     owners = _row_rollouts(stream, range(R), *args)
     # distinct images: a rollout's image (and a filler's copy of it: the same tensor) is stored once
@@ -289,8 +216,8 @@ def stream_batch(stream: MicroBatchStream, vision: Sequence[Mapping], *, image_t
         student=RowsInput(stream.input_ids[:ns].contiguous(), row_images[:ns]),
         teacher=RowsInput(stream.input_ids[ns:].contiguous(), row_images[ns:]),
         images=ImageSet(torch.cat(pixels), torch.cat(grids)) if pixels else None,
-        num_student_rows=ns, rows=R, seq_length=S, rollouts=B, slot_lengths=lengths, tokens=stream.tokens,
-        logits=select_loss_positions(stream.tokens, rollouts=B, seq_length=S, slot_lengths=lengths),
+        num_student_rows=ns, rows=R, rollouts=stream.rollouts, slot_lengths=list(stream.slot_lengths),
+        positions=stream.positions, tokens=stream.tokens,
     )
 
 
@@ -314,10 +241,10 @@ def make_stream_batches(
     """Split ``rollouts`` (with ``vision[i]`` the image inputs of rollout ``i``) into micro-batches.
 
     Groups of ``rollouts_per_micro_batch`` rollouts are packed with ``pack``
-    (:func:`~vigos_megatron.rollout.assembly.pack_distill` for ViGOS/OPSD,
-    :func:`~vigos_megatron.rollout.assembly.pack_vgs` for VGS). Each micro-batch has its own
-    shape: ``S`` is its longest row and slot ``c`` runs at ``S_c``, its longest row of that slot
-    (:func:`slot_lengths_of`), both rounded up to ``multiple``; the stream ``[T, 1, H]`` between
+    (:func:`~vigos_megatron.schedule.assembly.pack_distill` for ViGOS/OPSD,
+    :func:`~vigos_megatron.schedule.assembly.pack_vgs` for VGS). Each micro-batch has its own
+    shape: slot ``c`` runs at ``S_c``, its longest row of that slot rounded up to ``multiple``
+    (:func:`~vigos_megatron.schedule.assembly.slot_lengths`); the stream ``[T, 1, H]`` between
     pipeline stages then differs from one micro-batch to the next (megatron exchanges the shape
     first: ``variable_seq_lengths``, set by the model builder at PP > 1).
 
@@ -338,9 +265,6 @@ def make_stream_batches(
     for k in range(0, len(order), B):
         idx = order[k:k + B]
         group = [rollouts[i] for i in idx]
-        out.append(stream_batch(
-            pack(group, pad_id=pad_id, seq_length=padded_length(group, multiple)),
-            [vision[i] for i in idx], image_token_id=image_token_id,
-            spatial_merge_size=spatial_merge_size, slot_lengths=slot_lengths_of(group, multiple),
-        ))
+        out.append(stream_batch(pack(group, pad_id=pad_id, multiple=multiple), [vision[i] for i in idx],
+                                image_token_id=image_token_id, spatial_merge_size=spatial_merge_size))
     return out

@@ -14,7 +14,7 @@ and concatenated in slot order:
 * each slot is one language-model call on ``[S_c, B, H]``;
 * the stage returns the slots' outputs concatenated: the stream ``[T, 1, H]`` on every stage
   but the last; on the last, the vocabulary-sharded logits at the positions a loss reads
-  (``[N, V/tp]``, slot order, student first; ``batch.loss_tokens`` index them).
+  (``[N, V/tp]``, slot order, student first; ``batch.tokens`` index them).
 
 Megatron DDP wraps the whole stage: DDP allocates gradient buffers only for parameters with
 ``requires_grad``, i.e. the student's; the teacher has none, gets no ``.grad`` and must never
@@ -143,9 +143,9 @@ class StudentTeacherStage(MegatronModule):
             model.set_input_tensor(xs[c])
             out = language_forward(model, decoder_input=emb,
                                    position_ids=mrope_positions(model, ids, rows.grid_thw(batch.images, part)),
-                                   logit_positions=batch.logits.positions[c] if self.post_process else None)
+                                   logit_positions=batch.positions[c] if self.post_process else None)
             if self.post_process:
-                _check(out, (batch.logits.positions[c].numel(),), f"slot {c} logits")
+                _check(out, (batch.positions[c].numel(),), f"slot {c} logits")
                 outs.append(out)
             else:
                 _check(out, (s_c, B), f"slot {c} hidden states")

@@ -10,7 +10,7 @@ ability by teacher-forced training on its own synthetic samples. Each step draws
 (``A`` the sample's answer with probability ``p_correct``, another digit otherwise), tokenises
 them as the student would emit them, parses them (:func:`~vigos_megatron.rollout.parse_completion`)
 and builds the rows with the training's own byte-exact assembly
-(:func:`~vigos_megatron.rollout.assembly.assemble_vigos`): the student row (the whole completion),
+(:func:`~vigos_megatron.schedule.assembly.assemble_vigos`): the student row (the whole completion),
 the perception teacher's row (the description), the reasoning teacher's row (the reasoning of a
 completion that boxes the reference answer, which that privileged context shows; its prefix is cut
 where the first reasoning token carries the end of ``<think>``) and the reference teacher's row (the
@@ -76,7 +76,7 @@ class TrainingRow:
 def sample_rows(sample: dict, tok, cut, rng: random.Random, *, p_correct: float) -> list[TrainingRow]:
     """The four rows one sample contributes to a warm-start step, assembled as training assembles them."""
     from vigos_megatron.rollout import parse_completion
-    from vigos_megatron.rollout.assembly import assemble_vigos, context_row
+    from vigos_megatron.schedule.assembly import assemble_vigos, context_row
 
     ctx = sample["contexts"]
     answer = sample.get("answer") or ""

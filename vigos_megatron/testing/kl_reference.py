@@ -44,3 +44,26 @@ def rows_model_kwargs(rows, images) -> dict:
     ids = rows.image_ids
     pix, grid = images.select(ids) if ids else (None, None)
     return {"input_ids": rows.input_ids, "pixel_values": pix, "image_grid_thw": grid, "attention_mask": None}
+
+
+def row_and_column(batch, index):
+    """For indices into the last stage's ``[N, V/tp]`` output of a packed micro-batch (a
+    :class:`~vigos_megatron.schedule.assembly.MicroBatchStream` or
+    :class:`~vigos_megatron.schedule.batch.StreamBatch`), the stream row ``c * B + b`` and the column
+    of each: what a full-length reference forward (``[R, S, V/tp]``) reads at ``row * S + column``."""
+    import torch
+
+    index = torch.as_tensor(index, dtype=torch.long).cpu()
+    sizes = torch.tensor([p.numel() for p in batch.positions])
+    ends = torch.cumsum(sizes, 0)
+    slot = torch.searchsorted(ends, index, right=True)
+    flat = torch.cat([p.cpu() for p in batch.positions])[index]
+    s_c = torch.tensor(batch.slot_lengths)[slot]
+    return slot * batch.rollouts + torch.div(flat, s_c, rounding_mode="floor"), flat % s_c
+
+
+def logical_index(batch, index):
+    """``row * S + column`` of :func:`row_and_column`: the index into the full-length reference
+    logits ``[R, S, V/tp]`` flattened batch-first."""
+    row, col = row_and_column(batch, index)
+    return row * batch.seq_length + col

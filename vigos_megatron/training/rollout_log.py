@@ -44,7 +44,7 @@ def _decode(token_bytes, ids) -> str:
 
 def rollout_record(rollout, rolled, token_bytes, term_names: tuple[str, ...]) -> dict:
     """One line: a :class:`~vigos_megatron.training.rollouts.Rollout` and its
-    :class:`~vigos_megatron.rollout.assembly.AssembledRollout` (rows and scored tokens)."""
+    :class:`~vigos_megatron.schedule.assembly.AssembledRollout` (rows and scored tokens)."""
     seg = rollout.segments
     sample = rollout.sample
     teachers = []

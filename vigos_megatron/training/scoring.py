@@ -57,7 +57,7 @@ def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, c
         spatial_merge_size=hf_config.vision_config.spatial_merge_size, multiple=cfg.train.seq_multiple,
         pack=objective.pack, group_by_length=cfg.train.group_by_length,
     )
-    loss = objective.build_loss(getattr(cfg.loss, objective.name), [b.loss_tokens for b in batches],
+    loss = objective.build_loss(getattr(cfg.loss, objective.name), [b.tokens for b in batches],
                                 chunk_bytes=cfg.loss.chunk_bytes,
                                 impl=cfg.loss.impl, dp_group=dp_group, tp_group=tp_group)
     return StepInputs(batches=batches, loss_fn=ReportedLoss(loss), assembled=rolled)

@@ -54,7 +54,7 @@ GENERATING_MODULES = (
     "vigos_megatron.data.contexts",
     "vigos_megatron.data.prompts",
     "vigos_megatron.data.images",
-    "vigos_megatron.rollout.assembly",
+    "vigos_megatron.schedule.assembly",
     "vigos_megatron.rollout.segments",
     "vigos_megatron.rollout.sampling",
 )

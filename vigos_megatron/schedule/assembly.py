@@ -2,14 +2,12 @@
 
 After a rollout, each sample has its prompt prefixes (``vigos_megatron.data.contexts``) and
 the student's completion ids. This module appends the completion tokens each context must
-score (METHOD.md section 2) and packs a micro-batch into the layout of
-``../shared/DESIGN-NOTES.md``: ``R = (Ks + Kt) * B`` rows of one padded length ``S``, the
-``Ks`` student slots first (trainable rows), then the ``Kt`` teacher slots; slot ``c`` of
-rollout ``b`` is row ``c * B + b``. The loss tokens index the logical logits ``[R, S, V/tp]``
-flattened batch-first (the prediction at position ``p`` of row ``r`` is ``r * S + p``);
-:func:`~vigos_megatron.schedule.batch.select_loss_positions` maps them to the positions the last
-stage computes. Which slots a rollout fills is its objective's choice (:mod:`vigos_megatron.objectives`);
-an unused slot is an all-pad row.
+score (METHOD.md section 2), byte-exactly, and packs a micro-batch: ``R = (Ks + Kt) * B`` rows,
+the ``Ks`` student slots first (trainable rows), then the ``Kt`` teacher slots; slot ``c`` of
+rollout ``b`` is row ``c * B + b``, and slot ``c`` runs at its own length ``S_c``. The loss tokens
+index straight into what the last stage returns: the logits at the loss positions of every slot,
+concatenated in slot order (``[N, V/tp]``, :class:`MicroBatchStream`). Which slots a rollout fills
+is its objective's choice (:mod:`vigos_megatron.objectives`); an unused slot is an all-pad row.
 
 The logits at position ``p`` predict token ``p + 1``; for completion token ``j`` appended
 after a prefix of length ``L`` at offset ``o`` (``o`` = first appended completion index),
@@ -170,15 +168,22 @@ def assemble_vgs(
 
 @dataclass
 class MicroBatchStream:
-    """Token rows of one micro-batch and where the loss reads its logits.
+    """Token rows of one micro-batch and the positions whose logits its loss reads.
+
+    Slot ``c`` of rollout ``b`` is row ``c * B + b``; slot ``c`` runs at its own length ``S_c``
+    (``slot_lengths``: its longest row rounded up, 0 for a slot no rollout uses). The last stage
+    computes logits only at ``positions[c]`` of each slot (sorted flat positions ``b * S_c + column``
+    into the slot's rows ``[B, S_c]``) and returns them concatenated in slot order, ``[N, V/tp]``
+    with ``N = sum_c N_c``; ``tokens`` index that tensor.
 
     Attributes:
-        input_ids: int64 ``[R, S]`` (pad-filled; causal attention makes right padding inert).
+        input_ids: int64 ``[R, S]``, ``S = max_c S_c`` (pad-filled; causal attention makes right
+            padding inert); slot ``c``'s rows are read as ``[:, :S_c]``.
         lengths: int64 ``[R]`` real tokens per row (0 for an unused slot).
         row_context: context name per row ("" for unused slots).
         row_has_image: bool ``[R]``; row ``r`` belongs to rollout ``r % B``.
         num_student_rows: ``Ks * B`` leading trainable rows.
-        rollouts: ``B``; ``seq_length``: ``S``.
+        rollouts: ``B``.
     """
 
     input_ids: Tensor
@@ -187,108 +192,112 @@ class MicroBatchStream:
     row_has_image: Tensor
     num_student_rows: int
     rollouts: int
-    seq_length: int
-    tokens: DistillTokens | VGSTokens | None = None
+    slot_lengths: list[int]
+    positions: list[Tensor]
+    tokens: DistillTokens | VGSTokens
+
+    @property
+    def seq_length(self) -> int:
+        return self.input_ids.shape[1]
 
 
-def _flat_index(R: int, S: int):
-    """Batch-first flat index of (row, position) in the logical logits ``[R, S, V/tp]``."""
-    return lambda row, pos: row * S + pos
+def slot_lengths(rollouts: list[AssembledRollout], multiple: int) -> list[int]:
+    """``S_c`` per slot: the longest row of slot ``c`` over ``rollouts`` rounded up to ``multiple`` (0: unused)."""
+    slots = [r.student_slots + r.teacher_slots for r in rollouts]
+    out = []
+    for c in range(len(slots[0])):
+        longest = max((rows[c].ids.numel() for rows in slots if rows[c] is not None), default=0)
+        out.append(-(-longest // multiple) * multiple)
+    return out
 
 
-def longest_row(rollouts: list[AssembledRollout]) -> int:
-    """Tokens of the longest row (student or teacher) of ``rollouts``."""
-    return max(row.ids.numel() for r in rollouts for row in r.student_slots + r.teacher_slots if row is not None)
+class _LossPositions:
+    """Collects ``(slot, rollout, column)`` references and turns them into indices into ``[N, V/tp]``."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = lengths
+        self.slot: list[int] = []
+        self.flat: list[int] = []
+
+    def ref(self, c: int, b: int, column: int) -> int:
+        """Register one reference; returns its handle (for :meth:`indices`)."""
+        if not 0 <= column < self.lengths[c]:
+            raise ValueError(f"pack: a loss position (column {column}) lies beyond slot {c}'s length {self.lengths[c]}")
+        self.slot.append(c)
+        self.flat.append(b * self.lengths[c] + column)
+        return len(self.flat) - 1
+
+    def finish(self) -> tuple[list[Tensor], Tensor]:
+        """``(positions per slot, index of every reference into the slots' concatenated selections)``."""
+        slot = torch.tensor(self.slot, dtype=torch.long)
+        flat = torch.tensor(self.flat, dtype=torch.long)
+        index = torch.zeros_like(flat)
+        positions, offset = [], 0
+        for c in range(len(self.lengths)):
+            mine = slot == c
+            pos = torch.unique(flat[mine], sorted=True)
+            index[mine] = offset + torch.searchsorted(pos, flat[mine])
+            positions.append(pos)
+            offset += pos.numel()
+        return positions, index
 
 
-def padded_length(rollouts: list[AssembledRollout], multiple: int) -> int:
-    """``S`` for ``rollouts``: the longest row rounded up to ``multiple``.
-
-    Pass it as ``seq_length`` to :func:`pack_distill` / :func:`pack_vgs` (one micro-batch's value;
-    megatron's schedule takes micro-batches of different shapes, see
-    :func:`~vigos_megatron.schedule.batch.make_stream_batches`).
-    """
-    return -(-longest_row(rollouts) // multiple) * multiple
-
-
-def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int, seq_length: int | None) -> MicroBatchStream:
+def _pack(rollouts: list[AssembledRollout], pad_id: int, multiple: int) -> tuple[dict, list[int]]:
     if not rollouts:
         raise ValueError("pack: empty micro-batch")
     B = len(rollouts)
     ks, kt = len(rollouts[0].student_slots), len(rollouts[0].teacher_slots)
     if any(len(r.student_slots) != ks or len(r.teacher_slots) != kt for r in rollouts):
         raise ValueError("pack: rollouts of one micro-batch must come from the same objective (same slots)")
-    slots = [r.student_slots + r.teacher_slots for r in rollouts]
-    if seq_length is None:
-        S = padded_length(rollouts, multiple)
-    elif seq_length < longest_row(rollouts):
-        raise ValueError(f"pack: seq_length={seq_length} is shorter than the longest row ({longest_row(rollouts)} tokens)")
-    else:
-        S = seq_length
+    lengths = slot_lengths(rollouts, multiple)
     R = (ks + kt) * B
-    ids = torch.full((R, S), pad_id, dtype=torch.long)
-    lengths = torch.zeros(R, dtype=torch.long)
+    ids = torch.full((R, max(lengths)), pad_id, dtype=torch.long)
+    row_lengths = torch.zeros(R, dtype=torch.long)
     names = [""] * R
     has_image = torch.zeros(R, dtype=torch.bool)
-    for b, rows in enumerate(slots):
-        for c, row in enumerate(rows):
+    for b, r in enumerate(rollouts):
+        for c, row in enumerate(r.student_slots + r.teacher_slots):
             if row is None:
                 continue
-            r = c * B + b
-            ids[r, : row.ids.numel()] = row.ids
-            lengths[r] = row.ids.numel()
-            names[r] = row.context
-            has_image[r] = row.has_image
-    return MicroBatchStream(ids, lengths, names, has_image, ks * B, B, S)
+            i = c * B + b
+            ids[i, : row.ids.numel()] = row.ids
+            row_lengths[i] = row.ids.numel()
+            names[i] = row.context
+            has_image[i] = row.has_image
+    fields = dict(input_ids=ids, lengths=row_lengths, row_context=names, row_has_image=has_image,
+                  num_student_rows=ks * B, rollouts=B, slot_lengths=lengths)
+    return fields, lengths
 
 
-def pack_distill(
-    rollouts: list[AssembledRollout],
-    *,
-    pad_id: int,
-    multiple: int = 64,
-    seq_length: int | None = None,
-) -> MicroBatchStream:
-    """Pack ViGOS/OPSD rollouts; ``tokens`` is the micro-batch's :class:`DistillTokens`.
-
-    ``S`` is ``seq_length`` when given (the step's common length), else the longest row
-    rounded up to ``multiple``.
-    """
-    mb = _pack(rollouts, pad_id, multiple, seq_length)
-    B, R = mb.rollouts, mb.input_ids.shape[0]
-    flat = _flat_index(R, mb.seq_length)
-    ks = mb.num_student_rows // B
-    sidx, tidx, seg = [], [], []
+def pack_distill(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64) -> MicroBatchStream:
+    """Pack ViGOS / OPSD / ``opd`` rollouts (one scored token: one student and one teacher position);
+    ``tokens`` is the micro-batch's :class:`DistillTokens` into ``[N, V/tp]``."""
+    fields, lengths = _pack(rollouts, pad_id, multiple)
+    ks = len(rollouts[0].student_slots)
+    where = _LossPositions(lengths)
+    refs, seg = [], []
     for b, r in enumerate(rollouts):
         for s_slot, s_pos, t_slot, t_pos, segment in r.scores:
-            sidx.append(flat(s_slot * B + b, s_pos))
-            tidx.append(flat((ks + t_slot) * B + b, t_pos))
+            refs.append((where.ref(s_slot, b, s_pos), where.ref(ks + t_slot, b, t_pos)))
             seg.append(segment)
-    mb.tokens = DistillTokens(
-        torch.tensor(sidx, dtype=torch.long),
-        torch.tensor(tidx, dtype=torch.long),
-        torch.tensor(seg, dtype=torch.long),
-    )
-    return mb
+    positions, index = where.finish()
+    s_ref = torch.tensor([a for a, _ in refs], dtype=torch.long)
+    t_ref = torch.tensor([t for _, t in refs], dtype=torch.long)
+    tokens = DistillTokens(index[s_ref], index[t_ref], torch.tensor(seg, dtype=torch.long))
+    return MicroBatchStream(**fields, positions=positions, tokens=tokens)
 
 
-def pack_vgs(
-    rollouts: list[AssembledRollout],
-    *,
-    pad_id: int,
-    multiple: int = 64,
-    seq_length: int | None = None,
-) -> MicroBatchStream:
-    """Pack VGS rollouts; ``tokens`` is the micro-batch's :class:`VGSTokens` (every completion token)."""
-    mb = _pack(rollouts, pad_id, multiple, seq_length)
-    B, R = mb.rollouts, mb.input_ids.shape[0]
-    flat = _flat_index(R, mb.seq_length)
-    idx = [[], [], [], []]
+def pack_vgs(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 64) -> MicroBatchStream:
+    """Pack VGS rollouts (every completion token in all four rows); ``tokens`` is the micro-batch's
+    :class:`VGSTokens` into ``[N, V/tp]``."""
+    fields, lengths = _pack(rollouts, pad_id, multiple)
+    where = _LossPositions(lengths)
+    refs: list[list[int]] = [[], [], [], []]
     for b, r in enumerate(rollouts):
-        rows = r.student_slots + r.teacher_slots
         n = r.completion_tokens
-        for c, row in enumerate(rows):
+        for c, row in enumerate(r.student_slots + r.teacher_slots):
             prefix = row.ids.numel() - n
-            idx[c] += [flat(c * B + b, prefix - 1 + j) for j in range(n)]
-    mb.tokens = VGSTokens(*(torch.tensor(i, dtype=torch.long) for i in idx))
-    return mb
+            refs[c] += [where.ref(c, b, prefix - 1 + j) for j in range(n)]
+    positions, index = where.finish()
+    tokens = VGSTokens(*(index[torch.tensor(x, dtype=torch.long)] for x in refs))
+    return MicroBatchStream(**fields, positions=positions, tokens=tokens)
