@@ -104,3 +104,13 @@ def saved_for_backward(ctx):
     logits = saved[4 + k:]
     needs = [ctx.needs_input_grad[1 + 2 * i] for i in range(k)]
     return kl, lse_a, lse_b, clipped, indices, logits, needs
+
+
+def finish_forward(ctx, meta: KLMeta, m: Tensor, s: Tensor, indices, logits) -> Tensor:
+    """The end of both forwards: the per-token KL from the reduced statistics (``m`` ``[n, 2]``,
+    ``s`` ``[n, 4]``), a clear error on non-finite values, the clip, and the state backward needs."""
+    kl, lse_a, lse_b = kl_from_stats(m, s, meta.reverse)
+    if not bool(torch.isfinite(kl).all()):
+        raise_non_finite(logits, meta.n_a)
+    clipped = kl > meta.clip if meta.clip is not None else torch.zeros_like(meta.reverse)
+    return save_for_backward(ctx, meta, kl, lse_a, lse_b, clipped, indices, logits)

@@ -12,14 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.collectives import all_reduce
-from vigos_megatron.losses.kl_common import (
-    LogitRows,
-    kl_from_stats,
-    meta_for,
-    raise_non_finite,
-    save_for_backward,
-    saved_for_backward,
-)
+from vigos_megatron.losses.kl_common import LogitRows, finish_forward, meta_for, saved_for_backward
 
 
 def _rows(term_logits: Tensor) -> Tensor:
@@ -142,11 +135,7 @@ class _VocabParallelKL(torch.autograd.Function):
         n = reverse.numel()
         m = _token_maxima(sides, inv_t, n, chunk, group)
         s = _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group)
-        kl, lse_a, lse_b = kl_from_stats(m, s, reverse)
-        if not bool(torch.isfinite(kl).all()):
-            raise_non_finite(logits, n_a)
-        clipped = kl > clip if clip is not None else torch.zeros_like(reverse)
-        return save_for_backward(ctx, meta, kl, lse_a, lse_b, clipped, indices, logits)
+        return finish_forward(ctx, meta, m, s, indices, logits)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -40,14 +40,7 @@ from torch import Tensor
 
 from vigos_megatron.losses import _triton_kl_kernels as K
 from vigos_megatron.collectives import all_reduce, group_size
-from vigos_megatron.losses.kl_common import (
-    LogitRows,
-    kl_from_stats,
-    meta_for,
-    raise_non_finite,
-    save_for_backward,
-    saved_for_backward,
-)
+from vigos_megatron.losses.kl_common import LogitRows, finish_forward, meta_for, saved_for_backward
 
 #: True when the kernels were defined under Triton's interpreter (CPU tensors allowed).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -175,11 +168,7 @@ class _TritonKL(torch.autograd.Function):
         if group_size(group) > 1:
             s = s * torch.exp(m_local - m).repeat(1, 2)  # (S_a, S_b, C_a, C_b) onto the global maxima
         s = all_reduce(s.contiguous(), group, dist.ReduceOp.SUM)  # all-reduce #2: [n, 4]
-        kl, lse_a, lse_b = kl_from_stats(m, s, reverse)
-        if not bool(torch.isfinite(kl).all()):
-            raise_non_finite(logits, n_a)
-        clipped = kl > clip if clip is not None else torch.zeros_like(reverse)
-        return save_for_backward(ctx, meta, kl, lse_a, lse_b, clipped, indices, logits)
+        return finish_forward(ctx, meta, m, s, indices, logits)
 
     @staticmethod
     def backward(ctx, grad_out):

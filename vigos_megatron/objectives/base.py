@@ -86,3 +86,45 @@ class SegmentedObjective(Objective):
         counts = global_segment_counts([t.segment.to(device) for t in tokens], len(segments), dp_group=dp_group)
         return SegmentedDistillationLoss(segments, counts, temperature=settings.temperature, clip=settings.clip,
                                          tp_group=tp_group, chunk_bytes=chunk_bytes, impl=impl)
+
+
+@dataclass
+class OneTermSettings:
+    """Settings of a one-term objective: ``weight * mean_t KL_t`` over every completion token."""
+
+    weight: float = 1.0
+    #: both logits are divided by it; no T^2 factor
+    temperature: float = 1.0
+    #: hard per-token clamp of the KL (value clip, gradient 0 above); <= 0 disables
+    clip: float = 0.0
+
+    def validate(self) -> None:
+        from vigos_megatron.config.loader import ConfigError
+
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+
+
+class OneTeacherObjective(SegmentedObjective):
+    """One teacher row per rollout, its context ``teacher_context``, scoring every completion token
+    with one KL ``direction`` (one student and one teacher row in the stream)."""
+
+    teacher_context: ClassVar[str]
+    direction: ClassVar[str]
+    rows = StreamRows(stream=(1, 1), image=(1, 1), logits=(1, 1))
+
+    def contexts(self, cfg):
+        return tuple(dict.fromkeys(("student", self.teacher_context)))
+
+    def assemble(self, rollout, cfg, cut):
+        from vigos_megatron.schedule.assembly import assemble_opsd
+
+        return assemble_opsd(rollout.sample["contexts"], rollout.completion, correct=rollout.correct,
+                             teacher_context=self.teacher_context)
+
+    def segments(self, settings):
+        from vigos_megatron.losses.objectives import Segment
+
+        return (Segment(self.terms[0], self.direction, settings.weight),)

@@ -6,44 +6,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.config.loader import ConfigError
-from vigos_megatron.objectives.base import SegmentedObjective, StreamRows
+from vigos_megatron.objectives.base import OneTeacherObjective, OneTermSettings
 
 
 @dataclass
-class OPSDLossConfig:
-    """Vanilla OPSD: one privileged teacher, forward KL on every completion token."""
-
-    weight: float = 1.0
-    temperature: float = 1.0
+class OPSDLossConfig(OneTermSettings):
     clip: float = 0.05
 
-    def validate(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
 
-
-class OPSD(SegmentedObjective):
+class OPSD(OneTeacherObjective):
     name = "opsd"
     settings = OPSDLossConfig
     terms = ("privileged",)
     expected_terms = ("privileged",)
-    rows = StreamRows(stream=(1, 1), image=(1, 1), logits=(1, 1))
-
-    def contexts(self, cfg):
-        return ("student", "opsd")
-
-    def assemble(self, rollout, cfg, cut):
-        from vigos_megatron.schedule.assembly import assemble_opsd
-
-        return assemble_opsd(rollout.sample["contexts"], rollout.completion, correct=rollout.correct)
-
-    def segments(self, settings):
-        from vigos_megatron.losses.objectives import Segment
-
-        return (Segment("privileged", "forward", settings.weight),)
+    teacher_context = "opsd"
+    direction = "forward"
 
 
 OBJECTIVE = OPSD()
