@@ -13,3 +13,9 @@ class UserError(Exception):
 
     #: what to do about it, one short clause
     hint = "fix the input named above"
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or option is invalid; the message names it."""
+
+    hint = "fix the option in the YAML file or the key=value override"

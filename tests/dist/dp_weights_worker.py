@@ -144,7 +144,8 @@ def main():
     from megatron.core import parallel_state as ps
 
     from vigos_megatron.rollout.engine import MegatronRolloutEngine
-    from vigos_megatron.training.setup import build_run, stop_token_ids
+    from vigos_megatron.rollout.segments import stop_token_ids
+    from vigos_megatron.training.setup import build_run
     from vigos_megatron.training.optimizer import ensure_params_gathered
     from vigos_megatron.training.rollouts import generate_rollouts
     from vigos_megatron.training.scoring import build_step_inputs

@@ -14,15 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from vigos_megatron.errors import UserError
+from vigos_megatron.errors import ConfigError  # noqa: F401  (raised here and by every validate())
 
 T = TypeVar("T")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration file or option is invalid; the message names it."""
-
-    hint = "fix the option in the YAML file or the key=value override"
 
 
 def _validate_tree(obj, prefix: str = "") -> None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 from dataclasses import field, make_dataclass
 
 from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.objectives import MODULES, get
-
-#: KL implementations (vigos_megatron.losses.vocab_parallel_kl.kl_rows): "auto" = Triton on CUDA, torch otherwise
-KL_IMPLS = ("auto", "torch", "triton")
 
 
 def _validate(self) -> None:

@@ -1,21 +1,9 @@
-"""Distillation losses over tensor-parallel vocabulary shards (the objectives that use them:
-:mod:`vigos_megatron.objectives`)."""
+"""Distillation losses over tensor-parallel vocabulary shards (import the modules):
 
-from vigos_megatron.losses.objectives import (
-    PERCEPTION,
-    REASONING,
-    REFERENCE,
-    DistillTokens,
-    Segment,
-    SegmentedDistillationLoss,
-    VGSLoss,
-    VGSTokens,
-    check_schedule_config,
-    global_segment_counts,
-)
-from vigos_megatron.losses.vocab_parallel_kl import LogitRows, kl_rows, vocab_parallel_kl
+* :mod:`.vocab_parallel_kl`: ``kl_rows`` / ``vocab_parallel_kl``, dispatching to :mod:`.torch_kl`
+  or :mod:`.triton_kl` (shared pieces: :mod:`.kl_common`; implementation names: :mod:`.impls`);
+* :mod:`.objectives`: the segmented-distillation and VGS loss functions the objectives
+  (:mod:`vigos_megatron.objectives`) build.
 
-__all__ = [
-    "PERCEPTION", "REASONING", "REFERENCE", "DistillTokens", "Segment", "SegmentedDistillationLoss", "VGSLoss",
-    "VGSTokens", "check_schedule_config", "global_segment_counts", "LogitRows", "kl_rows", "vocab_parallel_kl",
-]
+Import-light on purpose: the configuration reads :data:`.impls.KL_IMPLS` without importing torch.
+"""

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vigos_megatron.config.loss import KL_IMPLS
+from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.collectives import all_reduce, group_size
 from vigos_megatron.losses.kl_common import DEFAULT_CHUNK_BYTES, LogitRows
 from vigos_megatron.losses.torch_kl import torch_kl_rows

@@ -99,7 +99,7 @@ class OneTermSettings:
     clip: float = 0.0
 
     def validate(self) -> None:
-        from vigos_megatron.config.loader import ConfigError
+        from vigos_megatron.errors import ConfigError
 
         if self.weight < 0:
             raise ConfigError(f"weight: must be >= 0, got {self.weight}")

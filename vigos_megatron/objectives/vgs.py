@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import ConfigError
 from vigos_megatron.objectives.base import Objective, StreamRows
 
 

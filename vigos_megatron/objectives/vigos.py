@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import ConfigError
 from vigos_megatron.objectives.base import SegmentedObjective, StreamRows
 
 

@@ -324,3 +324,17 @@ def parse_completion(token_ids, tokenizer) -> CompletionSegments:
         num_tokens=n, valid=True, reason="", description=desc, reasoning=rea, answer=answer, device=device,
         reasoning_lead=text[starts[rea[0]]:think_end],
     )
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """``<|im_end|>`` (the chat turn's end, Qwen's EOS) and ``<|endoftext|>``."""
+    ids = []
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is not None and i != tokenizer.unk_token_id:
+            ids.append(int(i))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the tokenizer has no <|im_end|>, <|endoftext|> or EOS token to stop generation on")
+    return ids

@@ -196,7 +196,7 @@ def check_format(hf_dir, samples: list[dict], sampling, *, step: int = 0) -> tup
     from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
     from vigos_megatron.rollout import parse_completion
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
-    from vigos_megatron.training.setup import stop_token_ids
+    from vigos_megatron.rollout.segments import stop_token_ids
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     with fixed_threads(), local_model_parallel():

@@ -115,20 +115,6 @@ class RunContext:
 # --------------------------------------------------------------------------- set-up
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """``<|im_end|>`` (the chat turn's end, Qwen's EOS) and ``<|endoftext|>``."""
-    ids = []
-    for tok in ("<|im_end|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(tok)
-        if i is not None and i != tokenizer.unk_token_id:
-            ids.append(int(i))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    if not ids:
-        raise ValueError("the tokenizer has no <|im_end|>, <|endoftext|> or EOS token to stop generation on")
-    return ids
-
-
 def make_loader(cfg: "PretrainConfig", layout: "Layout", ps, loader_state: dict | None):
     from vigos_megatron.data.contexts import ContextEncoder
     from vigos_megatron.data.loader import StreamingLoader
@@ -151,6 +137,7 @@ def build_run(cfg: "PretrainConfig", layout: "Layout") -> tuple[RunContext, obje
 
     from vigos_megatron.data.contexts import PrefixCut
     from vigos_megatron.rollout.engine import MegatronRolloutEngine
+    from vigos_megatron.rollout.segments import stop_token_ids
     from vigos_megatron.runtime import use_cuda
     from vigos_megatron.training.checkpoint import load_training_checkpoint
     from vigos_megatron.training.optimizer import build_optimizer, ddp_config
