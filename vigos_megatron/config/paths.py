@@ -11,7 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from vigos_megatron.config.loader import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vigos_megatron.config.train import PretrainConfig
 
 
 def _directory(option: str, path: str, *, must_hold: tuple[str, ...] = (), what: str = "") -> Path:
@@ -66,7 +71,7 @@ def _hf_model(option: str, path: str) -> Path:
     return _directory(option, path, must_hold=("config.json",), what="a Hugging Face model directory")
 
 
-def check_paths(cfg) -> None:
+def check_paths(cfg: "PretrainConfig") -> None:
     """Check the path options of ``cfg`` (a :class:`~vigos_megatron.config.train.PretrainConfig`)."""
     _writable_directory("run_dir", cfg.run_dir)
     _file("data.context.prompts_path", cfg.data.context.prompts_path)

@@ -20,6 +20,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vigos_megatron.config.train import Layout, PretrainConfig
 
 #: set by torchrun in every worker
 _TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
@@ -48,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(cfg, layout) -> int:
+def run_rank(cfg: "PretrainConfig", layout: "Layout") -> int:
     """This rank's part of the run (process-group environment set: torchrun's, or one rank's)."""
     from vigos_megatron import runtime, startup
     from vigos_megatron.training.console import print_line, quiet_library_logs

@@ -52,7 +52,12 @@ valid: one update at ``lr`` (no warmup) or at 0 (warmup clamped to 1 step).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vigos_megatron.config.train import OptimizerConfig
 
 
 class OptimizerBuildError(ValueError):
@@ -71,7 +76,7 @@ def _trainable_dtype(model: list) -> torch.dtype:
     return dtype
 
 
-def ddp_config(cfg, *, dp_size: int):
+def ddp_config(cfg: "OptimizerConfig", *, dp_size: int):
     """The :class:`DistributedDataParallelConfig` the caller wraps the student+teacher stage with.
 
     Args:
@@ -111,7 +116,7 @@ def lr_schedule_steps(warmup_steps: int, total_steps: int) -> tuple[int, int]:
     return w, (total_steps if w < total_steps else total_steps + 1)
 
 
-def build_scheduler(cfg, optimizer, *, total_steps: int):
+def build_scheduler(cfg: "OptimizerConfig", optimizer, *, total_steps: int):
     """megatron's :class:`OptimizerParamScheduler` for ``cfg`` (see the module docstring).
 
     On checkpoint load the configuration wins over the stored schedule (``override``), and the
@@ -138,7 +143,7 @@ def build_scheduler(cfg, optimizer, *, total_steps: int):
     )
 
 
-def megatron_optimizer_config(cfg, *, params_dtype: torch.dtype, dp_size: int):
+def megatron_optimizer_config(cfg: "OptimizerConfig", *, params_dtype: torch.dtype, dp_size: int):
     """megatron-core's ``OptimizerConfig`` for :class:`~vigos_megatron.config.train.OptimizerConfig`."""
     from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 
@@ -192,7 +197,7 @@ def _optimizer_tensor_ids(optimizer) -> set[int]:
     return ids
 
 
-def build_optimizer(cfg, model: list, *, total_steps: int, dp_size: int):
+def build_optimizer(cfg: "OptimizerConfig", model: list, *, total_steps: int, dp_size: int):
     """``(optimizer, scheduler)`` over the trainable parameters of ``model``.
 
     Args:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from vigos_megatron.rollout.segments import CompletionSegments
+
 
 @dataclass
 class Rollout:
@@ -28,7 +30,7 @@ class Rollout:
     sample: dict
     completion: Tensor
     finish_reason: str
-    segments: object
+    segments: CompletionSegments
     correct: bool
 
 

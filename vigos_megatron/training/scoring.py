@@ -11,18 +11,26 @@ share one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from vigos_megatron.training.rollouts import Rollout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vigos_megatron.config.train import PretrainConfig
+    from vigos_megatron.data.contexts import PrefixCut
+    from vigos_megatron.schedule.assembly import AssembledRollout
+    from vigos_megatron.schedule.batch import StreamBatch
 
 
 @dataclass
 class StepInputs:
     """The micro-batches of one step and its loss function (``ReportedLoss``)."""
 
-    batches: list
-    loss_fn: object
+    batches: "list[StreamBatch]"
+    #: ``ReportedLoss``: ``(tokens, output) -> (loss, num_tokens, report)``
+    loss_fn: Callable
     #: the rows and scored tokens of each rollout, in order (``AssembledRollout``)
-    assembled: list
+    assembled: "list[AssembledRollout]"
 
 
 def fill_micro_batches(assembled: list, vision: list, micro_batch_size: int) -> int:
@@ -39,7 +47,8 @@ def fill_micro_batches(assembled: list, vision: list, micro_batch_size: int) -> 
     return missing
 
 
-def build_step_inputs(rollouts: list[Rollout], cfg, *, hf_config, pad_id: int, cut, dp_group, tp_group) -> StepInputs:
+def build_step_inputs(rollouts: list[Rollout], cfg: "PretrainConfig", *, hf_config, pad_id: int, cut: "PrefixCut",
+                      dp_group, tp_group) -> StepInputs:
     """Micro-batches of ``cfg.train.micro_batch_size`` rollouts and the objective's loss over the global batch
     (byte-exact teacher contexts: ``cut`` is the tokenizer's :class:`~vigos_megatron.data.contexts.PrefixCut`)."""
     from vigos_megatron import objectives

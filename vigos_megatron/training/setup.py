@@ -23,14 +23,22 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from transformers import PreTrainedTokenizerBase
+
     from vigos_megatron.config.train import Layout, PretrainConfig
+    from vigos_megatron.data.contexts import PrefixCut
+    from vigos_megatron.data.loader import StreamingLoader
+    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.rollout.engine import MegatronRolloutEngine
 
 
 @dataclass
 class TrainingModels:
     """This rank's models. ``model`` is what megatron's schedule and optimizer take."""
 
-    builder: object
+    builder: "QwenVLBuilder"
     #: the student's chunks (unwrapped ``Qwen25VLModel``; the rollout engine samples from them)
     student: list
     #: the frozen teacher's chunks (same layer split)
@@ -102,14 +110,14 @@ class RunContext:
     """What the loop needs besides the config, built once per launch."""
 
     models: TrainingModels
-    optimizer: object
-    scheduler: object
-    loader: object
-    engine: object
-    tokenizer: object
+    optimizer: "MegatronOptimizer"
+    scheduler: "OptimizerParamScheduler"
+    loader: "StreamingLoader"
+    engine: "MegatronRolloutEngine"
+    tokenizer: "PreTrainedTokenizerBase"
     pad_id: int
     #: the tokenizer's PrefixCut: byte-exact teacher contexts
-    cut: object
+    cut: "PrefixCut"
 
 
 # --------------------------------------------------------------------------- set-up

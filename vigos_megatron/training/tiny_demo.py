@@ -41,6 +41,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vigos_megatron.config.train import PretrainConfig
 
 #: images of the synthetic samples: a few merged patches each, so a CPU step stays short
 TINY_IMAGE_SIZE = (56, 56)
@@ -73,7 +77,7 @@ def cache_root() -> Path:
     return Path(base) / "vigos-megatron"
 
 
-def asset_spec(cfg) -> dict:
+def asset_spec(cfg: "PretrainConfig") -> dict:
     """What decides a run's assets (a :class:`~vigos_megatron.config.train.PretrainConfig`), as JSON data."""
     ctx = cfg.data.context
     return {
@@ -102,7 +106,7 @@ def asset_paths(entry: Path) -> dict[str, Path]:
     return {"hf": entry / "hf", "parquet": entry / "parquet", "shards": entry / "shards", "report": entry / READY}
 
 
-def ensure_tiny_assets(cfg, *, log=print) -> dict[str, Path]:
+def ensure_tiny_assets(cfg: "PretrainConfig", *, log=print) -> dict[str, Path]:
     """The cache entry of ``cfg``'s assets, built first when absent (call on ONE rank; needs no process group)."""
     spec = asset_spec(cfg)
     entry = cache_root() / "tiny" / asset_key(spec)
@@ -132,7 +136,7 @@ def ensure_tiny_assets(cfg, *, log=print) -> dict[str, Path]:
     return paths
 
 
-def prepare_tiny_run(cfg, *, log=print):
+def prepare_tiny_run(cfg: "PretrainConfig", *, log=print) -> "PretrainConfig":
     """Under a process group: rank 0 makes sure the assets exist, the others wait; returns ``cfg``
     pointed at them."""
     import torch.distributed as dist
@@ -144,7 +148,7 @@ def prepare_tiny_run(cfg, *, log=print):
     return with_tiny_paths(cfg)
 
 
-def with_tiny_paths(cfg):
+def with_tiny_paths(cfg: "PretrainConfig") -> "PretrainConfig":
     """``cfg`` (a :class:`~vigos_megatron.config.train.PretrainConfig`) pointed at its asset cache entry."""
     paths = asset_paths(cache_root() / "tiny" / asset_key(asset_spec(cfg)))
     model = dataclasses.replace(cfg.model, hf_path=str(paths["hf"]))
