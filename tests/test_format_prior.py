@@ -119,7 +119,8 @@ def test_the_demo_assets_passed_their_self_check(tiny_demo_assets, capfd):
     assert time.perf_counter() - t0 < 5 and "building" not in capfd.readouterr().out
     assert asset_key(asset_spec(_cfg("tiny.seed=1"))) != asset_key(asset_spec(cfg))
     assert asset_key(asset_spec(_cfg("sampling.temperature=1.0"))) != asset_key(asset_spec(cfg))
-    assert asset_key(asset_spec(_cfg("parallel.tp=1", "train.steps=9"))) == asset_key(asset_spec(cfg))
+    same = ("parallel.tp=1", "train.steps=9", "sampling.max_new_tokens=6")  # the check samples 40 tokens anyway
+    assert asset_key(asset_spec(_cfg(*same))) == asset_key(asset_spec(cfg))
 
 
 @pytest.mark.slow

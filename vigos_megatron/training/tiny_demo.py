@@ -22,8 +22,8 @@ not meet the launch's. Steps, each announced on the console:
 1. synthetic rows -> parquet -> shards (the converter of ``tools/make_webdataset.py``);
 2. the random checkpoint;
 3. ``tiny.format_prior_steps`` warm-start steps, then the self-check: the student prompts of the
-   first ``tiny.check_prompts`` samples sampled at the run's ``sampling`` settings through the
-   rollout engine must parse as valid at a rate of at least ``tiny.min_valid_rate``; if not, the
+   first ``tiny.check_prompts`` samples sampled at the run's ``sampling`` settings (with
+   :data:`CHECK_MAX_NEW_TOKENS` new tokens) through the rollout engine must parse as valid at a rate of at least ``tiny.min_valid_rate``; if not, the
    warm start continues in rounds of ``format_prior_steps`` steps up to ``tiny.format_prior_max_steps``
    and then fails, naming the rate.
 """
@@ -48,6 +48,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: images of the synthetic samples: a few merged patches each, so a CPU step stays short
 TINY_IMAGE_SIZE = (56, 56)
+#: the self-check's completion budget: a well-formed completion of the tiny tokenizer is 23-28 tokens
+#: (whatever a run's own ``sampling.max_new_tokens``; a run with less cannot write a valid one)
+CHECK_MAX_NEW_TOKENS = 40
 #: modules whose code decides an entry's bytes (their sources are part of the cache key)
 GENERATING_MODULES = (
     "vigos_megatron.training.tiny_demo",
@@ -84,7 +87,9 @@ def asset_spec(cfg: "PretrainConfig") -> dict:
         "tiny": dataclasses.asdict(cfg.tiny) | {"enabled": True},
         "context": {"prompts": Path(ctx.prompts_path).read_text(), "min_pixels": ctx.min_pixels,
                     "max_pixels": ctx.max_pixels, "max_prompt_tokens": ctx.max_prompt_tokens},
-        "sampling": dataclasses.asdict(cfg.sampling),
+        # how the self-check samples: the run's settings, at the completion length the format needs
+        "sampling": {k: v for k, v in dataclasses.asdict(cfg.sampling).items()
+                     if k not in ("max_new_tokens", "max_batch_size")},
     }
 
 
@@ -220,7 +225,7 @@ def build(spec: dict, out_dir: Path, *, log=print) -> dict:
     report: dict = {"format_prior_steps": 0, "checks": []}
     if t["format_prior_steps"] > 0:
         samples = _encoded_samples(paths, spec, t["seed"])
-        sampling = SamplingConfig(**spec["sampling"])
+        sampling = SamplingConfig(**spec["sampling"], max_new_tokens=CHECK_MAX_NEW_TOKENS)
         checked = samples[: t["check_prompts"]]
         with _no_progress_bars():
             prior = FormatPrior(paths["hf"], samples, seed=t["seed"])
