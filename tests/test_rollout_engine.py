@@ -191,6 +191,23 @@ def _row_logits(eng, prompts, row, *, unmask_padding=False):
     return torch.stack([first[row], second[row]])
 
 
+def test_eval_modules_compute_exactly_what_the_megatron_modules_compute(setup):
+    """The cached forward's direct calls (no per-call dispatch) are bit-identical to the modules' forward."""
+    from vigos_megatron.rollout.cached_forward import EvalLinear, EvalMLP, EvalQKV
+
+    layer = setup["chunks"][0].language_model.decoder.layers[-1]
+    attn = layer.self_attention
+    x = torch.randn(5, 3, layer.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        qkv, proj, mlp = EvalQKV(attn), EvalLinear(attn.linear_proj), EvalMLP(layer.mlp)
+        assert qkv.plain and proj.plain and mlp.plain
+        for got, want in zip(qkv(x), attn.get_query_key_value_tensors(x)):
+            assert torch.equal(got, want)
+        a = torch.randn(5, 3, attn.linear_proj.input_size_per_partition)
+        for got, want in ((proj(a), attn.linear_proj(a)), (mlp(x), layer.mlp(x))):
+            assert torch.equal(got[0], want[0]) and got[1] is want[1]
+
+
 def test_left_padding_is_invisible_in_the_logits(setup):
     """The short prompt's logits are the same alone and left-padded behind the long one; unmasked padding is not."""
     eng = _engine(setup)

@@ -21,9 +21,13 @@ with the query heads of each key/value group folded into the query axis
 configured ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``)
 must leave every query at least one key (its own column).
 
-The projections, norms, MLP and bias-dropout-add are the layers' modules (tensor-parallel
-reductions included), so this is the layers' forward with megatron's static-inference
-``_adjust_key_value_for_inference`` replaced by the rotated cache; training never runs it.
+The norms, projections, MLP and bias-dropout-add are the layers' modules and parameters, so
+this is the layers' forward with megatron's static-inference ``_adjust_key_value_for_inference``
+replaced by the rotated cache; training never runs it. Megatron's tensor-parallel linears are
+called through :class:`EvalLinear` / :class:`EvalMLP`, which compute exactly what their eval-mode
+forward computes (``y = x W^T``, ``+ b`` after the TP all-reduce of a row-parallel output; the
+MLP's unfused activation) without their per-call dispatch, and call the module itself in any
+other configuration (sequence parallelism, fused activations, Transformer Engine...).
 """
 
 from __future__ import annotations
@@ -79,6 +83,100 @@ def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
 
 
+class EvalLinear:
+    """megatron's ``ColumnParallelLinear`` (no output gather) or ``RowParallelLinear`` (parallel
+    input) in eval mode: ``(x W^T + b, None)``, or ``(x W^T, b)`` with ``skip_bias_add``; a
+    row-parallel product is all-reduced over its TP group before the bias. Anything else: the module."""
+
+    def __init__(self, module):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        self.module = module
+        common = (not module.sequence_parallel and not getattr(module, "explicit_expert_comm", False)
+                  and getattr(module, "gtp_remat_size", 1) == 1)
+        self.row = type(module) is RowParallelLinear
+        if self.row:
+            self.plain = common and module.input_is_parallel
+            group = module.tp_group
+            self.group = group if group is not None and group.size() > 1 else None
+        else:
+            self.plain = (common and type(module) is ColumnParallelLinear and not module.gather_output
+                          and not module.config.defer_embedding_wgrad_compute)
+            self.group = None
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        mod = self.module
+        if not self.plain:
+            return mod(x)
+        y = torch.matmul(x, mod.weight.t())
+        if self.group is not None:
+            y = y.contiguous()
+            torch.distributed.all_reduce(y, group=self.group)
+        bias = mod.bias
+        if mod.skip_bias_add:
+            return y, bias
+        return (y + bias if bias is not None else y), None
+
+
+class EvalMLP:
+    """megatron's dense ``MLP`` in eval mode with the unfused activation:
+    ``fc2(act(fc1(x) + b1))``, ``act`` the gated ``f(x_glu) * (x_linear + offset)`` or ``f``."""
+
+    def __init__(self, mlp):
+        from megatron.core.transformer.mlp import MLP
+
+        cfg = mlp.config
+        self.mlp, self.config = mlp, cfg
+        self.fc1, self.fc2 = EvalLinear(mlp.linear_fc1), EvalLinear(mlp.linear_fc2)
+        self.plain = (type(mlp) is MLP and not cfg.use_te_activation_func and not cfg.bias_activation_fusion
+                      and mlp.activation_func is cfg.activation_func and self.fc1.plain and self.fc2.plain)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.plain:
+            return self.mlp(x)
+        cfg = self.config
+        h, bias = self.fc1(x)
+        if bias is not None:
+            h = h + bias
+        if cfg.gated_linear_unit:
+            g, lin = torch.chunk(h, 2, dim=-1)
+            if (val := cfg.activation_func_clamp_value) is not None:
+                g, lin = g.clamp(min=None, max=val), lin.clamp(min=-val, max=val)
+            h = cfg.activation_func(g) * (lin + cfg.glu_linear_offset)
+        else:
+            h = cfg.activation_func(h)
+        return self.fc2(h)
+
+
+class EvalQKV:
+    """``SelfAttention.get_query_key_value_tensors`` in eval mode: ``[s, b, G, (Nq/G + 2) D]`` split
+    into ``[s, b, Nq, D]``, ``[s, b, G, D]`` x2 (then the q/k norms); other cases: the method."""
+
+    def __init__(self, attn):
+        self.attn = attn
+        self.linear = EvalLinear(attn.linear_qkv)
+        cfg = attn.config
+        self.plain = self.linear.plain and cfg.num_query_groups >= attn.world_size and not cfg.test_mode
+        self.groups = attn.num_query_groups_per_partition
+        self.per_group = attn.num_attention_heads_per_partition // self.groups
+        self.d = attn.hidden_size_per_attention_head
+
+    def __call__(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = self.attn
+        if not self.plain:
+            return attn.get_query_key_value_tensors(h)
+        mixed, _ = self.linear(h)
+        s, b, d = mixed.shape[0], mixed.shape[1], self.d
+        mixed = mixed.view(s, b, self.groups, (self.per_group + 2) * d)
+        q, k, v = torch.split(mixed, [self.per_group * d, d, d], dim=3)
+        q = q.reshape(s, b, -1, d)
+        if attn.q_layernorm is not None:
+            q = attn.q_layernorm(q)
+        if attn.k_layernorm is not None:
+            k = attn.k_layernorm(k)
+        return q, k, v
+
+
 class CachedStageForward:
     """The decoder layers of one stage (``lm.decoder.layers``) with a :class:`RoundKVCache`."""
 
@@ -86,6 +184,11 @@ class CachedStageForward:
         self.layers = list(lm.decoder.layers)
         for layer in self.layers:
             check_layer(layer)
+        fusion = lm.config.bias_dropout_fusion
+        #: per layer: (qkv, linear_proj, mlp, attention bda, mlp bda)
+        self.parts = [(EvalQKV(layer.self_attention), EvalLinear(layer.self_attention.linear_proj),
+                       EvalMLP(layer.mlp), layer.self_attn_bda(False, fusion), layer.mlp_bda(False, fusion))
+                      for layer in self.layers]
         cfg = lm.config
         self.config = cfg
         self.rotary = lm.rotary_pos_emb
@@ -121,12 +224,10 @@ class CachedStageForward:
         # queries of a group share the mask rows: [b, 1, per_group * s, c1]
         grouped = bias.repeat(1, 1, per_group, 1) if s > 1 and per_group > 1 else bias
         cos, sin = rope
-        training, fusion = False, self.config.bias_dropout_fusion
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attention
+        for i, (layer, (qkv, proj, mlp, attn_bda, mlp_bda)) in enumerate(zip(self.layers, self.parts)):
             h = layer.input_layernorm(x)
-            q, k, v = attn.get_query_key_value_tensors(h)
+            q, k, v = qkv(h)
             k = apply_rotary(k, cos, sin)
             kbuf, vbuf = cache.layer(i)
             kbuf[r0:r1, :, c0:c1] = k.permute(1, 2, 0, 3)
@@ -136,8 +237,8 @@ class CachedStageForward:
             else:
                 q, layer_bias = apply_rotary(q, cos, sin), grouped
             a = self._attend(q, kbuf[r0:r1, :, :c1], vbuf[r0:r1, :, :c1], layer_bias)
-            x = layer.self_attn_bda(training, fusion)(attn.linear_proj(a), x, layer.hidden_dropout)
-            x = layer.mlp_bda(training, fusion)(layer.mlp(layer.pre_mlp_layernorm(x)), x, layer.hidden_dropout)
+            x = attn_bda(proj(a), x, layer.hidden_dropout)
+            x = mlp_bda(mlp(layer.pre_mlp_layernorm(x)), x, layer.hidden_dropout)
         return x
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
