@@ -5,8 +5,9 @@ temporary directory: megatron-bridge loads it into the engine's model, ``transfo
 ``Qwen2_5_VLForConditionalGeneration`` with ``attn_implementation="sdpa"``) and the same prompts,
 greedy, fixed length (stop tokens disabled), one warm-up each. Per batch size the table gives
 end-to-end generated tokens/s (prefill included; best of ``--repeat`` runs, the two alternating)
-of both, their ratio (engine / HF), the engine's prefill time and mean decode step, and how many
-rows produced HF's tokens.
+of both and their ratio (engine / HF); the prefill time (engine: its prefill phase; HF: a
+``generate`` of one token) and the mean decode step of both (HF: the rest of its wall time over
+the remaining tokens) with the step ratio (HF / engine); how many rows produced HF's tokens.
 
 * ``--preset tiny`` (default): the tiny random Qwen2.5-VL (``vigos_megatron/testing/tiny_qwen.py``),
   prompts = the ViGOS student context of two synthetic images (two lengths, left-padded).
@@ -138,17 +139,17 @@ def image_text_prompts(cfg, lengths: list[int], text_vocab: int, dtype):
 
 
 def copy_bandwidth(device, nbytes: int) -> float:
-    """Bytes/s of ``clone`` (read + write counted) on ``device``: median of 5."""
-    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    x.fill_(1.0)
+    """Bytes/s of ``copy_`` between two preallocated, already touched tensors of ``nbytes`` (read +
+    write counted) on ``device``: median of 5."""
+    x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    y = torch.zeros_like(x)
     times = []
     for _ in range(6):
         sync(device)
         t0 = time.perf_counter()
-        y = x.clone()
+        y.copy_(x)
         sync(device)
         times.append(time.perf_counter() - t0)
-        del y
     return 2 * nbytes / statistics.median(times[1:])
 
 
@@ -253,7 +254,14 @@ def run(args) -> None:
                     t0 = time.perf_counter()
                     ref = hf_generate(hf, bases, b, args.new_tokens, 0)
                     sync(device)
-                    row["hf_tps"] = max(row["hf_tps"], b * args.new_tokens / (time.perf_counter() - t0))
+                    hf_wall = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    hf_generate(hf, bases, b, 1, 0)  # prefill and first token only
+                    sync(device)
+                    hf_prefill = time.perf_counter() - t0
+                    if b * args.new_tokens / hf_wall > row["hf_tps"]:
+                        row.update(hf_tps=b * args.new_tokens / hf_wall, hf_prefill=hf_prefill,
+                                   hf_step=(hf_wall - hf_prefill) / max(1, args.new_tokens - 1) * 1e3)
                     row["same"] = sum(o.token_ids.tolist() == r for o, r in zip(outs, ref))
             if device.type == "cuda":
                 bw = copy_bandwidth(device, args.copy_bytes)
@@ -271,7 +279,7 @@ def run(args) -> None:
             def around(t):  # steps[t - 1] is the step that feeds completion token t
                 return statistics.median(steps[max(0, t - 5) : t + 4])
 
-            marks = [20, 200, args.sweep_tokens]
+            marks = sorted({t for t in (20, 200, args.sweep_tokens) if t <= args.sweep_tokens})
             extra = kv_bytes_per_column(cfg, args.sweep_batch, next(chunks[0].parameters()).element_size())
             extra *= args.sweep_tokens - 20
             sweep = dict(ms={t: around(t) * 1e3 for t in marks}, bw=bw, extra=extra)
@@ -283,17 +291,19 @@ def run(args) -> None:
     head = f"{'batch':>6}{'engine tok/s':>14}"
     if args.hf:
         head += f"{'HF tok/s':>10}{'ratio':>7}"
-    head += f"{'prefill s':>11}{'ms/step':>9}{'KV MiB':>8}"
+    head += f"{'prefill s':>11}" + (f"{'HF':>7}" if args.hf else "") + f"{'ms/step':>9}"
     if args.hf:
-        head += f"{'= HF':>7}"
-    if device.type == "cuda":
-        head += f"{'roofline':>10}"
+        head += f"{'HF':>8}{'ratio':>7}"
+    head += f"{'KV MiB':>8}" + (f"{'= HF':>7}" if args.hf else "") + (f"{'roofline':>10}" if device.type == "cuda" else "")
     print(head)
     for r in rows:
         line = f"{r['batch']:>6}{r['tps']:>14.1f}"
         if args.hf:
             line += f"{r['hf_tps']:>10.1f}{r['tps'] / r['hf_tps']:>7.2f}"
-        line += f"{r['prefill']:>11.3f}{r['step']:>9.2f}{r['kv'] / 2**20:>8.1f}"
+        line += f"{r['prefill']:>11.3f}" + (f"{r['hf_prefill']:>7.2f}" if args.hf else "") + f"{r['step']:>9.2f}"
+        if args.hf:
+            line += f"{r['hf_step']:>8.2f}{r['hf_step'] / r['step']:>7.2f}"
+        line += f"{r['kv'] / 2**20:>8.1f}"
         if args.hf:
             line += f"{str(r['same']) + '/' + str(r['batch']):>7}"
         if "roofline" in r:
@@ -323,7 +333,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="best of this many runs per batch size (noisy machines)")
     p.add_argument("--sweep-batch", type=int, default=0, help="prefix sweep at this batch size (0: none)")
     p.add_argument("--sweep-tokens", type=int, default=2000)
-    p.add_argument("--copy-bytes", type=int, default=1 << 30, help="bytes copied to measure memory bandwidth")
+    p.add_argument("--copy-bytes", type=int, default=512 << 20, help="bytes copied to measure memory bandwidth")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = p.parse_args()
     if not args.prompt_len:
