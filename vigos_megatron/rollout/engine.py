@@ -177,7 +177,7 @@ class MegatronRolloutEngine:
         if getattr(cfg, "sequence_parallel", False):
             raise ValueError("MegatronRolloutEngine: sequence_parallel must be off (a decode step has one token per row)")
         if getattr(cfg, "flash_decode", False):
-            raise ValueError("MegatronRolloutEngine: flash_decode is not supported (the engine drives the static KV cache)")
+            raise ValueError("MegatronRolloutEngine: flash_decode is not supported (the engine keeps its own KV cache)")
         self._check_core_attention()
         stops = [int(s) for s in stop_token_ids]
         if not stops:
