@@ -3,9 +3,10 @@
 In process (TP=1 on one gloo rank): the vocabulary-parallel sampler against Hugging Face's logits
 warpers; greedy generation against HF ``generate`` on the ViGOS student context (two image+text
 prompts of different lengths, left-padded into one batch); the KV-cached path against full
-recomputation; seeded sampling independent of batch composition; buffers released and model
-state restored. Multi-process (slow, gloo): TP=2, PP=2 and TP2xPP2 give HF's greedy tokens and
-the TP=1 sampled tokens (tests/dist/rollout_parity.py).
+recomputation; prompts longer than ``prefill_max_tokens`` (column-chunked prefill); seeded sampling
+independent of batch composition; buffers released and model state restored. Multi-process
+(slow, gloo): TP=2, PP=2 and TP2xPP2 give HF's greedy tokens and the TP=1 sampled tokens
+(tests/dist/rollout_parity.py).
 """
 
 from __future__ import annotations
@@ -174,7 +175,6 @@ def test_greedy_equals_hf_generate_on_left_padded_image_text_batch(setup):
 
 def _row_logits(eng, prompts, row, *, unmask_padding=False):
     """Prefill and first decode-step logits ``[2, V]`` of ``prompts[row]`` in a left-padded round (engine internals)."""
-    from vigos_megatron.rollout.kv_cache import RoundKVCache
     from vigos_megatron.rollout.prompt_batch import build_round, prompt_mrope_positions
 
     pos = [prompt_mrope_positions(eng.model.get_rope_index, p.input_ids, p.image_grid_thw,
@@ -183,12 +183,29 @@ def _row_logits(eng, prompts, row, *, unmask_padding=False):
                       pad_token_id=eng.pad_token_id, device=torch.device("cpu"))
     if unmask_padding:
         rnd.key_pad.zero_()
-    cache = RoundKVCache(rnd.batch_size, rnd.max_columns)
+    cache = eng._new_cache(rnd)
     with torch.no_grad():
         first = eng._prefill(rnd, eng._prompt_embeddings(prompts, rnd.input_ids), cache)
         rows = torch.arange(rnd.batch_size)
         second = eng._decode_cached(rnd, rows, first.argmax(-1), rnd.prompt_length, cache)
     return torch.stack([first[row], second[row]])
+
+
+def test_eval_modules_compute_exactly_what_the_megatron_modules_compute(setup):
+    """The cached forward's direct calls (no per-call dispatch) are bit-identical to the modules' forward."""
+    from vigos_megatron.rollout.cached_forward import EvalLinear, EvalMLP, EvalQKV
+
+    layer = setup["chunks"][0].language_model.decoder.layers[-1]
+    attn = layer.self_attention
+    x = torch.randn(5, 3, layer.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        qkv, proj, mlp = EvalQKV(attn), EvalLinear(attn.linear_proj), EvalMLP(layer.mlp)
+        assert qkv.plain and proj.plain and mlp.plain
+        for got, want in zip(qkv(x), attn.get_query_key_value_tensors(x)):
+            assert torch.equal(got, want)
+        a = torch.randn(5, 3, attn.linear_proj.input_size_per_partition)
+        for got, want in ((proj(a), attn.linear_proj(a)), (mlp(x), layer.mlp(x))):
+            assert torch.equal(got[0], want[0]) and got[1] is want[1]
 
 
 def test_left_padding_is_invisible_in_the_logits(setup):
@@ -239,6 +256,21 @@ def test_kv_cache_equals_full_recomputation(setup):
     assert cached.last_stats.kv_cache_bytes > 0 and full.last_stats.kv_cache_bytes == 0
 
 
+def test_prompts_longer_than_prefill_max_tokens_are_prefilled_in_column_chunks(setup):
+    """Every prompt exceeds 64 tokens: each row is prefilled alone in chunks of 64 columns that attend
+    to the rotated keys cached by the chunks before them; same tokens as HF and as one-block prefill."""
+    eng = _engine(setup, prefill_max_tokens=64)
+    lengths = [p.input_ids.numel() for p in setup["prompts"]]
+    assert min(lengths) > 64
+    blocks = eng._prefill_chunks(2, max(lengths))
+    assert blocks[:2] == [((0, 1), (0, 64)), ((0, 1), (64, 128))] and blocks[-1] == ((1, 2), (384, max(lengths)))
+    outs = eng.generate(setup["prompts"], SamplingConfig(greedy=True, max_new_tokens=MAX_NEW))
+    assert _ids(outs) == [truncate_at(r, setup["stops"]) for r in setup["ref"]]
+    cfg = sampling_config("card")
+    whole = _engine(setup, prefill_max_tokens=4096)
+    assert _ids(eng.generate(setup["prompts"], cfg, step=1)) == _ids(whole.generate(setup["prompts"], cfg, step=1))
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batching(setup):
     eng = _engine(setup)
     cfg = sampling_config("card")
@@ -286,7 +318,7 @@ def test_generation_releases_buffers_and_restores_model_state(setup):
     outs = eng.generate(setup["prompts"], sampling_config("card"))
     assert all(o.length > 0 for o in outs)
     refs = eng.last_buffers
-    assert len(refs) >= 6 + 2 * 2  # round tensors + K and V of both layers
+    assert len(refs) >= 6 + 2  # round tensors + the KV cache (K and V of every layer) and its mask
     dead = [r() is None for r in refs]
     print(f"{len(refs)} generation buffers tracked, {sum(dead)} released on return")
     assert all(dead)

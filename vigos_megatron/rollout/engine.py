@@ -6,21 +6,25 @@ of at most ``sampling.max_batch_size`` prompts at a time:
 * **Prefill.** The first pipeline stage embeds the left-padded prompts
   (:mod:`~vigos_megatron.rollout.prompt_batch`), runs the HF vision tower once per distinct
   image of the round (all images of the round in one call) and scatters the image embeddings
-  into the ``<|image_pad|>`` rows, then the language model (megatron's ``GPTModel``) runs with a
-  :class:`~vigos_megatron.rollout.kv_cache.RoundKVCache` (megatron-core's
-  ``StaticInferenceContext``), an explicit causal+padding mask and the prompts' mrope positions.
-  ``Qwen25VLModel.forward`` is bypassed because it neither passes the inference context to its
-  language model nor takes positions. Long prompts are prefilled in row groups of at most
-  ``prefill_max_tokens`` tokens (the static cache writes rows at ``batch_size_offset``).
-* **Decode.** One token per live row per step; mrope positions for the whole prefix
-  (``[:sequence_end]``, the static cache re-rotates cached keys every step), the padding mask
-  ``[B, 1, 1, end]`` (after the prefill megatron switches attention to ``no_mask`` and uses only
-  the explicit mask). Rows that finished are compacted out of the cache
-  (:meth:`RoundKVCache.compact`) and cost nothing afterwards.
+  into the ``<|image_pad|>`` rows; then each stage runs its decoder layers through
+  :class:`~vigos_megatron.rollout.cached_forward.CachedStageForward` (the layers' own modules,
+  keys rotated with their mrope positions and stored in a
+  :class:`~vigos_megatron.rollout.kv_cache.RoundKVCache`), in blocks of at most
+  ``prefill_max_tokens`` tokens: row groups of whole prompts, or one row in column chunks when a
+  prompt is longer (a chunk attends to the cached columns before it). The last stage runs its
+  last layer's attention and MLP, the final norm and the output layer for the last column only.
+  ``Qwen25VLModel.forward`` is bypassed because it neither passes a cache to its language model
+  nor takes positions.
+* **Decode.** One token per live row per step, at one cache column: the step's mrope positions
+  are that column of the round's position table (``[3, n, 1]``), the padding mask is a view of the
+  cache's additive mask (``[n, 1, 1, col + 1]``), rotary ``cos``/``sin`` are computed once per
+  step for all layers, and attention reads the rotated cache as it is (nothing over the prefix is
+  recomputed: the cost per token grows only by reading the cache). Rows that finished are
+  compacted out of the cache (:meth:`RoundKVCache.compact`) and cost nothing afterwards.
 * **Pipeline.** Each stage receives ``[S, B_live, H]`` from the previous stage and sends its
   output on (:mod:`~vigos_megatron.rollout.pipeline_p2p`, plain send/recv over the PP group);
-  the last stage computes only the last column's logits ``[B_live, V/tp]`` (GPTModel's
-  ``output_processor``), chooses the tokens (:mod:`~vigos_megatron.rollout.sampling`,
+  the last stage computes only the last column's logits ``[B_live, V/tp]`` (final norm and
+  output layer on that column, no TP gather), chooses the tokens (:mod:`~vigos_megatron.rollout.sampling`,
   identical on every TP rank) and broadcasts them over the PP group. Every rank then applies the
   same stop rule, so all ranks of the model-parallel group leave the loop together and return
   the same completions. DP ranks are independent (different prompts, no communication).
@@ -31,11 +35,14 @@ of at most ``sampling.max_batch_size`` prompts at a time:
   (``last_buffers`` holds weak references to them for tests). Everything is allocated on the
   model's device (:func:`vigos_megatron.runtime.model_device`).
 
-Requirements: a core attention that applies the explicit padding mask whatever the mask type
-(``transformer_impl`` "local": megatron-core's ``DotProductAttention``, or "sdpa":
-:class:`vigos_megatron.models.specs.SDPADotProductAttention`; Transformer Engine's attention
-follows megatron's ``no_mask`` switch at decode and would attend to padding, so it is refused),
-no sequence parallelism, one model chunk per rank (no virtual pipeline).
+Requirements: megatron-core ``TransformerLayer`` s with ``SelfAttention`` and a dense MLP (the
+local or sdpa spec; :func:`~vigos_megatron.rollout.cached_forward.check_layer` says what else),
+no sequence parallelism, one model chunk per rank (no virtual pipeline). ``use_kv_cache=False``
+(a reference for tests) recomputes the whole sequence at every step with megatron's own
+``GPTModel`` forward and an explicit causal+padding mask, so its core attention must apply that
+mask whatever the mask type (``transformer_impl`` "local": megatron-core's
+``DotProductAttention``, or "sdpa": :class:`vigos_megatron.models.specs.SDPADotProductAttention`;
+Transformer Engine's attention is refused).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.config.sampling import SamplingConfig
+from vigos_megatron.rollout.cached_forward import CachedStageForward
 from vigos_megatron.rollout.kv_cache import RoundKVCache, preserve_global_memory_buffer
 from vigos_megatron.rollout.pipeline_p2p import PipelineLinks
 from vigos_megatron.rollout.prompt_batch import (
@@ -143,7 +151,10 @@ class MegatronRolloutEngine:
         pad_token_id: fills left padding (never attended to).
         pg_collection: megatron process groups (``.tp``, ``.pp``); default the language model's.
         use_kv_cache: False recomputes the whole sequence at every step (a reference for tests).
-        prefill_max_tokens: prompts are prefilled in row groups of at most this many tokens.
+        prefill_max_tokens: prompts are prefilled in blocks of at most this many tokens (row groups,
+            or column chunks of one row when a prompt is longer). Default: 32768 on CUDA; 2048 on
+            the CPU, where larger blocks make the element-wise work several times slower per token
+            (activations of tens of MB leave the caches and are page-faulted in at every op).
     """
 
     def __init__(
@@ -155,7 +166,7 @@ class MegatronRolloutEngine:
         pad_token_id: int,
         pg_collection=None,
         use_kv_cache: bool = True,
-        prefill_max_tokens: int = 32768,
+        prefill_max_tokens: int | None = None,
     ):
         if len(chunks) != 1:
             raise ValueError(f"MegatronRolloutEngine takes one model chunk per rank (no virtual pipeline), got {len(chunks)}")
@@ -166,17 +177,20 @@ class MegatronRolloutEngine:
         if getattr(cfg, "sequence_parallel", False):
             raise ValueError("MegatronRolloutEngine: sequence_parallel must be off (a decode step has one token per row)")
         if getattr(cfg, "flash_decode", False):
-            raise ValueError("MegatronRolloutEngine: flash_decode is not supported (the engine drives the static KV cache)")
+            raise ValueError("MegatronRolloutEngine: flash_decode is not supported (the engine keeps its own KV cache)")
         self._check_core_attention()
         stops = [int(s) for s in stop_token_ids]
         if not stops:
             raise ValueError("stop_token_ids: give at least one token id (e.g. <|im_end|>)")
+        if prefill_max_tokens is None:
+            prefill_max_tokens = 32768 if model_device(self.chunks).type == "cuda" else 2048
         if prefill_max_tokens < 1:
             raise ValueError(f"prefill_max_tokens: must be >= 1, got {prefill_max_tokens}")
         self.stop_token_ids = tuple(stops)
         self.pad_token_id = int(pad_token_id)
         self.use_kv_cache = bool(use_kv_cache)
         self.prefill_max_tokens = int(prefill_max_tokens)
+        self.stage = CachedStageForward(self.lm) if self.use_kv_cache else None
 
         pg = pg_collection if pg_collection is not None else self.lm.pg_collection
         tp = getattr(pg, "tp", None)
@@ -304,7 +318,7 @@ class MegatronRolloutEngine:
                           max_new_tokens=max_new, pad_token_id=self.pad_token_id, device=device)
         b, plen = rnd.batch_size, rnd.prompt_length
         stats.prompt_tokens += sum(rnd.lengths)
-        cache = RoundKVCache(b, rnd.max_columns) if self.use_kv_cache else None
+        cache = self._new_cache(rnd) if self.use_kv_cache else None
         tokens = torch.full((b, max_new), self.pad_token_id, dtype=torch.int64, device=device)
         self._track(rnd.input_ids, rnd.positions, rnd.key_pad, rnd.sample_ids, tokens)
 
@@ -436,27 +450,70 @@ class MegatronRolloutEngine:
             return None
         return out
 
+    def _new_cache(self, rnd: PromptRound) -> RoundKVCache:
+        st = self.stage
+        return RoundKVCache(layers=len(st.layers), batch=rnd.batch_size, columns=rnd.max_columns,
+                            kv_heads=st.kv_heads, head_dim=st.head_dim, dtype=self.lm.config.params_dtype,
+                            key_pad=rnd.key_pad)
+
+    def _prefill_chunks(self, batch: int, plen: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """``((r0, r1), (c0, c1))`` blocks of at most ``prefill_max_tokens`` tokens covering ``[B, P]``:
+        row groups of whole prompts, or one row at a time in column chunks when ``P`` exceeds it."""
+        budget = self.prefill_max_tokens
+        if plen <= budget:
+            g = budget // plen
+            return [((r0, min(batch, r0 + g)), (0, plen)) for r0 in range(0, batch, g)]
+        return [((r, r + 1), (c0, min(plen, c0 + budget))) for r in range(batch) for c0 in range(0, plen, budget)]
+
     def _prefill(self, rnd: PromptRound, prompt_embeds, cache: RoundKVCache | None):
-        """All prompt columns, in row groups; the last stage returns ``[B, V/tp]`` logits of column ``P - 1``."""
+        """All prompt columns in blocks (:meth:`_prefill_chunks`); the last stage returns ``[B, V/tp]``
+        logits of column ``P - 1``."""
         b, plen = rnd.batch_size, rnd.prompt_length
-        group = max(1, self.prefill_max_tokens // plen)
         parts = []
-        for r0 in range(0, b, group):
-            r1 = min(b, r0 + group)
-            mask = causal_padding_mask(rnd.key_pad[r0:r1], 0, plen)
-            if cache is not None:
-                cache.set_prefill(r0)
-            x = prompt_embeds[:, r0:r1] if prompt_embeds is not None else None
-            parts.append(self._stage_forward(x, rnd.positions[:, r0:r1, :plen], mask,
-                                             cache.context if cache is not None else None, plen, r1 - r0))
+        if cache is None:  # full recomputation: megatron's own forward, whole prompts in row groups
+            g = max(1, self.prefill_max_tokens // plen)
+            for r0, r1 in ((r0, min(b, r0 + g)) for r0 in range(0, b, g)):
+                mask = causal_padding_mask(rnd.key_pad[r0:r1], 0, plen)
+                x = prompt_embeds[:, r0:r1] if prompt_embeds is not None else None
+                parts.append(self._stage_forward(x, rnd.positions[:, r0:r1, :plen], mask, None, plen, r1 - r0))
+            return torch.cat(parts) if self.post_process else None
+        dev = rnd.key_pad.device
+        for (r0, r1), (c0, c1) in self._prefill_chunks(b, plen):
+            q = torch.arange(c0, c1, device=dev)[:, None]
+            k = torch.arange(c1, device=dev)[None, :]
+            # [b, 1, s, c1]: 0 where visible and not after the query, else -inf; every query sees
+            # itself (padding queries too, so that no row is empty)
+            bias = cache.bias[r0:r1, None, None, :c1].masked_fill(k > q, float("-inf")).masked_fill_(k == q, 0.0)
+            x = prompt_embeds[c0:c1, r0:r1] if prompt_embeds is not None else None
+            rope = self.stage.rope(rnd.positions[:, r0:r1, c0:c1], self.lm.config.params_dtype)
+            out = self._cached_forward(x, rope, cache, (r0, r1), (c0, c1), bias)
+            if c1 == plen:
+                parts.append(out)
         return torch.cat(parts) if self.post_process else None
 
     def _decode_cached(self, rnd: PromptRound, rows: Tensor, feed: Tensor, col: int, cache: RoundKVCache):
-        """One token per live row at cache column ``col``; keys ``[0, col]``."""
+        """One token per live slot ``[0, n)`` (round rows ``rows``) at cache column ``col``; keys ``[0, col]``."""
+        n = rows.numel()
         x = self.lm.embedding(input_ids=feed[:, None], position_ids=None) if self.pre_process else None
-        mask = rnd.key_pad[rows, None, None, : col + 1]
-        cache.set_decode(col)
-        return self._stage_forward(x, rnd.positions[:, rows, : col + 1], mask, cache.context, 1, rows.numel())
+        rope = self.stage.rope(rnd.positions[:, rows, col : col + 1], self.lm.config.params_dtype)
+        return self._cached_forward(x, rope, cache, (0, n), (col, col + 1), cache.bias[:n, None, None, : col + 1])
+
+    def _cached_forward(self, x, rope, cache: RoundKVCache, rows: tuple[int, int], cols: tuple[int, int], bias):
+        """This stage's layers on cache rows/columns ``rows``/``cols`` (:class:`CachedStageForward`);
+        last stage -> ``[rows, V/tp]`` logits of the last column."""
+        s, b = cols[1] - cols[0], rows[1] - rows[0]
+        if not self.pre_process:
+            x = self.pp.recv_prev((s, b, self.hidden_size), self.pipe_dtype, bias.device)
+        h = self.stage(x, rope, cache, rows, cols, bias, last_column_only=self.post_process)
+        if not self.post_process:
+            self.pp.send_next(h.to(self.pipe_dtype))
+            return None
+        norm = self.lm.decoder.final_layernorm
+        if norm is not None:
+            h = norm(h)
+        weight = self.lm.shared_embedding_or_output_weight() if self.lm.share_embeddings_and_output_weights else None
+        logits, _ = self.lm.output_layer(h, weight=weight, runtime_gather_output=False)
+        return logits[0]
 
     def _decode_recompute(self, rnd: PromptRound, rows: Tensor, tokens: Tensor, prompt_embeds, t: int):
         """No cache: the whole sequence (prompt + ``t`` generated tokens) of every live row again."""

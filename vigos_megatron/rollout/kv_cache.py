@@ -1,14 +1,19 @@
-"""The KV cache of one generation round: megatron-core's ``StaticInferenceContext``, compacted as rows finish.
+"""The KV cache of one generation round: keys stored already rotated, compacted as rows finish.
 
-Megatron's attention layers allocate, on their first forward with the context, one key and one
-value buffer per layer of shape ``[max_sequence_length, max_batch_size, kv_heads/tp, head_dim]``
-(model dtype, on ``torch.cuda.current_device()``, i.e. the model's device) in
-``context.key_value_memory_dict[layer_number]``. A forward with ``b`` rows and ``s`` tokens writes
-rows ``[batch_size_offset, batch_size_offset + b)`` and positions
-``[sequence_len_offset, sequence_len_offset + s)``, then attends over positions
-``[0, sequence_len_offset + s)``: keys are stored *before* rotary embedding and rotated on
-every step with the rotary table sliced to ``[:sequence_end]`` (queries ``[start:end]``), which
-is why the caller passes mrope positions for the whole prefix.
+One tensor holds every layer of this pipeline stage::
+
+    kv[l, 0] = K_l, kv[l, 1] = V_l        kv: [L, 2, B, G, T, D]
+
+(``L`` layers of the stage, ``B`` rows, ``G`` key/value heads of this tensor-parallel rank, ``T``
+cache columns, ``D`` head dim; model dtype, on the model's device). A forward that feeds cache
+columns ``[c0, c1)`` of rows ``[r0, r1)`` writes ``K_l[r0:r1, :, c0:c1]`` with keys that already
+carry the rotary embedding of their own mrope positions, so attending later reads the cache as it
+is: a decode step costs ``O(columns)`` reads and never re-rotates the prefix (megatron-core's
+``StaticInferenceContext`` stores un-rotated keys and rotates ``[0, end)`` at every step).
+
+``bias[b, c]`` (``[B, T]``, model dtype) is the additive attention mask of column ``c`` of slot
+``b``: 0 where it may be attended to, ``-inf`` on left padding. A decode step at column ``c`` uses
+the view ``bias[:n, None, None, :c + 1]`` (built once per round, nothing rebuilt per step).
 
 Live rows are kept in the first slots: :meth:`RoundKVCache.compact` moves the rows still
 generating to the front so that a decode step runs on ``[0, n_live)`` only (finished rows stop
@@ -16,8 +21,8 @@ costing compute). :meth:`RoundKVCache.release` drops every buffer.
 
 :func:`preserve_global_memory_buffer` restores megatron's process-wide ``GlobalMemoryBuffer``
 (the local attention's ``[b*heads, sq, sk]`` score workspace, which grows to the largest request
-and is never freed) to exactly what it held before generation, so a long prefill does not leave
-a larger workspace behind.
+and is never freed; used by the full-recomputation path) to exactly what it held before
+generation, so a long forward does not leave a larger workspace behind.
 """
 
 from __future__ import annotations
@@ -28,53 +33,43 @@ import torch
 
 
 class RoundKVCache:
-    """Static KV cache for ``max_batch_size`` rows of at most ``max_sequence_length`` tokens."""
+    """Rotated-key KV cache of ``layers`` layers for ``batch`` rows of ``columns`` columns.
 
-    def __init__(self, max_batch_size: int, max_sequence_length: int):
-        from megatron.core.inference.contexts import StaticInferenceContext
+    ``key_pad``: bool ``[batch, columns]``, True on padding columns (``bias`` is ``-inf`` there).
+    """
 
-        if max_batch_size < 1 or max_sequence_length < 1:
-            raise ValueError(f"KV cache needs max_batch_size >= 1 and max_sequence_length >= 1, "
-                             f"got {max_batch_size}, {max_sequence_length}")
-        self.context = StaticInferenceContext(max_batch_size, max_sequence_length)
+    def __init__(self, *, layers: int, batch: int, columns: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, key_pad: torch.Tensor):
+        if batch < 1 or columns < 1:
+            raise ValueError(f"KV cache needs batch >= 1 and columns >= 1, got {batch}, {columns}")
+        if tuple(key_pad.shape) != (batch, columns):
+            raise ValueError(f"key_pad: expected [{batch}, {columns}], got {tuple(key_pad.shape)}")
+        self.kv = torch.empty((layers, 2, batch, kv_heads, columns, head_dim), dtype=dtype, device=key_pad.device)
+        self.bias = torch.zeros((batch, columns), dtype=dtype, device=key_pad.device).masked_fill_(key_pad, float("-inf"))
 
-    # ----------------------------------------------------------------- what the attention layers read
-
-    def set_prefill(self, row_offset: int) -> None:
-        """Next forward writes rows ``[row_offset, ...)`` from position 0 (a prompt chunk)."""
-        ctx = self.context
-        ctx.enable_prefill_mode()
-        ctx.sequence_len_offset = 0
-        ctx.batch_size_offset = row_offset
-
-    def set_decode(self, position: int) -> None:
-        """Next forward writes one token per live row at cache column ``position`` (rows from slot 0)."""
-        ctx = self.context
-        ctx.enable_decode_mode()
-        ctx.sequence_len_offset = position
-        ctx.batch_size_offset = 0
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, V)`` of layer ``index`` of this stage, each ``[B, G, T, D]`` (views)."""
+        return self.kv[index, 0], self.kv[index, 1]
 
     # ----------------------------------------------------------------- bookkeeping
 
     def buffers(self) -> list[torch.Tensor]:
-        return [t for kv in self.context.key_value_memory_dict.values() for t in kv]
+        return [self.kv, self.bias]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        return self.kv.numel() * self.kv.element_size()
 
     def compact(self, keep_slots: torch.Tensor, length: int) -> None:
-        """Move slots ``keep_slots`` (int64 ``[n]``, increasing) to slots ``[0, n)`` in every layer's
-        K and V, copying the ``length`` cache positions written so far."""
+        """Move slots ``keep_slots`` (int64 ``[n]``, increasing) to slots ``[0, n)``: K and V of every
+        layer (the ``length`` columns written so far) and ``bias``."""
         n = int(keep_slots.numel())
-        for k, v in self.context.key_value_memory_dict.values():
-            idx = keep_slots.to(k.device)
-            k[:length, :n] = k[:length].index_select(1, idx)
-            v[:length, :n] = v[:length].index_select(1, idx)
+        self.kv[:, :, :n, :, :length] = self.kv[:, :, :, :, :length].index_select(2, keep_slots)
+        self.bias[:n] = self.bias.index_select(0, keep_slots)
 
     def release(self) -> None:
-        """Drop every key/value buffer (they are freed once no forward holds a view of them)."""
-        self.context.key_value_memory_dict.clear()
-        self.context.reset()
+        """Drop every buffer (freed once no forward holds a view of them)."""
+        self.kv = None
+        self.bias = None
 
 
 @contextlib.contextmanager

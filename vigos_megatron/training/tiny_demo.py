@@ -64,6 +64,11 @@ GENERATING_MODULES = (
     "vigos_megatron.schedule.assembly",
     "vigos_megatron.rollout.segments",
     "vigos_megatron.rollout.sampling",
+    # the self-check samples through the rollout engine
+    "vigos_megatron.rollout.engine",
+    "vigos_megatron.rollout.kv_cache",
+    "vigos_megatron.rollout.cached_forward",
+    "vigos_megatron.rollout.prompt_batch",
 )
 CACHE_ENV = "VIGOS_CACHE_DIR"
 READY = "report.json"

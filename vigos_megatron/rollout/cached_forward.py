@@ -1,0 +1,255 @@
+"""One pipeline stage's decoder layers over a rotated-key KV cache, through the layers' own modules.
+
+For hidden states ``x`` ``[s, b, H]`` of cache columns ``[c0, c1)`` (``s = c1 - c0``) of cache rows
+``[r0, r1)`` (``b = r1 - r0``), each layer of megatron-core's ``TransformerLayer`` (local or sdpa
+spec) computes, in eval mode::
+
+    h   = input_layernorm(x)
+    q, k, v = self_attention.get_query_key_value_tensors(h)    # [s, b, Nq, D], [s, b, G, D] x2
+    q, k = rope(q), rope(k)                                      # rotated once, with their positions
+    K[r0:r1, :, c0:c1], V[r0:r1, :, c0:c1] = k, v                # stored rotated
+    a   = softmax(scale * q . K[r0:r1, :, :c1]  masked) V[r0:r1, :, :c1]
+    x   = self_attn_bda(linear_proj(a), residual=x)
+    x   = mlp_bda(mlp(pre_mlp_layernorm(x)), residual=x)
+
+with ``rope(t) = t * cos + rotate_half(t) * sin`` (megatron's unfused non-interleaved formula,
+``cos = cos(freqs) * mscale``), ``freqs`` ``[s, b, 1, D]`` from the language model's own
+``MultimodalRotaryEmbedding`` for the fed columns' mrope positions, ``cos``/``sin`` computed once
+per forward for all layers. Attention is ``torch.nn.functional.scaled_dot_product_attention``
+with the query heads of each key/value group folded into the query axis
+(``[b, G, (Nq/G) * s, D]`` against ``[b, G, c1, D]``: no copy of K/V), scale ``1/sqrt(D)`` or the
+configured ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``)
+must leave every query at least one key (its own column).
+
+The norms, projections, MLP and bias-dropout-add are the layers' modules and parameters, so
+this is the layers' forward with megatron's static-inference ``_adjust_key_value_for_inference``
+replaced by the rotated cache; training never runs it. Megatron's tensor-parallel linears are
+called through :class:`EvalLinear` / :class:`EvalMLP`, which compute exactly what their eval-mode
+forward computes (``y = x W^T``, ``+ b`` after the TP all-reduce of a row-parallel output; the
+MLP's unfused activation) without their per-call dispatch, and call the module itself in any
+other configuration (sequence parallelism, fused activations, Transformer Engine...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vigos_megatron.rollout.kv_cache import RoundKVCache
+
+
+class UnsupportedLayerError(ValueError):
+    """The language model has a layer structure the cached forward does not reproduce."""
+
+
+def check_layer(layer) -> None:
+    """Raise :class:`UnsupportedLayerError` unless ``layer`` is a layer the cached forward reproduces
+    (``SelfAttention`` with rope, no cross attention, a dense ``MLP``, none of the listed options)."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+
+    cfg = layer.config
+    problems = []
+    if not isinstance(layer.self_attention, SelfAttention):
+        problems.append(f"self_attention is {type(layer.self_attention).__name__}, not SelfAttention")
+    if not isinstance(layer.cross_attention, IdentityOp):
+        problems.append("cross attention")
+    if not isinstance(layer.mlp, MLP):
+        problems.append(f"mlp is {type(layer.mlp).__name__} (mixture of experts?)")
+    for flag in ("fp32_residual_connection", "attention_output_gate", "rotary_interleaved", "multi_latent_attention",
+                 "inference_fuse_tp_communication", "no_rope_freq", "window_size", "sequence_parallel"):
+        if getattr(cfg, flag, None):
+            problems.append(f"config.{flag}")
+    if getattr(cfg, "rotary_percent", 1.0) != 1.0:
+        problems.append(f"rotary_percent {cfg.rotary_percent}")
+    if getattr(cfg, "softmax_type", "vanilla") != "vanilla":
+        problems.append(f"softmax_type {cfg.softmax_type}")
+    if problems:
+        raise UnsupportedLayerError(f"layer {layer.layer_number}: the KV-cached rollout forward does not support "
+                                    + ", ".join(problems))
+
+
+def rotary_cos_sin(freqs: Tensor, mscale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` of megatron's unfused rope: ``(cos(freqs) * mscale).to(dtype)``, same for sin."""
+    return (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
+
+
+def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``t * cos + rotate_half(t) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` (last dim)."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+
+
+class EvalLinear:
+    """megatron's ``ColumnParallelLinear`` (no output gather) or ``RowParallelLinear`` (parallel
+    input) in eval mode: ``(x W^T + b, None)``, or ``(x W^T, b)`` with ``skip_bias_add``; a
+    row-parallel product is all-reduced over its TP group before the bias. Anything else: the module."""
+
+    def __init__(self, module):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        self.module = module
+        common = (not module.sequence_parallel and not getattr(module, "explicit_expert_comm", False)
+                  and getattr(module, "gtp_remat_size", 1) == 1)
+        self.row = type(module) is RowParallelLinear
+        if self.row:
+            self.plain = common and module.input_is_parallel
+            group = module.tp_group
+            self.group = group if group is not None and group.size() > 1 else None
+        else:
+            self.plain = (common and type(module) is ColumnParallelLinear and not module.gather_output
+                          and not module.config.defer_embedding_wgrad_compute)
+            self.group = None
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        mod = self.module
+        if not self.plain:
+            return mod(x)
+        y = torch.matmul(x, mod.weight.t())
+        if self.group is not None:
+            y = y.contiguous()
+            torch.distributed.all_reduce(y, group=self.group)
+        bias = mod.bias
+        if mod.skip_bias_add:
+            return y, bias
+        return (y + bias if bias is not None else y), None
+
+
+class EvalMLP:
+    """megatron's dense ``MLP`` in eval mode with the unfused activation:
+    ``fc2(act(fc1(x) + b1))``, ``act`` the gated ``f(x_glu) * (x_linear + offset)`` or ``f``."""
+
+    def __init__(self, mlp):
+        from megatron.core.transformer.mlp import MLP
+
+        cfg = mlp.config
+        self.mlp, self.config = mlp, cfg
+        self.fc1, self.fc2 = EvalLinear(mlp.linear_fc1), EvalLinear(mlp.linear_fc2)
+        self.plain = (type(mlp) is MLP and not cfg.use_te_activation_func and not cfg.bias_activation_fusion
+                      and mlp.activation_func is cfg.activation_func and self.fc1.plain and self.fc2.plain)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.plain:
+            return self.mlp(x)
+        cfg = self.config
+        h, bias = self.fc1(x)
+        if bias is not None:
+            h = h + bias
+        if cfg.gated_linear_unit:
+            g, lin = torch.chunk(h, 2, dim=-1)
+            if (val := cfg.activation_func_clamp_value) is not None:
+                g, lin = g.clamp(min=None, max=val), lin.clamp(min=-val, max=val)
+            h = cfg.activation_func(g) * (lin + cfg.glu_linear_offset)
+        else:
+            h = cfg.activation_func(h)
+        return self.fc2(h)
+
+
+class EvalQKV:
+    """``SelfAttention.get_query_key_value_tensors`` in eval mode: ``[s, b, G, (Nq/G + 2) D]`` split
+    into ``[s, b, Nq, D]``, ``[s, b, G, D]`` x2 (then the q/k norms); other cases: the method."""
+
+    def __init__(self, attn):
+        self.attn = attn
+        self.linear = EvalLinear(attn.linear_qkv)
+        cfg = attn.config
+        self.plain = self.linear.plain and cfg.num_query_groups >= attn.world_size and not cfg.test_mode
+        self.groups = attn.num_query_groups_per_partition
+        self.per_group = attn.num_attention_heads_per_partition // self.groups
+        self.d = attn.hidden_size_per_attention_head
+
+    def __call__(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = self.attn
+        if not self.plain:
+            return attn.get_query_key_value_tensors(h)
+        mixed, _ = self.linear(h)
+        s, b, d = mixed.shape[0], mixed.shape[1], self.d
+        mixed = mixed.view(s, b, self.groups, (self.per_group + 2) * d)
+        q, k, v = torch.split(mixed, [self.per_group * d, d, d], dim=3)
+        q = q.reshape(s, b, -1, d)
+        if attn.q_layernorm is not None:
+            q = attn.q_layernorm(q)
+        if attn.k_layernorm is not None:
+            k = attn.k_layernorm(k)
+        return q, k, v
+
+
+class CachedStageForward:
+    """The decoder layers of one stage (``lm.decoder.layers``) with a :class:`RoundKVCache`."""
+
+    def __init__(self, lm):
+        self.layers = list(lm.decoder.layers)
+        for layer in self.layers:
+            check_layer(layer)
+        fusion = lm.config.bias_dropout_fusion
+        #: per layer: (qkv, linear_proj, mlp, attention bda, mlp bda)
+        self.parts = [(EvalQKV(layer.self_attention), EvalLinear(layer.self_attention.linear_proj),
+                       EvalMLP(layer.mlp), layer.self_attn_bda(False, fusion), layer.mlp_bda(False, fusion))
+                      for layer in self.layers]
+        cfg = lm.config
+        self.config = cfg
+        self.rotary = lm.rotary_pos_emb
+        self.mrope_section = lm.mrope_section
+        if self.layers:
+            attn = self.layers[0].self_attention
+            self.q_heads = attn.num_attention_heads_per_partition
+            self.kv_heads = attn.num_query_groups_per_partition
+            self.head_dim = attn.hidden_size_per_attention_head
+            self.mscale = float(getattr(attn, "_yarn_concentration_factor", 1.0) or 1.0)
+        else:
+            self.q_heads = self.kv_heads = self.head_dim = 0
+            self.mscale = 1.0
+        self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(max(1, self.head_dim))
+
+    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` ``[s, b, 1, D]`` for mrope ``position_ids`` ``[3, b, s]`` (the language model's rotary)."""
+        freqs = self.rotary(position_ids, self.mrope_section)
+        return rotary_cos_sin(freqs, self.mscale, dtype)
+
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: RoundKVCache, rows: tuple[int, int],
+                 columns: tuple[int, int], bias: Tensor, *, last_column_only: bool = False) -> Tensor:
+        """Hidden states ``[s, b, H]`` after this stage's layers (see the module docstring).
+
+        ``last_column_only``: only the last column's output is wanted (``[1, b, H]``): the last
+        layer still stores every column's K and V but attends, projects and runs its MLP for the
+        last column only.
+        """
+        r0, r1 = rows
+        c0, c1 = columns
+        s = x.shape[0]
+        per_group = self.q_heads // max(1, self.kv_heads)
+        # queries of a group share the mask rows: [b, 1, per_group * s, c1]
+        grouped = bias.repeat(1, 1, per_group, 1) if s > 1 and per_group > 1 else bias
+        cos, sin = rope
+        last = len(self.layers) - 1
+        for i, (layer, (qkv, proj, mlp, attn_bda, mlp_bda)) in enumerate(zip(self.layers, self.parts)):
+            h = layer.input_layernorm(x)
+            q, k, v = qkv(h)
+            k = apply_rotary(k, cos, sin)
+            kbuf, vbuf = cache.layer(i)
+            kbuf[r0:r1, :, c0:c1] = k.permute(1, 2, 0, 3)
+            vbuf[r0:r1, :, c0:c1] = v.permute(1, 2, 0, 3)
+            if last_column_only and i == last and s > 1:
+                x, q, layer_bias = x[-1:], apply_rotary(q[-1:], cos[-1:], sin[-1:]), bias[:, :, -1:]
+            else:
+                q, layer_bias = apply_rotary(q, cos, sin), grouped
+            a = self._attend(q, kbuf[r0:r1, :, :c1], vbuf[r0:r1, :, :c1], layer_bias)
+            x = attn_bda(proj(a), x, layer.hidden_dropout)
+            x = mlp_bda(mlp(layer.pre_mlp_layernorm(x)), x, layer.hidden_dropout)
+        return x
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
+        """``q`` ``[sq, b, Nq, D]`` over ``keys``/``values`` ``[b, G, sk, D]`` -> ``[sq, b, Nq * D]``."""
+        sq, b, nq, d = q.shape
+        g = self.kv_heads
+        # [sq, b, Nq, D] -> [b, Nq, sq, D] -> [b, G, (Nq/G) * sq, D] (query heads are group-major)
+        qg = q.permute(1, 2, 0, 3).reshape(b, g, (nq // g) * sq, d)
+        # the mask expanded over the groups (a stride-0 view): torch's CPU flash kernel is about 3x
+        # slower per decode step when it has to broadcast a size-1 head dimension itself
+        mask = bias.expand(b, g, qg.shape[2], keys.shape[2])
+        a = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
+        # [b, G, (Nq/G) * sq, D] -> [b, Nq, sq, D] -> [sq, b, Nq * D]
+        return a.reshape(b, nq, sq, d).permute(2, 0, 1, 3).reshape(sq, b, nq * d)
