@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import ConfigError, require_at_least
 
 #: every context :mod:`vigos_megatron.data.contexts` can build (``../shared/METHOD.md`` sections 1-4)
 CONTEXT_NAMES = ("student", "perception", "reasoning", "reference", "opsd", "student_text", "opsd_text")
@@ -34,14 +34,10 @@ class LoaderConfig:
     def validate(self) -> None:
         if not self.shards_dir:
             raise ConfigError("shards_dir: must be set (a directory written by tools/make_webdataset.py)")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.prefetch_factor < 1:
-            raise ConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
-        if self.seed < 0:
-            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        require_at_least(self, 1, "batch_size")
+        require_at_least(self, 0, "num_workers")
+        require_at_least(self, 1, "prefetch_factor")
+        require_at_least(self, 0, "seed")
 
 
 @dataclass
@@ -67,12 +63,10 @@ class ContextConfig:
             raise ConfigError("processor_path: must be set (a local Hugging Face processor directory)")
         if not self.prompts_path:
             raise ConfigError("prompts_path: must be set")
-        if self.min_pixels < 1:
-            raise ConfigError(f"min_pixels: must be >= 1, got {self.min_pixels}")
+        require_at_least(self, 1, "min_pixels")
         if self.max_pixels < self.min_pixels:
             raise ConfigError(f"max_pixels: must be >= min_pixels ({self.min_pixels}), got {self.max_pixels}")
-        if self.max_prompt_tokens < 1:
-            raise ConfigError(f"max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
+        require_at_least(self, 1, "max_prompt_tokens")
         if not self.contexts:
             raise ConfigError("contexts: at least one context is needed")
         for name in self.contexts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import ConfigError, require_at_least
 from vigos_megatron.config.loss import LossConfig
 
 
@@ -21,8 +21,7 @@ class DemoConfig:
     seed: int = 1234
 
     def validate(self) -> None:
-        if self.tensor_parallel < 1:
-            raise ConfigError(f"tensor_parallel: must be >= 1, got {self.tensor_parallel}")
+        require_at_least(self, 1, "tensor_parallel")
         if self.vocab_size % self.tensor_parallel:
             raise ConfigError(f"vocab_size: {self.vocab_size} is not divisible by tensor_parallel={self.tensor_parallel}")
         if self.rollouts < 1 or self.completion_tokens < 4:

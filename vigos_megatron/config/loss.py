@@ -6,18 +6,15 @@ from __future__ import annotations
 
 from dataclasses import field, make_dataclass
 
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import require_at_least, require_one_of
 from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.objectives import MODULES, get
 
 
 def _validate(self) -> None:
-    if self.objective not in MODULES:
-        raise ConfigError(f"objective: must be one of {MODULES}, got {self.objective!r}")
-    if self.impl not in KL_IMPLS:
-        raise ConfigError(f"impl: must be one of {KL_IMPLS}, got {self.impl!r}")
-    if self.chunk_bytes < 4096:
-        raise ConfigError(f"chunk_bytes: must be >= 4096, got {self.chunk_bytes}")
+    require_one_of(self, "objective", MODULES)
+    require_one_of(self, "impl", KL_IMPLS)
+    require_at_least(self, 4096, "chunk_bytes")
 
 
 def _settings(name: str) -> type:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import require_one_of
 
 TRANSFORMER_IMPLS = ("auto", "local", "sdpa", "transformer_engine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -42,12 +42,9 @@ class ModelConfig:
     meta_device: bool = False
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
-        if self.transformer_impl not in TRANSFORMER_IMPLS:
-            raise ConfigError(f"transformer_impl: must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
-        if self.recompute not in RECOMPUTE:
-            raise ConfigError(f"recompute: must be one of {RECOMPUTE}, got {self.recompute!r}")
+        require_one_of(self, "dtype", DTYPES)
+        require_one_of(self, "transformer_impl", TRANSFORMER_IMPLS)
+        require_one_of(self, "recompute", RECOMPUTE)
 
     def torch_dtype(self, use_cuda: bool):
         import torch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import ConfigError, require_at_least, require_positive
 
 #: seeds, steps and sample ids are hashed as unsigned 32-bit words
 _U32 = 2**32
@@ -36,15 +36,12 @@ class SamplingConfig:
     max_batch_size: int = 32
 
     def validate(self) -> None:
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        require_positive(self, "temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k: must be >= 0 (0 disables it), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        require_at_least(self, 1, "max_new_tokens")
         if not 0 <= self.seed < _U32:
             raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
+        require_at_least(self, 1, "max_batch_size")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vigos_megatron.config.data import DataConfig
-from vigos_megatron.config.loader import ConfigError
+from vigos_megatron.errors import ConfigError, require_at_least, require_one_of, require_positive
 from vigos_megatron.config.loss import LossConfig
 from vigos_megatron.config.model import ModelConfig
 from vigos_megatron.config.sampling import SamplingConfig
@@ -34,9 +34,7 @@ class ParallelConfig:
     pp: int = 1
 
     def validate(self) -> None:
-        for name in ("tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "tp", "pp")
 
 
 @dataclass
@@ -58,15 +56,10 @@ class TrainConfig:
     on_nonfinite: str = "skip"
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps: must be >= 1, got {self.steps}")
-        if self.exit_after < 0:
-            raise ConfigError(f"exit_after: must be >= 0, got {self.exit_after}")
-        for name in ("global_batch_size", "micro_batch_size", "seq_multiple"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            raise ConfigError(f"on_nonfinite: must be one of {NONFINITE_ACTIONS}, got {self.on_nonfinite!r}")
+        require_at_least(self, 1, "steps")
+        require_at_least(self, 0, "exit_after")
+        require_at_least(self, 1, "global_batch_size", "micro_batch_size", "seq_multiple")
+        require_one_of(self, "on_nonfinite", NONFINITE_ACTIONS)
 
 
 @dataclass
@@ -95,19 +88,15 @@ class OptimizerConfig:
     overlap_param_gather: bool = False
 
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        require_positive(self, "lr")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        require_at_least(self, 0, "weight_decay")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.decay_style not in DECAY_STYLES:
-            raise ConfigError(f"decay_style: must be one of {DECAY_STYLES}, got {self.decay_style!r}")
+        require_at_least(self, 0, "warmup_steps")
+        require_one_of(self, "decay_style", DECAY_STYLES)
         if self.overlap_param_gather and not self.distributed_optimizer:
             raise ConfigError("overlap_param_gather: only the distributed optimizer gathers parameters; "
                               "set optimizer.distributed_optimizer=true or overlap_param_gather=false")
@@ -122,8 +111,7 @@ class CheckpointConfig:
     load_optimizer: bool = True
 
     def validate(self) -> None:
-        if self.save_interval < 0:
-            raise ConfigError(f"save_interval: must be >= 0, got {self.save_interval}")
+        require_at_least(self, 0, "save_interval")
 
 
 @dataclass
@@ -136,10 +124,8 @@ class LoggingConfig:
     dump_rollouts: int = 0
 
     def validate(self) -> None:
-        if self.progress_interval < 1:
-            raise ConfigError(f"progress_interval: must be >= 1, got {self.progress_interval}")
-        if self.dump_rollouts < 0:
-            raise ConfigError(f"dump_rollouts: must be >= 0, got {self.dump_rollouts}")
+        require_at_least(self, 1, "progress_interval")
+        require_at_least(self, 0, "dump_rollouts")
 
 
 @dataclass
@@ -162,10 +148,8 @@ class TinyDemoConfig:
     min_valid_rate: float = 0.7
 
     def validate(self) -> None:
-        if self.samples < 1:
-            raise ConfigError(f"samples: must be >= 1, got {self.samples}")
-        if self.format_prior_steps < 0:
-            raise ConfigError(f"format_prior_steps: must be >= 0, got {self.format_prior_steps}")
+        require_at_least(self, 1, "samples")
+        require_at_least(self, 0, "format_prior_steps")
         if self.format_prior_max_steps < self.format_prior_steps:
             raise ConfigError(f"format_prior_max_steps: {self.format_prior_max_steps} is below "
                               f"format_prior_steps={self.format_prior_steps}")

@@ -99,12 +99,10 @@ class OneTermSettings:
     clip: float = 0.0
 
     def validate(self) -> None:
-        from vigos_megatron.errors import ConfigError
+        from vigos_megatron.errors import require_at_least, require_positive
 
-        if self.weight < 0:
-            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        require_at_least(self, 0, "weight")
+        require_positive(self, "temperature")
 
 
 class OneTeacherObjective(SegmentedObjective):

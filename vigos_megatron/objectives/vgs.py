@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.errors import ConfigError
+from vigos_megatron.errors import ConfigError, require_at_least, require_positive
 from vigos_megatron.objectives.base import Objective, StreamRows
 
 
@@ -40,11 +40,8 @@ class VGSLossConfig:
                 raise ConfigError(f"{name}: must be in [0, 1], got {q}")
         if self.adaptive_low_quantile > self.adaptive_high_quantile:
             raise ConfigError("adaptive_low_quantile: must be <= adaptive_high_quantile")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
-        for name in ("eta", "gamma", "lambda_lp"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        require_positive(self, "temperature")
+        require_at_least(self, 0, "eta", "gamma", "lambda_lp")
 
 
 def teacher_contexts(cfg) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.errors import ConfigError
+from vigos_megatron.errors import require_at_least, require_positive
 from vigos_megatron.objectives.base import SegmentedObjective, StreamRows
 
 
@@ -33,11 +33,8 @@ class ViGOSLossConfig:
     clip: float = 0.05
 
     def validate(self) -> None:
-        for name in ("lambda_perception", "lambda_reasoning", "lambda_reference"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        require_at_least(self, 0, "lambda_perception", "lambda_reasoning", "lambda_reference")
+        require_positive(self, "temperature")
 
 
 def vigos_segments(cfg: ViGOSLossConfig) -> tuple:
