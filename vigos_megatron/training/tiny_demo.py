@@ -98,17 +98,22 @@ def asset_spec(cfg: "PretrainConfig") -> dict:
     }
 
 
-def asset_key(spec: dict) -> str:
-    import importlib.util
+def _source(module: str) -> Path:
+    """The file of ``module`` (``vigos_megatron.x.y``), found without importing its packages (the
+    launcher must not import megatron)."""
+    import vigos_megatron
 
-    import torch
-    import transformers
+    return Path(vigos_megatron.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+
+
+def asset_key(spec: dict) -> str:
+    from importlib.metadata import version
 
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    h.update(f"torch {version('torch')} transformers {version('transformers')}".encode())
     for name in GENERATING_MODULES:
         h.update(name.encode())
-        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+        h.update(_source(name).read_bytes())
     return h.hexdigest()[:16]
 
 
