@@ -19,7 +19,7 @@ demo: venv
 
 # The loss alone: the ViGOS objective on random vocabulary-sharded logits at TP=2.
 demo-loss: venv
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 examples/demo_vigos_loss.py
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 examples/demo_vigos_loss.py
 
 test: venv
 	$(PY) -m pytest -q tests

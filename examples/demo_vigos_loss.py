@@ -85,6 +85,9 @@ def main() -> None:
     from vigos_megatron.losses.objectives import VGSTokens
     from vigos_megatron.objectives.vgs import VGS
 
+    from vigos_megatron.training.console import quiet_known_warnings
+
+    quiet_known_warnings(int(os.environ.get("RANK", "0")))  # known library warnings kept off the console
     platform.activate()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
