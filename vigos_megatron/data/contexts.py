@@ -195,4 +195,4 @@ class PrefixCut:
             if b"".join(self._bytes(new)) != want:
                 raise ValueError(f"byte-exact context: {want!r} does not re-encode to itself")
             self._cache[(tail, lead)] = new
-        return torch.cat([prefix[: q + 1], torch.tensor(new, dtype=prefix.dtype)])
+        return torch.cat([prefix[: q + 1], torch.tensor(new, dtype=prefix.dtype, device=prefix.device)])

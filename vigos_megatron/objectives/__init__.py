@@ -20,6 +20,3 @@ def get(name: str) -> Objective:
         raise ValueError(f"unknown objective {name!r}; registered: {', '.join(MODULES)}")
     return importlib.import_module(f"{__name__}.{name}").OBJECTIVE
 
-
-def all_objectives() -> list[Objective]:
-    return [get(name) for name in MODULES]

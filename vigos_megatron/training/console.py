@@ -113,8 +113,9 @@ def run_cli(main, prog: str, argv=None) -> int:
     try:
         return main(argv)
     except UserError as e:
-        if os.environ.get("VIGOS_VERBOSE", "") == "1":
-            traceback.print_exc()
-        sys.stderr.write(f"{prog}: error: {e} (hint: {e.hint}; VIGOS_VERBOSE=1 shows the traceback)\n")
-        sys.stderr.flush()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says so
+            if os.environ.get("VIGOS_VERBOSE", "") == "1":
+                traceback.print_exc()
+            sys.stderr.write(f"{prog}: error: {e} (hint: {e.hint}; VIGOS_VERBOSE=1 shows the traceback)\n")
+            sys.stderr.flush()
         return 2

@@ -77,15 +77,9 @@ def run_rank(cfg: "PretrainConfig", layout: "Layout") -> int:
 
 
 def worker_main(config: str, overrides: list[str]) -> int:
-    """A torchrun worker: check (rank 0 names a mistake in one line), then run."""
-    from vigos_megatron.errors import UserError
-
-    try:
-        cfg, layout = load_run_config(config, overrides, int(os.environ["WORLD_SIZE"]))
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            sys.stderr.write(f"pretrain_vigos: error: {e} (hint: {e.hint})\n")
-        return 2
+    """A torchrun worker: check, then run (a mistake propagates as a
+    :class:`~vigos_megatron.errors.UserError`: one line from rank 0 through :func:`~.console.run_cli`)."""
+    cfg, layout = load_run_config(config, overrides, int(os.environ["WORLD_SIZE"]))
     return run_rank(cfg, layout)
 
 
