@@ -202,7 +202,7 @@ def run(args) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vigos_megatron.config.sampling import SamplingConfig
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
     from vigos_megatron.runtime import describe, model_device
     from vigos_megatron.startup import local_model_parallel

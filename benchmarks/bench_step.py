@@ -96,7 +96,7 @@ def sft_step(data_iterator, model, *, tp_group, all_logits: bool):
     else:
         image_ids = b.student.image_ids
         feats = image_features(model, *b.images.select(image_ids)) if image_ids else []
-        logits = language_forward(model, decoder_input=embed_rows(model, ids, feats),
+        logits = language_forward(model, rows=embed_rows(model, ids, feats),
                                   position_ids=mrope_positions(model, ids, b.student.grid_thw(b.images)),
                                   logit_positions=idx)  # [N, V/tp]
         rows = logits
@@ -130,7 +130,7 @@ def main() -> int:
     from vigos_megatron.objectives.vigos import ViGOSLossConfig, vigos_loss
     from vigos_megatron.losses.objectives import global_segment_counts
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.models.teacher import build_teacher_replica
     from vigos_megatron.runtime import use_cuda
     from vigos_megatron.schedule import ReportedLoss, StudentTeacherStage, make_stream_batches, run_stream_schedule

@@ -213,7 +213,7 @@ def run_hf(hf, ids, grad_out, meter, args):
 
 
 def run_megatron(hf_dir, impl, dtype, ids, grad_out, meter, args):
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
 
     builder = QwenVLBuilder.from_hf(hf_dir, dtype=dtype, transformer_impl=impl)
     model = builder.build_from_hf(hf_dir)[0]
@@ -326,7 +326,7 @@ def main() -> None:
 
 
 def _te_usable() -> bool:
-    from vigos_megatron.models.qwen2_5_vl import transformer_engine_available
+    from vigos_megatron.models.builder import transformer_engine_available
 
     return transformer_engine_available()
 

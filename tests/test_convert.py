@@ -100,7 +100,7 @@ def _rewrite_safetensors(hf_dir, fn):
 def test_hf_to_megatron_refusals(tiny, tmp_path):
     from vigos_megatron.convert.converters import hf_to_megatron
     from vigos_megatron.models.hf_checkpoint import CheckpointError
-    from vigos_megatron.models.qwen2_5_vl import ModelBuildError
+    from vigos_megatron.models.builder import ModelBuildError
 
     with pytest.raises(ModelBuildError, match="no config.json"):
         hf_to_megatron(tmp_path, tmp_path / "o1", quiet=True)
@@ -159,7 +159,7 @@ def test_import_verification_catches_an_inexact_tensor(tiny):
     from vigos_megatron.convert.converters import load_hf_into, verify_against_hf
     from vigos_megatron.models.hf_checkpoint import CheckpointError
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
 
     with local_model_parallel():
         builder = QwenVLBuilder.from_hf(tiny["untied"])

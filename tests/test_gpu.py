@@ -49,7 +49,7 @@ def test_model_on_cuda_bf16_matches_hf_on_the_same_device(tiny):
 
     from vigos_megatron.models.forward import chunk_forward
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.runtime import model_device
 
     batch = make_batch(tiny["student"])

@@ -48,7 +48,7 @@ def test_tp1_logit_parity_and_mrope_from_config(tiny_dir):
 
     from vigos_megatron.models.forward import chunk_forward
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
 
     batch = make_batch(tiny_dir)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir).eval()
@@ -69,7 +69,7 @@ def test_tp1_logit_parity_and_mrope_from_config(tiny_dir):
 def test_layout_errors_are_clear(tiny_dir, tmp_path):
     from vigos_megatron.config.loader import ConfigError, load_config
     from vigos_megatron.config.model import ModelConfig
-    from vigos_megatron.models.qwen2_5_vl import ModelBuildError, QwenVLBuilder, check_vocab_divisible
+    from vigos_megatron.models.builder import ModelBuildError, QwenVLBuilder, check_vocab_divisible
     from vigos_megatron.testing.tiny_qwen import tiny_hf_config
 
     with pytest.raises(ModelBuildError, match="vocab_size 151937 is not divisible by tensor_model_parallel_size 2"):
@@ -96,7 +96,7 @@ def test_qwen2_5_vl_7b_builds_on_meta_with_expected_param_count():
     from vigos_megatron.models.hf_checkpoint import expected_shapes
     from vigos_megatron.models.hf_configs import QWEN2_5_VL_7B_PARAMS, qwen2_5_vl_7b_config
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, param_bytes, param_count
+    from vigos_megatron.models.builder import QwenVLBuilder, param_bytes, param_count
 
     cfg = qwen2_5_vl_7b_config()
     hf_count = sum(math.prod(s) for s in expected_shapes(cfg).values())

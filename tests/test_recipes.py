@@ -44,7 +44,7 @@ def test_published_configs_param_counts_match_hf_megatron_and_estimate():
 
     from vigos_megatron.models.hf_configs import QWEN2_5_VL_SIZES, qwen2_5_vl_config
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, param_count
+    from vigos_megatron.models.builder import QwenVLBuilder, param_count
     from vigos_megatron.recipes.memory import ModelShape
 
     with local_model_parallel():
@@ -86,7 +86,7 @@ def test_language_activation_terms_equal_saved_tensors(spec):
     """The tiny model in bf16 on CPU: saved bytes == the estimate's terms, at every recompute mode,
     two lengths and two batch sizes (the S^2 terms of the unfused attention included)."""
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.recipes.memory import ModelShape, stage_activation_bytes
     from vigos_megatron.testing.tiny_qwen import tiny_hf_config
 
@@ -108,7 +108,7 @@ def test_language_activation_terms_equal_saved_tensors(spec):
 
 def test_vision_activation_terms_equal_saved_tensors():
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.recipes.memory import ModelShape
     from vigos_megatron.testing.tiny_qwen import tiny_hf_config
 
@@ -258,7 +258,7 @@ def test_7b_recipe_param_count_equals_meta_build(tmp_path):
     """The 7B recipe's estimate counts exactly the parameters of the model built on the meta device
     from the recipe's own ``model.hf_path``."""
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, param_count
+    from vigos_megatron.models.builder import QwenVLBuilder, param_count
     from vigos_megatron.recipes.memory import estimate_for_config
     from vigos_megatron.recipes.qwen2_5_vl import qwen2_5_vl_7b
 

@@ -141,7 +141,7 @@ def tiny_dir(tmp_path_factory):
 def setup(tiny_dir):
     """Prompts, HF greedy reference, stop ids (one row stops early), and the TP=1 model."""
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
 
     prompts = student_prompts(tiny_dir)
     ref = hf_greedy(tiny_dir, prompts)
@@ -223,7 +223,7 @@ def test_left_padding_is_invisible_in_the_logits(setup):
 
 def test_sdpa_layer_spec_generates_the_same_tokens(setup):
     """The GPU default spec without TE ("sdpa") applies the padding mask too: HF's greedy tokens, same samples."""
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
 
     builder = QwenVLBuilder.from_hf(setup["dir"], transformer_impl="sdpa")
     chunks = builder.build_from_hf(setup["dir"])
@@ -356,7 +356,7 @@ def test_bad_prompts_and_settings_raise_clear_errors(setup):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_memory_returns_to_its_pre_generation_level(tiny_dir):
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
 
     prompts = student_prompts(tiny_dir)
     stops = stop_ids(tiny_dir)

@@ -195,7 +195,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tiny_dir, mp):
     """{impl: model} for "local" and "sdpa", same HF checkpoint, TP=1, fp32."""
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
 
     out = {}
     for impl in ("local", "sdpa"):
@@ -287,7 +287,7 @@ def test_transformer_impl_selection(monkeypatch, tiny_dir):
     from vigos_megatron.config.loader import ConfigError, load_config
     from vigos_megatron.config.model import ModelConfig
     from vigos_megatron.models import qwen2_5_vl
-    from vigos_megatron.models.qwen2_5_vl import ModelBuildError, QwenVLBuilder, resolve_transformer_impl
+    from vigos_megatron.models.builder import ModelBuildError, QwenVLBuilder, resolve_transformer_impl
     from vigos_megatron.models.specs import sdpa_block_spec
 
     if not runtime.use_cuda():
@@ -355,7 +355,7 @@ def test_gpu_settings_fused_swiglu_match_local(monkeypatch, tiny_dir, models):
     """The settings "sdpa" takes on a GPU (megatron-core's torch.compile'd SwiGLU) run here on
     the CPU: logits and gradients still equal the local spec's."""
     from vigos_megatron import runtime
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.testing.tiny_qwen import image_text_batch
 
     with monkeypatch.context() as m:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Qwen2.5-VL directory to a Megatron-Core distributed checkpoint.
+"""Convert a Hugging Face Qwen2.5-VL or Qwen3-VL directory to a Megatron-Core distributed checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf-model HF_DIR --output RUN_DIR
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hf-model", required=True, help="HF Qwen2.5-VL directory (config.json + safetensors)")
+    ap.add_argument("--hf-model", required=True, help="HF Qwen2.5-VL or Qwen3-VL directory (config.json + safetensors)")
     ap.add_argument("--output", required=True, help="new (or empty) run directory")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Convert a Megatron Qwen2.5-VL checkpoint (any TP/PP) to a Hugging Face directory.
+"""Convert a Megatron Qwen2.5-VL or Qwen3-VL checkpoint (any TP/PP) to a Hugging Face directory.
 
     python tools/convert_megatron_to_hf.py --checkpoint RUN_OR_ITER_DIR --output HF_DIR
 
 ``--checkpoint`` is a run directory (its ``latest_checkpointed_iteration.txt`` picks the
 checkpoint) or one ``iter_*`` directory, as written by ``tools/convert_hf_to_megatron.py``
 or by training; optimizer state in it is ignored. The output loads offline with
-``Qwen2_5_VLForConditionalGeneration.from_pretrained(HF_DIR)``. One process, CPU is enough.
+``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration.from_pretrained(HF_DIR)``. One process, CPU is enough.
 """
 
 import argparse

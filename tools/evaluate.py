@@ -301,7 +301,7 @@ def run(args) -> int:
     from vigos_megatron import runtime, startup
     from vigos_megatron.models.hf_checkpoint import CheckpointError
     from vigos_megatron.data.loader import DropSample, ShardSource
-    from vigos_megatron.models.qwen2_5_vl import ModelBuildError, QwenVLBuilder
+    from vigos_megatron.models.builder import ModelBuildError, QwenVLBuilder
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -35,7 +35,7 @@ def _version(dist: str) -> str:
 def versions() -> str:
     import torch
 
-    from vigos_megatron.models.qwen2_5_vl import transformer_engine_available
+    from vigos_megatron.models.builder import transformer_engine_available
 
     cuda = torch.version.cuda or "none"
     te = "usable" if transformer_engine_available() else ("installed" if _version("transformer-engine") != "absent" else "absent")
@@ -49,7 +49,7 @@ def model_check(tmp: Path) -> str:
 
     from vigos_megatron.models.forward import chunk_forward
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.runtime import model_device, use_cuda
     from vigos_megatron.testing.tiny_qwen import image_text_batch, write_tiny_checkpoint
 

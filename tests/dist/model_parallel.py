@@ -119,7 +119,7 @@ def main():
     from vigos_megatron.convert.megatron_checkpoint import (
         load_model_checkpoint, model_sharded_state_dict, resolve_checkpoint, save_model_checkpoint,
     )
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.models.teacher import build_teacher_replica
 
     def result(key, value):

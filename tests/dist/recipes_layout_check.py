@@ -46,7 +46,7 @@ def main():
     from megatron.core import parallel_state as ps
 
     from vigos_megatron.models.hf_configs import qwen2_5_vl_config
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.recipes.memory import ModelShape, stage_activation_bytes
     from vigos_megatron.testing.tiny_qwen import tiny_hf_config
 

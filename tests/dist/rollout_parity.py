@@ -62,7 +62,7 @@ def main():
     ps = init_distributed(args.tp, args.pp)
     rank = dist.get_rank()
     from vigos_megatron.config.sampling import SamplingConfig
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.rollout.engine import MegatronRolloutEngine
 
     def result(key, value):

@@ -48,7 +48,7 @@ def build_inputs(hf_dir, *, group_by_length: bool = False) -> Inputs:
     """The micro-batches of one step (deterministic: the same on every rank and layout)."""
     from vigos_megatron.data.contexts import ContextEncoder, PrefixCut
     from vigos_megatron.data.synthetic import image_bytes, typical_rows
-    from vigos_megatron.models.qwen2_5_vl import load_hf_config
+    from vigos_megatron.models.builder import load_hf_config
     from vigos_megatron.schedule.assembly import assemble_vigos
     from vigos_megatron.rollout.segments import TokenBytes, parse_completion
     from vigos_megatron.schedule.batch import make_stream_batches
@@ -90,7 +90,7 @@ def build_models(hf_dir, tp: int, pp: int, teacher_hf=None, dtype=torch.float32)
     checkpoint of the same architecture: it then differs from the student, so a stage that
     routed rows to the wrong model would change the loss and the gradients.
     """
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.models.teacher import build_teacher_replica, freeze_
 
     builder = QwenVLBuilder.from_hf(hf_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype)

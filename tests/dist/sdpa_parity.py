@@ -54,7 +54,7 @@ def main():
     from model_parallel import make_batch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.testing.tiny_qwen import special_token_ids
 
     def result(key, value):

@@ -1,4 +1,4 @@
-"""HF <-> Megatron conversion of Qwen2.5-VL checkpoints (one process, CPU is enough).
+"""HF <-> Megatron conversion of Qwen2.5-VL and Qwen3-VL checkpoints (the family read from config.json) (one process, CPU is enough).
 
 The weight mappings are megatron-bridge's ``Qwen25VLBridge.mapping_registry()`` (one
 declarative entry per parameter family: QKV fusion, gated-MLP fusion, norms, embeddings,
@@ -62,37 +62,42 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
-def _hub_named_source(hf_dir):
-    """megatron-bridge state source presenting a current-layout checkpoint under hub names.
+def _renamed_source(hf_dir, stored_layout: str, mapping_layout: str):
+    """megatron-bridge state source presenting a checkpoint stored in ``stored_layout`` under the
+    names of ``mapping_layout``.
 
-    megatron-bridge 0.6.2's Qwen2.5-VL mappings name HF tensors in the hub layout
-    (``model.layers.*``, ``visual.*``) and silently skip (log only) any mapping whose HF tensor
-    is absent, so a ``model.language_model.*`` checkpoint would load nothing. Same pattern as
-    the bridge's own WAN/Flux state sources: subclass its safetensors source, rename keys.
+    megatron-bridge 0.6.2's mappings name HF tensors in one layout per family (Qwen2.5-VL: the
+    hub's ``model.layers.*``, ``visual.*``; Qwen3-VL: ``model.language_model.*``,
+    ``model.visual.*``) and silently skip (log only) any mapping whose HF tensor is absent, so a
+    checkpoint in the other layout would load nothing. Same pattern as the bridge's own WAN/Flux
+    state sources: subclass its safetensors source, rename keys.
     """
     from megatron.bridge.models.hf_pretrained.state import SafeTensorsStateSource
 
-    class HubNamedSource(SafeTensorsStateSource):
+    class RenamedSource(SafeTensorsStateSource):
         def get_all_keys(self):
-            return sorted(hf_name_in_layout(k, HUB_LAYOUT) for k in super().get_all_keys())
+            return sorted(hf_name_in_layout(k, mapping_layout) for k in super().get_all_keys())
 
         def load_tensors(self, keys_to_load):
-            stored = {k: hf_name_in_layout(k, CURRENT_LAYOUT) for k in keys_to_load}
+            stored = {k: hf_name_in_layout(k, stored_layout) for k in keys_to_load}
             loaded = super().load_tensors(list(stored.values()))
             return {k: loaded[v] for k, v in stored.items() if v in loaded}
 
-    return HubNamedSource(str(hf_dir))
+    return RenamedSource(str(hf_dir))
 
 
 def load_hf_into(builder, chunks, hf_dir) -> None:
     """Load HF weights (either key layout) into ``chunks`` with the bridge's declarative mappings."""
-    if stored_key_layout(hf_dir) == HUB_LAYOUT:
+    from vigos_megatron.models.family import family_for_config
+
+    stored, wanted = stored_key_layout(hf_dir), family_for_config(builder.hf_config).bridge_key_layout
+    if stored == wanted:
         builder.bridge.load_hf_weights(chunks, str(hf_dir))
         return
     from megatron.bridge.models.hf_pretrained.state import StateDict
 
     pretrained = builder.bridge._pretrained_wrapper_cls.from_pretrained(str(hf_dir))
-    pretrained._state_dict_accessor = StateDict(_hub_named_source(hf_dir))
+    pretrained._state_dict_accessor = StateDict(_renamed_source(hf_dir, stored, wanted))
     builder.bridge._model_bridge.load_weights_hf_to_megatron(pretrained, chunks)
 
 
@@ -134,16 +139,17 @@ def verify_against_hf(builder, chunks, hf_dir, *, show_progress: bool = False) -
 
 
 def hf_to_megatron(hf_model, output, *, quiet: bool = False) -> Path:
-    """Convert a HF Qwen2.5-VL directory to a Megatron run directory; returns the checkpoint dir."""
+    """Convert a HF Qwen VL directory (a supported family) to a Megatron run directory; returns the checkpoint dir."""
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, load_hf_config
+    from vigos_megatron.models.builder import QwenVLBuilder, load_hf_config
+    from vigos_megatron.models.family import family_for_config
 
     hf_dir, out = Path(hf_model), Path(output)
     t0 = time.time()
-    hf_config = load_hf_config(hf_dir)  # refuses a non-Qwen2.5-VL directory
+    hf_config = load_hf_config(hf_dir)  # refuses a directory of an unsupported family
     check_hf_weights(hf_dir, hf_config)  # refuses missing tensors / shape mismatches before any work
     _refuse_non_empty(out)
-    _log(f"[hf->megatron] {hf_dir}: Qwen2.5-VL, dtype {config_dtype(hf_config)}", quiet)
+    _log(f"[hf->megatron] {hf_dir}: {family_for_config(hf_config).display_name}, dtype {config_dtype(hf_config)}", quiet)
     with local_model_parallel():
         builder = QwenVLBuilder.from_hf(hf_config, dtype=config_dtype(hf_config))
         chunks = builder.build(init_weights=False)
@@ -173,7 +179,8 @@ def export_state(builder, chunks, *, key_layout: str = HUB_LAYOUT, show_progress
 def megatron_to_hf(checkpoint, output, *, quiet: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Convert a Megatron run / checkpoint directory to a HF directory; returns ``output``."""
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder, load_hf_config
+    from vigos_megatron.models.builder import QwenVLBuilder, load_hf_config
+    from vigos_megatron.models.family import family_for_config
 
     t0 = time.time()
     ckpt = resolve_checkpoint(checkpoint)
@@ -181,7 +188,7 @@ def megatron_to_hf(checkpoint, output, *, quiet: bool = False, max_shard_bytes: 
     hf_src = ckpt / HF_SUBDIR
     hf_config = load_hf_config(hf_src)
     _refuse_non_empty(out)
-    _log(f"[megatron->hf] {ckpt}: Qwen2.5-VL, dtype {config_dtype(hf_config)}", quiet)
+    _log(f"[megatron->hf] {ckpt}: {family_for_config(hf_config).display_name}, dtype {config_dtype(hf_config)}", quiet)
     with local_model_parallel():
         builder = QwenVLBuilder.from_hf(hf_config, dtype=config_dtype(hf_config))
         chunks = builder.build(init_weights=False)

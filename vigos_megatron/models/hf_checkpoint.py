@@ -1,9 +1,10 @@
-"""Reading, checking and writing Hugging Face Qwen2.5-VL checkpoint directories.
+"""Reading, checking and writing Hugging Face Qwen VL checkpoint directories (every supported family).
 
 A HF directory holds ``config.json``, ``model.safetensors`` or
 ``model.safetensors.index.json`` + shards, and optionally tokenizer / processor files.
 :func:`check_hf_weights` compares the tensor names and shapes stored in the safetensors
-headers (no tensor is read) with those a ``Qwen2_5_VLForConditionalGeneration`` of the
+headers (no tensor is read) with those the family's HF model (``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``) of the
 directory's config declares (built on the meta device), and refuses a missing tensor, a
 shape mismatch or an unexpected tensor with a message naming the file and the tensor.
 
@@ -144,10 +145,11 @@ def stored_shapes(hf_dir) -> dict[str, tuple[tuple[int, ...], Path]]:
 def expected_shapes(hf_config) -> dict[str, tuple[int, ...]]:
     """``name -> shape`` of every parameter of the HF model of ``hf_config`` (built on meta)."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vigos_megatron.models.family import family_for_config
 
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(hf_config)
+        model = family_for_config(hf_config).hf_model_class()(hf_config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -36,6 +36,12 @@ Attention semantics (query rows ``i`` of ``sq``, key columns ``j`` of ``sk``)::
 
 Not supported (a clear error, as in the local spec): packed sequences (THD), attention bias,
 context parallelism, sliding windows, non-vanilla softmax, qk-clip.
+
+A vision transformer that attends within each image of a packed sequence (Qwen3-VL's, Bridge
+passes THD ``packed_seq_params`` with ``cu_seqlens``) takes :class:`SegmentSDPAAttention`
+through :func:`get_vit_layer_sdpa_spec`: bidirectional attention inside each segment
+``[cu_seqlens[i], cu_seqlens[i+1])``, none across segments (the local spec's
+``DotProductAttention`` refuses packed sequences, so the ``local`` choice uses it too).
 """
 
 from __future__ import annotations
@@ -227,6 +233,39 @@ class SDPADotProductAttention(MegatronModule):
         return run()
 
 
+class SegmentSDPAAttention(SDPADotProductAttention):
+    """Bidirectional attention within each segment of a THD-packed sequence (a vision tower's images).
+
+    ``forward(query [t, np, hn], key/value [t, ng, hn], attention_mask=None, packed_seq_params=)``
+    with ``packed_seq_params.cu_seqlens_q == cu_seqlens_kv`` int ``[m + 1]`` (segment ``i`` is rows
+    ``cu[i]:cu[i+1]``) returns ``[t, np * hn]``:
+    ``out[i] = sum_{j in seg(i)} softmax_j(scale * q_i . k_j) v_j``. One SDPA call per segment
+    (no ``[t, t]`` mask). Without ``packed_seq_params`` the whole input is one segment
+    (``[s, b, np, hn]`` in, ``[s, b, np * hn]`` out).
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None or attention_mask is not None:
+            raise SDPASpecError("SegmentSDPAAttention takes neither attention_mask nor attention_bias")
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0:
+            raise SDPASpecError("SegmentSDPAAttention: attention dropout is not supported (vision towers use 0)")
+        if packed_seq_params is None:
+            return sdpa_attention(query, key, value, attn_mask=None, is_causal=False, scale=self.softmax_scale,
+                                  dropout_p=0.0)
+        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if cu_kv is not None and not torch.equal(cu_q, cu_kv):
+            raise SDPASpecError("SegmentSDPAAttention: query and key segments differ (cross attention is not supported)")
+        bounds = cu_q.tolist()
+        outs = [
+            sdpa_attention(query[a:b, None], key[a:b, None], value[a:b, None], attn_mask=None, is_causal=False,
+                           scale=self.softmax_scale, dropout_p=0.0)[:, 0]
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        return torch.cat(outs)
+
+
 def _check_supported(config: TransformerConfig, layer_number: int) -> None:
     from megatron.core.transformer.utils import is_layer_window_attention
 
@@ -274,3 +313,13 @@ def sdpa_block_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
     layer = get_gpt_layer_sdpa_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=LayerNormImpl)
+
+
+def get_vit_layer_sdpa_spec() -> ModuleSpec:
+    """megatron-core's local ViT layer spec with :class:`SegmentSDPAAttention` as core attention."""
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+
+    local = get_vit_layer_with_local_spec()
+    attn = local.submodules.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SegmentSDPAAttention))
+    return dataclasses.replace(local, submodules=dataclasses.replace(local.submodules, self_attention=attn))

@@ -1,10 +1,11 @@
-"""A Qwen2.5-VL chunk's forward for the training stream: shared image features, logits at chosen positions.
+"""A Qwen VL chunk's forward for the training stream: shared image features, logits at chosen positions.
 
-megatron-bridge's ``Qwen25VLModel.forward`` does four things: embed the tokens, run the HF
-vision tower on the pixels of every image row and scatter its output into the
+megatron-bridge's ``Qwen25VLModel.forward`` / ``Qwen3VLModel.forward`` do four things: embed the
+tokens, run the vision tower on the pixels of every image row and scatter its output into the
 ``<|image_pad|>`` embeddings, compute the mrope position ids from ``input_ids`` and
-``image_grid_thw``, and run the language model (megatron's ``GPTModel``), whose last stage
-computes logits at every position. The training stream needs two things that forward cannot
+``image_grid_thw``, and run the language model (megatron's ``GPTModel``; Qwen3-VL's also adds the
+deepstack features after its first layers), whose last stage computes logits at every position.
+What differs between the families comes from :mod:`vigos_megatron.models.family`. The training stream needs two things that forward cannot
 express, so the stage calls the same modules in the same order through the functions here:
 
 * **one vision-tower pass per image** (:func:`image_features`): a rollout's image appears in
@@ -25,56 +26,74 @@ drives the language model the same way for generation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from vigos_megatron.models.family import ImageFeatures, family_of
 
-def image_features(model, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
-    """The HF vision tower (with its merger) on the images ``grid_thw`` describes, in one call.
+
+class RowInputs(NamedTuple):
+    """The first stage's language-model inputs of ``n`` rows.
+
+    ``decoder_input`` ``[S, n, H]``: token embeddings with image features scattered in;
+    ``deepstack``: keyword arguments of the language model for deepstack (Qwen3-VL:
+    ``visual_pos_masks`` bool ``[n, S]`` and ``deepstack_visual_embeds``, one
+    ``[image tokens of the rows, H]`` tensor per deepstack layer, in the mask's row-major order),
+    empty for a family without it.
+    """
+
+    decoder_input: Tensor
+    deepstack: dict
+
+
+def image_features(model, pixel_values: Tensor, grid_thw: Tensor) -> list[ImageFeatures]:
+    """The model's vision tower on the images ``grid_thw`` describes, in one call.
 
     Args:
-        model: the first pipeline stage's ``Qwen25VLModel`` chunk (it owns ``visual``).
+        model: the first pipeline stage's chunk (it owns the vision tower).
         pixel_values: ``[sum_i t_i*h_i*w_i, C*T*P*P]`` flattened patches of the images, concatenated.
         grid_thw: int64 ``[m, 3]``, one line per image.
 
-    Returns one ``[t_i*h_i*w_i / merge**2, H]`` tensor per image, in order.
+    Returns one :class:`~vigos_megatron.models.family.ImageFeatures` per image, in order
+    (``[t_i*h_i*w_i / merge**2, H]`` features, plus deepstack features for Qwen3-VL).
     """
-    return list(model.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output)
+    return family_of(model).image_features(model, pixel_values, grid_thw)
 
 
-def embed_rows(model, input_ids: Tensor, row_features: Sequence[Tensor]) -> Tensor:
-    """Token embeddings ``[S, n, H]`` of ``input_ids`` ``[n, S]`` with image features scattered in.
+def embed_rows(model, input_ids: Tensor, row_features: Sequence[ImageFeatures]) -> RowInputs:
+    """Token embeddings of ``input_ids`` ``[n, S]`` with image features scattered in (and deepstack inputs).
 
-    ``row_features``: one ``[tokens, H]`` tensor per image row, in row order; row ``r``'s
-    ``<|image_pad|>`` embeddings are replaced by its features, in order (what
-    ``Qwen25VLModel.forward`` does with ``masked_scatter``; the source keeps its autograd graph,
-    so a trainable tower receives gradients).
+    ``row_features``: one :class:`ImageFeatures` per image row, in row order; row ``r``'s
+    ``<|image_pad|>`` embeddings are replaced by its features, in order (what Bridge's
+    ``Qwen25VLModel`` / ``Qwen3VLModel.forward`` do; the sources keep their autograd graph, so a
+    trainable tower receives gradients).
     """
     emb = model.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, n, H]
     if not row_features:
-        return emb
+        return RowInputs(emb, {})
     emb = emb.transpose(1, 0).contiguous()  # [n, S, H]
-    mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
-    feats = torch.cat(list(row_features)).to(emb.device, emb.dtype)
-    if feats.numel() != int(mask.sum()):
-        raise ValueError(f"image features of {feats.shape[0]} tokens for {int(mask[..., 0].sum())} image placeholders")
-    return emb.masked_scatter(mask, feats).transpose(1, 0)
+    visual = input_ids == model.config.image_token_id  # [n, S]
+    mask = visual.unsqueeze(-1).expand_as(emb)
+    feats = torch.cat([f.embeds for f in row_features]).to(emb.device, emb.dtype)
+    if feats.shape[0] != int(visual.sum()):
+        raise ValueError(f"image features of {feats.shape[0]} tokens for {int(visual.sum())} image placeholders")
+    emb = emb.masked_scatter(mask, feats).transpose(1, 0)
+    n_deep = len(row_features[0].deepstack)
+    if n_deep == 0:
+        return RowInputs(emb, {})
+    deep = [torch.cat([f.deepstack[k] for f in row_features]).to(emb.device, emb.dtype) for k in range(n_deep)]
+    return RowInputs(emb, {"visual_pos_masks": visual, "deepstack_visual_embeds": deep})
 
 
 def mrope_positions(model, input_ids: Tensor, grid_thw: Tensor | None) -> Tensor:
-    """Qwen2.5-VL's mrope position ids ``[3, n, S]`` of right-padded rows ``input_ids`` ``[n, S]``.
+    """The family's mrope position ids ``[3, n, S]`` of right-padded rows ``input_ids`` ``[n, S]``.
 
     ``grid_thw``: int64 ``[image rows, 3]``, one line per image row in row order. Computed as
-    ``Qwen25VLModel.forward`` computes them, on every pipeline stage.
+    Bridge's model ``forward`` computes them, on every pipeline stage.
     """
-    cfg = model.config
-    mm = torch.zeros_like(input_ids, dtype=torch.int)
-    mm[input_ids == cfg.image_token_id] = 1
-    mm[input_ids == cfg.video_token_id] = 2
-    pos, _ = model.get_rope_index(input_ids, mm, grid_thw, None, second_per_grid_ts=None, attention_mask=None)
-    return pos
+    return family_of(model).rope_index(model, input_ids, grid_thw)
 
 
 def _logits_at(*, hidden_states: Tensor, output_layer, output_weight, context, **_unused) -> Tensor:
@@ -90,12 +109,12 @@ def _logits_at(*, hidden_states: Tensor, output_layer, output_weight, context, *
     return logits.squeeze(1)
 
 
-def language_forward(model, *, decoder_input: Tensor | None, position_ids: Tensor,
+def language_forward(model, *, rows: RowInputs | None, position_ids: Tensor,
                      logit_positions: Tensor | None = None) -> Tensor:
     """This chunk's language model on the stream rows (``set_input_tensor`` already called off the first stage).
 
     Args:
-        decoder_input: ``[S, n, H]`` from :func:`embed_rows` on the first stage, else ``None``.
+        rows: :func:`embed_rows`' result on the first stage, else ``None``.
         position_ids: ``[3, n, S]`` from :func:`mrope_positions`.
         logit_positions: int64 ``[N]`` flat batch-first positions ``row * S + column`` whose
             logits the last stage computes; ``None``: all of them.
@@ -103,10 +122,10 @@ def language_forward(model, *, decoder_input: Tensor | None, position_ids: Tenso
     Returns ``[S, n, H]`` hidden states (not the last stage), ``[N, V/tp]`` logits
     (``logit_positions`` given) or ``[n, S, V/tp]`` (all positions).
     """
-    kwargs = {}
+    kwargs = dict(rows.deepstack) if rows is not None else {}
     if model.post_process and logit_positions is not None:
         S = position_ids.shape[-1]
-        kwargs = {"output_processor": _logits_at,
-                  "output_processor_context": (logit_positions % S, torch.div(logit_positions, S, rounding_mode="floor"))}
+        kwargs.update(output_processor=_logits_at,
+                      output_processor_context=(logit_positions % S, torch.div(logit_positions, S, rounding_mode="floor")))
     return model.language_model(input_ids=None, position_ids=position_ids, attention_mask=None,
-                                decoder_input=decoder_input, **kwargs)
+                                decoder_input=rows.decoder_input if rows is not None else None, **kwargs)

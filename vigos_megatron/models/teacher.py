@@ -1,6 +1,6 @@
 """The frozen teacher: a replica of the initial student, sharded exactly like it.
 
-The teacher is built by the same :class:`~vigos_megatron.models.qwen2_5_vl.QwenVLBuilder`
+The teacher is built by the same :class:`~vigos_megatron.models.builder.QwenVLBuilder`
 (same TP/PP layout, so each rank holds the same shard of every tensor as its student,
 vision tower included on the first stage) and its parameters are copied from the
 student's *current local shards* (call it before the first optimizer step, i.e. from the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vigos_megatron.models.qwen2_5_vl import param_bytes, param_count
+from vigos_megatron.models.builder import param_bytes, param_count
 
 
 @dataclass

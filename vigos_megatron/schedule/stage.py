@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from vigos_megatron.models.family import family_of
 from vigos_megatron.models.teacher import freeze_
 
 
@@ -41,7 +42,7 @@ class StudentTeacherStage(MegatronModule):
 
     Args:
         student: the student's model chunk for this stage (``Qwen25VLModel`` from
-            :meth:`~vigos_megatron.models.qwen2_5_vl.QwenVLBuilder.build`), not DDP-wrapped.
+            :meth:`~vigos_megatron.models.builder.QwenVLBuilder.build`), not DDP-wrapped.
         teacher: the teacher replica's chunk for the same stage
             (:func:`~vigos_megatron.models.teacher.build_teacher_replica`); it is frozen again here.
         share_vision: the student's image rows reuse the teacher's vision-tower features. Only
@@ -69,7 +70,8 @@ class StudentTeacherStage(MegatronModule):
         self.post_process = student.post_process
         self.share_embeddings_and_output_weights = student.share_embeddings_and_output_weights
         self.share_vision = bool(share_vision)
-        if self.share_vision and self.pre_process and any(p.requires_grad for p in student.visual.parameters()):
+        tower = family_of(student).vision_tower(student) if self.pre_process else None
+        if self.share_vision and tower is not None and any(p.requires_grad for p in tower.parameters()):
             raise ValueError("share_vision needs a frozen student vision tower (model.freeze_vision)")
         self._input_tensor: torch.Tensor | None = None
 
@@ -141,7 +143,7 @@ class StudentTeacherStage(MegatronModule):
             if self.pre_process:
                 emb = embed_rows(model, ids, [feats[i] for i in rows.row_images[part] if i is not None])
             model.set_input_tensor(xs[c])
-            out = language_forward(model, decoder_input=emb,
+            out = language_forward(model, rows=emb,
                                    position_ids=mrope_positions(model, ids, rows.grid_thw(batch.images, part)),
                                    logit_positions=batch.positions[c] if self.post_process else None)
             if self.post_process:

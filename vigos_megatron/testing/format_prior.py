@@ -16,8 +16,8 @@ completion that boxes the reference answer, which that privileged context shows;
 where the first reasoning token carries the end of ``<think>``) and the reference teacher's row (the
 whole completion). The loss is the token cross-entropy of each row's appended completion tokens.
 
-Positions are the ones the Megatron student uses: Qwen2.5-VL's mrope ids from ``get_rope_index``
-(:func:`vigos_megatron.models.stage_forward.mrope_positions`, the function the training stage and the
+Positions are the ones the Megatron student uses: the family's mrope ids
+(:meth:`~vigos_megatron.models.family.ModelFamily.rope_index`, what the training stage and the
 rollout engine call), passed explicitly to the Hugging Face model.
 
 :func:`check_format` is the warm start's acceptance test: the student's prompts sampled at the run's
@@ -105,7 +105,7 @@ def sample_rows(sample: dict, tok, cut, rng: random.Random, *, p_correct: float)
 
 def hf_batch(rows: list[TrainingRow], model, pad_id: int) -> dict:
     """Right-padded HF inputs with explicit mrope ``position_ids`` ``[3, B, L]``; labels on the targets."""
-    from vigos_megatron.models.stage_forward import mrope_positions
+    from vigos_megatron.models.family import family_for_config
 
     L = max(r.ids.numel() for r in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
@@ -118,7 +118,7 @@ def hf_batch(rows: list[TrainingRow], model, pad_id: int) -> dict:
         labels[i, n - r.targets: n] = r.ids[n - r.targets:]
     grid = torch.cat([r.sample["image_grid_thw"] for r in rows])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "position_ids": mrope_positions(model.model, ids, grid),
+            "position_ids": family_for_config(model.config).rope_index(model.model, ids, grid),
             "pixel_values": torch.cat([r.sample["pixel_values"] for r in rows]), "image_grid_thw": grid}
 
 
@@ -193,7 +193,7 @@ def check_format(hf_dir, samples: list[dict], sampling, *, step: int = 0) -> tup
     from transformers import AutoTokenizer
 
     from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.rollout import parse_completion
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
     from vigos_megatron.rollout.segments import stop_token_ids

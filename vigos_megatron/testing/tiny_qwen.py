@@ -86,9 +86,10 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
-def _trained_tokenizer_json() -> str:
-    """Train the byte-level BPE once per process; return its serialised ``tokenizer.json``."""
+@functools.lru_cache(maxsize=2)
+def _trained_tokenizer_json(n_special: int = len(QWEN_SPECIAL_TOKENS)) -> str:
+    """Train the byte-level BPE once per process (``TINY_VOCAB_SIZE - n_special`` tokens, so that
+    ``n_special`` special tokens complete the vocabulary); return its serialised ``tokenizer.json``."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -100,7 +101,7 @@ def _trained_tokenizer_json() -> str:
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    n_bpe = TINY_VOCAB_SIZE - len(QWEN_SPECIAL_TOKENS)
+    n_bpe = TINY_VOCAB_SIZE - n_special
     trainer = trainers.BpeTrainer(
         vocab_size=n_bpe,
         min_frequency=1,
@@ -112,12 +113,15 @@ def _trained_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def _build_tokenizer():
+def build_tokenizer(specials=QWEN_SPECIAL_TOKENS, chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE, added=()):
+    """The tiny tokenizer: the BPE, then ``specials`` (special tokens) and ``added`` (added, not special)."""
     from tokenizers import AddedToken, Tokenizer
     from transformers import Qwen2TokenizerFast
 
-    backend = Tokenizer.from_str(_trained_tokenizer_json())
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    backend = Tokenizer.from_str(_trained_tokenizer_json(len(specials) + len(added)))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if added:
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     tokenizer = Qwen2TokenizerFast(
         tokenizer_object=backend,
         unk_token=None,
@@ -126,25 +130,25 @@ def _build_tokenizer():
         pad_token="<|endoftext|>",
         model_max_length=32768,
     )
-    tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     if len(tokenizer) > TINY_VOCAB_SIZE:
         raise RuntimeError(f"tiny tokenizer has {len(tokenizer)} tokens > vocab {TINY_VOCAB_SIZE}")
     return tokenizer
 
 
-def special_token_ids() -> dict[str, int]:
-    """Ids of Qwen's special tokens in the tiny tokenizer (they follow the BPE vocabulary)."""
+def special_token_ids(specials=QWEN_SPECIAL_TOKENS) -> dict[str, int]:
+    """Ids of the special (then added) tokens ``specials`` in the tiny tokenizer (they follow the BPE vocabulary)."""
     from tokenizers import Tokenizer
 
-    n_bpe = Tokenizer.from_str(_trained_tokenizer_json()).get_vocab_size()
-    return {t: n_bpe + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
+    n_bpe = Tokenizer.from_str(_trained_tokenizer_json(len(specials))).get_vocab_size()
+    return {t: n_bpe + i for i, t in enumerate(specials)}
 
 
 def write_tiny_tokenizer(out_dir) -> Path:
     """Save the tiny tokenizer (tokenizer.json, tokenizer_config.json, chat template) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out)
     ids = special_token_ids()
     for tok, i in ids.items():
@@ -178,7 +182,7 @@ def write_tiny_processor(out_dir) -> Path:
     write_tiny_tokenizer(out)
     processor = Qwen2_5_VLProcessor(
         image_processor=tiny_image_processor(),
-        tokenizer=_build_tokenizer(),
+        tokenizer=build_tokenizer(),
         video_processor=tiny_video_processor(),
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )

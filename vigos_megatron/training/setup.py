@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vigos_megatron.config.train import Layout, PretrainConfig
     from vigos_megatron.data.contexts import PrefixCut
     from vigos_megatron.data.loader import StreamingLoader
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.rollout.engine import MegatronRolloutEngine
 
 
@@ -71,7 +71,8 @@ def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_conf
     """``cfg``: :class:`~vigos_megatron.config.train.PretrainConfig`; parallel state must be initialised."""
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
-    from vigos_megatron.models.qwen2_5_vl import QwenVLBuilder
+    from vigos_megatron.models.builder import QwenVLBuilder
+    from vigos_megatron.models.family import family_of
     from vigos_megatron.models.teacher import build_teacher_replica, freeze_
     from vigos_megatron.schedule.stage import StudentTeacherStage
 
@@ -88,8 +89,7 @@ def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_conf
     else:
         teacher = build_teacher_replica(builder, student).chunks
     if cfg.model.recompute == "full" and student[0].pre_process:
-        # the HF vision tower is outside megatron's recompute: its own activation checkpointing
-        student[0].visual.gradient_checkpointing_enable()
+        family_of(student[0]).recompute_vision(student[0])
     if cfg.model.freeze_vision and student[0].pre_process:
         student[0].freeze(freeze_language_model=False, freeze_vision_model=True, freeze_vision_projection=True)
     # a frozen student tower that is still the teacher's: one vision-tower pass per image serves both
