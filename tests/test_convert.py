@@ -107,7 +107,7 @@ def test_hf_to_megatron_refusals(tiny, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
-    with pytest.raises(ModelBuildError, match="not a Qwen2.5-VL checkpoint"):
+    with pytest.raises(ModelBuildError, match="model_type is .qwen2.; supported: .qwen2_5_vl., .qwen3_vl."):
         hf_to_megatron(other, tmp_path / "o2", quiet=True)
 
     missing = shutil.copytree(tiny["untied"], tmp_path / "missing")

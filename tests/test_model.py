@@ -81,7 +81,7 @@ def test_layout_errors_are_clear(tiny_dir, tmp_path):
         QwenVLBuilder.from_hf(tiny_hf_config(text_config=dict(tiny_hf_config().text_config.to_dict(), vocab_size=400)),
                               tensor_model_parallel_size=32)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ModelBuildError, match="model_type is 'llama', expected 'qwen2_5_vl'"):
+    with pytest.raises(ModelBuildError, match="model_type is 'llama'; supported: 'qwen2_5_vl', 'qwen3_vl'"):
         QwenVLBuilder.from_hf(tmp_path)
     with pytest.raises(ConfigError, match="transformer_impl"):
         load_config(ModelConfig, None, ["transformer_impl=cuda"])

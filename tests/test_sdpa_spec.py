@@ -286,7 +286,7 @@ def test_transformer_impl_selection(monkeypatch, tiny_dir):
     from vigos_megatron import runtime
     from vigos_megatron.config.loader import ConfigError, load_config
     from vigos_megatron.config.model import ModelConfig
-    from vigos_megatron.models import qwen2_5_vl
+    from vigos_megatron.models import builder as model_builder
     from vigos_megatron.models.builder import ModelBuildError, QwenVLBuilder, resolve_transformer_impl
     from vigos_megatron.models.specs import sdpa_block_spec
 
@@ -295,12 +295,12 @@ def test_transformer_impl_selection(monkeypatch, tiny_dir):
     assert resolve_transformer_impl("sdpa") == "sdpa" and resolve_transformer_impl("local") == "local"
     with pytest.raises(ModelBuildError, match="unknown value 'flash'.*sdpa"):
         resolve_transformer_impl("flash")
-    monkeypatch.setattr(qwen2_5_vl, "transformer_engine_available", lambda: False)
+    monkeypatch.setattr(model_builder, "transformer_engine_available", lambda: False)
     monkeypatch.setattr(runtime, "use_cuda", lambda: True)
     assert resolve_transformer_impl("auto") == "sdpa"
     monkeypatch.setattr(runtime, "use_cuda", lambda: False)
     assert resolve_transformer_impl("auto") == "local"
-    monkeypatch.setattr(qwen2_5_vl, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(model_builder, "transformer_engine_available", lambda: True)
     assert resolve_transformer_impl("auto") == "transformer_engine"
     monkeypatch.undo()
 
