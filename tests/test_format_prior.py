@@ -66,7 +66,6 @@ def test_rows_are_the_training_rows_and_positions_are_mrope(tiny_demo_assets):
 
     from vigos_megatron.data.contexts import ContextEncoder, PrefixCut
     from vigos_megatron.data.synthetic import image_bytes
-    from vigos_megatron.rollout.prompt_batch import prompt_mrope_positions
     from vigos_megatron.rollout.segments import token_bytes_for
     from vigos_megatron.testing.format_prior import CONTEXTS, hf_batch, sample_rows
 
@@ -96,10 +95,11 @@ def test_rows_are_the_training_rows_and_positions_are_mrope(tiny_demo_assets):
     assert pos.shape == (3, len(rows), batch["input_ids"].shape[1])
     for i, row in enumerate(rows):
         n = row.ids.numel()
-        ref = prompt_mrope_positions(model.model.get_rope_index, row.ids, sample["image_grid_thw"],
-                                     image_token_id=model.config.image_token_id,
-                                     video_token_id=model.config.video_token_id)
-        assert torch.equal(pos[:, i, :n], ref)
+        # HF's own get_rope_index on the unpadded row (modality types from the ids, as HF's processor gives them)
+        mm = (row.ids[None] == model.config.image_token_id).to(torch.int)
+        ref, _ = model.model.get_rope_index(row.ids[None], mm, sample["image_grid_thw"], None, second_per_grid_ts=None,
+                                            attention_mask=None)
+        assert torch.equal(pos[:, i, :n], ref[:, 0])
         assert not torch.equal(pos[0, i, :n], torch.arange(n))  # the image gives 3-D positions, not 1-D
     labels = batch["labels"]
     assert [int((labels[i] != -100).sum()) for i in range(len(rows))] == [r.targets for r in rows]

@@ -177,15 +177,14 @@ def _row_logits(eng, prompts, row, *, unmask_padding=False):
     """Prefill and first decode-step logits ``[2, V]`` of ``prompts[row]`` in a left-padded round (engine internals)."""
     from vigos_megatron.rollout.prompt_batch import build_round, prompt_mrope_positions
 
-    pos = [prompt_mrope_positions(eng.model.get_rope_index, p.input_ids, p.image_grid_thw,
-                                  image_token_id=eng.image_token_id, video_token_id=eng.video_token_id) for p in prompts]
+    pos = [prompt_mrope_positions(eng.model, p.input_ids, p.image_grid_thw) for p in prompts]
     rnd = build_round([p.input_ids for p in prompts], pos, [p.sample_id for p in prompts], max_new_tokens=2,
                       pad_token_id=eng.pad_token_id, device=torch.device("cpu"))
     if unmask_padding:
         rnd.key_pad.zero_()
     cache = eng._new_cache(rnd)
     with torch.no_grad():
-        first = eng._prefill(rnd, eng._prompt_embeddings(prompts, rnd.input_ids), cache)
+        first = eng._prefill(rnd, *eng._prompt_embeddings(prompts, rnd.input_ids), cache)
         rows = torch.arange(rnd.batch_size)
         second = eng._decode_cached(rnd, rows, first.argmax(-1), rnd.prompt_length, cache)
     return torch.stack([first[row], second[row]])

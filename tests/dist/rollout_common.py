@@ -24,21 +24,29 @@ RECORDS = [
 ATTENTION_SHARPENING = 20.0
 
 
-def write_rollout_checkpoint(out_dir) -> Path:
-    """The tiny random Qwen2.5-VL with sharpened attention (query and key weights x ``ATTENTION_SHARPENING``).
+def _hf_model_class(hf_dir):
+    from transformers import AutoConfig
+
+    from vigos_megatron.models.family import family_for_config
+
+    return family_for_config(AutoConfig.from_pretrained(hf_dir)).hf_model_class()
+
+
+def write_rollout_checkpoint(out_dir, family: str = "qwen2_5_vl") -> Path:
+    """The tiny random Qwen2.5-VL (or Qwen3-VL) with sharpened attention (query and key weights x ``ATTENTION_SHARPENING``).
 
     With HF's initialisation (std 0.02) attention is nearly uniform, so greedy tokens hardly depend
     on positions or on which keys are masked: a wrong mrope offset or an unmasked padding column
     would still reproduce HF's tokens. Sharpened attention makes the token-for-token comparison
     sensitive to both (and the completions stop being short repetitive cycles).
     """
+    import importlib
+
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
-
-    out = write_tiny_checkpoint(out_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    writer = {"qwen2_5_vl": "vigos_megatron.testing.tiny_qwen", "qwen3_vl": "vigos_megatron.testing.tiny_qwen3_vl"}[family]
+    out = importlib.import_module(writer).write_tiny_checkpoint(out_dir)
+    model = _hf_model_class(out).from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "language_model" in name and (".q_proj.weight" in name or ".k_proj.weight" in name):
@@ -75,10 +83,9 @@ def stop_ids(hf_dir) -> list[int]:
 def hf_greedy(hf_dir, prompts, *, max_new: int = MAX_NEW, stops=None) -> list[list[int]]:
     """Hugging Face ``generate`` (greedy, KV cache), one prompt at a time (no padding): new ids per prompt."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     stops = stops or stop_ids(hf_dir)
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = _hf_model_class(hf_dir).from_pretrained(hf_dir, dtype=torch.float32).eval()
     image_id = hf.config.image_token_id
     out = []
     for p in prompts:

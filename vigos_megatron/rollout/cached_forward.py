@@ -177,6 +177,17 @@ class EvalQKV:
         return q, k, v
 
 
+def _add_deepstack(x: Tensor, mask: Tensor, feats: Tensor) -> Tensor:
+    """``x`` ``[s', b, H]`` plus ``feats`` at ``mask`` ``[b, s]`` (row-major); ``s' = 1``: the last column only."""
+    if x.shape[0] != mask.shape[1]:
+        index = torch.cumsum(mask.flatten(), 0).view_as(mask) - 1
+        keep = mask[:, -x.shape[0]:]
+        feats, mask = feats[index[:, -x.shape[0]:][keep]], keep
+    xt = x.transpose(0, 1).clone()  # [b, s, H]
+    xt[mask] = xt[mask] + feats.to(xt.dtype)
+    return xt.transpose(0, 1)
+
+
 class CachedStageForward:
     """The decoder layers of one stage (``lm.decoder.layers``) with a :class:`RoundKVCache`."""
 
@@ -210,12 +221,15 @@ class CachedStageForward:
         return rotary_cos_sin(freqs, self.mscale, dtype)
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: RoundKVCache, rows: tuple[int, int],
-                 columns: tuple[int, int], bias: Tensor, *, last_column_only: bool = False) -> Tensor:
+                 columns: tuple[int, int], bias: Tensor, *, last_column_only: bool = False,
+                 deepstack: tuple[Tensor, list] | None = None) -> Tensor:
         """Hidden states ``[s, b, H]`` after this stage's layers (see the module docstring).
 
         ``last_column_only``: only the last column's output is wanted (``[1, b, H]``): the last
         layer still stores every column's K and V but attends, projects and runs its MLP for the
-        last column only.
+        last column only. ``deepstack`` (first stage, Qwen3-VL prefill): ``(mask [b, s], feats)``;
+        ``feats[i]`` ``[mask.sum(), H]`` is added to layer ``i``'s output at the masked positions
+        (row-major order), as Bridge's ``Qwen3VLTransformerBlock`` does.
         """
         r0, r1 = rows
         c0, c1 = columns
@@ -239,6 +253,8 @@ class CachedStageForward:
             a = self._attend(q, kbuf[r0:r1, :, :c1], vbuf[r0:r1, :, :c1], layer_bias)
             x = attn_bda(proj(a), x, layer.hidden_dropout)
             x = mlp_bda(mlp(layer.pre_mlp_layernorm(x)), x, layer.hidden_dropout)
+            if deepstack is not None and i < len(deepstack[1]):
+                x = _add_deepstack(x, deepstack[0], deepstack[1][i])
         return x
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:

@@ -1,12 +1,15 @@
 """On-policy generation from the student's own Megatron model chunks (TP/PP), with a KV cache.
 
-:class:`MegatronRolloutEngine` drives megatron-bridge's ``Qwen25VLModel`` directly, one round
-of at most ``sampling.max_batch_size`` prompts at a time:
+:class:`MegatronRolloutEngine` drives megatron-bridge's ``Qwen25VLModel`` / ``Qwen3VLModel`` directly
+(the family's differences through :mod:`vigos_megatron.models.family`), one round of at most
+``sampling.max_batch_size`` prompts at a time:
 
 * **Prefill.** The first pipeline stage embeds the left-padded prompts
-  (:mod:`~vigos_megatron.rollout.prompt_batch`), runs the HF vision tower once per distinct
+  (:mod:`~vigos_megatron.rollout.prompt_batch`), runs the vision tower once per distinct
   image of the round (all images of the round in one call) and scatters the image embeddings
-  into the ``<|image_pad|>`` rows; then each stage runs its decoder layers through
+  into the ``<|image_pad|>`` rows (Qwen3-VL: its deepstack features are added after the first
+  layers at the same rows, :class:`~vigos_megatron.rollout.prompt_batch.DeepstackRows`); then
+  each stage runs its decoder layers through
   :class:`~vigos_megatron.rollout.cached_forward.CachedStageForward` (the layers' own modules,
   keys rotated with their mrope positions and stored in a
   :class:`~vigos_megatron.rollout.kv_cache.RoundKVCache`), in blocks of at most
@@ -57,6 +60,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.config.sampling import SamplingConfig
+from vigos_megatron.models.family import family_of
 from vigos_megatron.rollout.cached_forward import CachedStageForward
 from vigos_megatron.rollout.kv_cache import RoundKVCache, preserve_global_memory_buffer
 from vigos_megatron.rollout.pipeline_p2p import PipelineLinks
@@ -64,6 +68,7 @@ from vigos_megatron.rollout.prompt_batch import (
     PromptRound,
     build_round,
     causal_padding_mask,
+    DeepstackRows,
     prompt_mrope_positions,
 )
 from vigos_megatron.rollout.sampling import sample_next_tokens
@@ -131,7 +136,7 @@ def _unwrap(chunk):
     while not hasattr(m, "language_model") and hasattr(m, "module"):
         m = m.module
     if not hasattr(m, "language_model"):
-        raise TypeError(f"expected a megatron-bridge Qwen25VLModel chunk (with .language_model), got {type(chunk).__name__}")
+        raise TypeError(f"expected a megatron-bridge Qwen VL model chunk (with .language_model), got {type(chunk).__name__}")
     return m
 
 
@@ -145,8 +150,8 @@ class MegatronRolloutEngine:
     """Sample completions from this rank's student chunks (see the module docstring).
 
     Args:
-        chunks: this rank's model chunks (one ``Qwen25VLModel``; DDP / fp16 wrappers are unwrapped).
-        hf_config: the ``Qwen2_5_VLConfig`` (image/video token ids, vocabulary size).
+        chunks: this rank's model chunks (one ``Qwen25VLModel`` / ``Qwen3VLModel``; DDP / fp16 wrappers are unwrapped).
+        hf_config: the HF config (``Qwen2_5_VLConfig`` / ``Qwen3VLConfig``: image/video token ids, vocabulary size).
         stop_token_ids: a completion ends right after any of them (e.g. ``<|im_end|>``, ``<|endoftext|>``).
         pad_token_id: fills left padding (never attended to).
         pg_collection: megatron process groups (``.tp``, ``.pp``); default the language model's.
@@ -172,13 +177,15 @@ class MegatronRolloutEngine:
             raise ValueError(f"MegatronRolloutEngine takes one model chunk per rank (no virtual pipeline), got {len(chunks)}")
         self.chunks = list(chunks)
         self.model = _unwrap(chunks[0])
+        self.family = family_of(self.model)
         self.lm = self.model.language_model
         cfg = self.lm.config
         if getattr(cfg, "sequence_parallel", False):
             raise ValueError("MegatronRolloutEngine: sequence_parallel must be off (a decode step has one token per row)")
         if getattr(cfg, "flash_decode", False):
             raise ValueError("MegatronRolloutEngine: flash_decode is not supported (the engine keeps its own KV cache)")
-        self._check_core_attention()
+        if not use_kv_cache:
+            self._check_core_attention()
         stops = [int(s) for s in stop_token_ids]
         if not stops:
             raise ValueError("stop_token_ids: give at least one token id (e.g. <|im_end|>)")
@@ -217,23 +224,22 @@ class MegatronRolloutEngine:
     # ------------------------------------------------------------------ checks
 
     def _check_core_attention(self) -> None:
-        """Decode relies on the explicit padding mask: only core attentions that always apply it are accepted."""
+        """The recomputation path (``use_kv_cache=False``) runs the layers' own attention with the
+        padding mask: only core attentions that always apply it are accepted there (the cached path
+        attends with its own kernel, whatever the layer spec: local, sdpa or Transformer Engine)."""
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        accepted: tuple[type, ...] = (DotProductAttention,)
-        try:
-            from vigos_megatron.models.specs import SDPADotProductAttention
+        from vigos_megatron.models.specs import SDPADotProductAttention
 
-            accepted += (SDPADotProductAttention,)
-        except ImportError:
-            pass
         for layer in getattr(self.lm.decoder, "layers", []):
             core = layer.self_attention.core_attention
-            if not isinstance(core, accepted):
+            # Bridge's Qwen3VLSelfAttention replaces a local DotProductAttention by its own causal path (no mask)
+            ignores_mask = isinstance(core, DotProductAttention) and type(layer.self_attention).__name__ == "Qwen3VLSelfAttention"
+            if not isinstance(core, (DotProductAttention, SDPADotProductAttention)) or ignores_mask:
                 raise ValueError(
-                    f"MegatronRolloutEngine needs a core attention that applies the explicit padding mask "
-                    f"(transformer_impl 'local' or 'sdpa'); layer {layer.layer_number} uses {type(core).__name__}, "
-                    "which megatron switches to no_mask during decode"
+                    f"use_kv_cache=False needs a core attention that applies the explicit padding mask "
+                    f"(transformer_impl 'local' for Qwen2.5-VL, 'sdpa' for both families); layer "
+                    f"{layer.layer_number} uses {type(core).__name__} in {type(layer.self_attention).__name__}"
                 )
 
     def _check_prompt(self, i: int, p: RolloutPrompt) -> None:
@@ -310,9 +316,7 @@ class MegatronRolloutEngine:
         stats.rounds += 1
         max_new = sampling.max_new_tokens
         positions = [
-            prompt_mrope_positions(self.model.get_rope_index, p.input_ids, p.image_grid_thw,
-                                   image_token_id=self.image_token_id, video_token_id=self.video_token_id)
-            for p in batch
+            prompt_mrope_positions(self.model, p.input_ids, p.image_grid_thw) for p in batch
         ]
         rnd = build_round([p.input_ids for p in batch], positions, [p.sample_id for p in batch],
                           max_new_tokens=max_new, pad_token_id=self.pad_token_id, device=device)
@@ -323,9 +327,9 @@ class MegatronRolloutEngine:
         self._track(rnd.input_ids, rnd.positions, rnd.key_pad, rnd.sample_ids, tokens)
 
         t0 = time.perf_counter()
-        prompt_embeds = self._prompt_embeddings(batch, rnd.input_ids) if self.pre_process else None
-        self._track(prompt_embeds)
-        logits = self._prefill(rnd, prompt_embeds, cache)
+        prompt_embeds, deepstack = self._prompt_embeddings(batch, rnd.input_ids) if self.pre_process else (None, None)
+        self._track(prompt_embeds, *(deepstack.feats if deepstack is not None else ()))
+        logits = self._prefill(rnd, prompt_embeds, deepstack, cache)
         slots = list(range(b))  # slot -> row of the round; live rows occupy the first slots
         finish: list[str | None] = [None] * b
         n_gen = [0] * b
@@ -352,7 +356,7 @@ class MegatronRolloutEngine:
             if cache is not None:
                 logits = self._decode_cached(rnd, rows, tokens[rows, t - 1], col, cache)
             else:
-                logits = self._decode_recompute(rnd, rows, tokens, prompt_embeds, t)
+                logits = self._decode_recompute(rnd, rows, tokens, prompt_embeds, deepstack, t)
             self._choose_and_record(logits, rnd, slots, t, tokens, finish, n_gen, sampling, step)
             del logits
             step_times.append(time.perf_counter() - ts)
@@ -399,8 +403,9 @@ class MegatronRolloutEngine:
 
     # ------------------------------------------------------------------ forwards
 
-    def _prompt_embeddings(self, batch: list[RolloutPrompt], input_ids: Tensor) -> Tensor:
-        """First stage: ``[P, B, H]`` token embeddings with every image's vision-tower output merged in.
+    def _prompt_embeddings(self, batch: list[RolloutPrompt], input_ids: Tensor) -> tuple[Tensor, DeepstackRows | None]:
+        """First stage: ``[P, B, H]`` token embeddings with every image's vision-tower output merged in,
+        and the deepstack inputs (``None`` for a family without deepstack or a round without images).
 
         The vision tower runs once per distinct ``pixel_values`` tensor of the round (all of them in
         one call); its merged patch embeddings replace the ``<|image_pad|>`` rows in order.
@@ -408,7 +413,7 @@ class MegatronRolloutEngine:
         emb = self.lm.embedding(input_ids=input_ids, position_ids=None)  # [P, B, H]
         with_image = [i for i, p in enumerate(batch) if p.pixel_values is not None]
         if not with_image:
-            return emb
+            return emb, None
         uniq: dict[int, int] = {}
         pix, grids = [], []
         for i in with_image:
@@ -418,21 +423,41 @@ class MegatronRolloutEngine:
                 pix.append(batch[i].pixel_values)
                 grids.append(batch[i].image_grid_thw)
         dev = emb.device
-        grid = torch.cat(grids).to(dev)
-        feats = self.model.get_image_features(torch.cat(pix).to(dev), grid, return_dict=True).pooler_output
-        # feats: one [n_tokens, H] tensor per image (grid row), in order
+        feats = self.family.image_features(self.model, torch.cat(pix).to(dev), torch.cat(grids).to(dev))
+        # feats: one ImageFeatures per image (grid row), in order -> per distinct pixel tensor
         per_prompt, k = [], 0
         for g in grids:
-            per_prompt.append(torch.cat(feats[k : k + g.shape[0]]))
+            per_prompt.append(feats[k: k + g.shape[0]])
             k += g.shape[0]
         emb = emb.transpose(0, 1).contiguous()  # [B, P, H]
-        for i in with_image:
+        mask = input_ids == self.image_token_id  # [B, P]
+        n_deep = len(feats[0].deepstack)
+        deep_rows: list[list[Tensor]] = [[] for _ in range(n_deep)]
+        for i in range(len(batch)):
+            if i not in with_image:
+                continue
             f = per_prompt[uniq[id(batch[i].pixel_values)]]
-            sel = input_ids[i] == self.image_token_id
-            emb[i, sel] = f.to(emb.dtype)
-        return emb.transpose(0, 1).contiguous()
+            emb[i, mask[i]] = torch.cat([x.embeds for x in f]).to(emb.dtype)
+            for layer in range(n_deep):
+                deep_rows[layer].append(torch.cat([x.deepstack[layer] for x in f]))
+        deepstack = DeepstackRows(mask, [torch.cat(d).to(emb.dtype) for d in deep_rows]) if n_deep else None
+        return emb.transpose(0, 1).contiguous(), deepstack
 
-    def _stage_forward(self, decoder_input, position_ids: Tensor, mask: Tensor, context, seq_len: int, rows: int):
+    @staticmethod
+    def _deepstack_kwargs(deepstack: DeepstackRows | None, rows, end: int) -> dict:
+        """The language model's deepstack arguments for round rows ``rows`` over columns ``[0, end)``
+        (columns past the prompt hold generated text: no image token)."""
+        if deepstack is None:
+            return {}
+        mask = deepstack.mask[rows]
+        index = torch.cumsum(deepstack.mask.flatten(), 0).view_as(deepstack.mask) - 1
+        idx = index[rows][mask]
+        full = torch.zeros((mask.shape[0], end), dtype=torch.bool, device=mask.device)
+        full[:, : mask.shape[1]] = mask
+        return {"visual_pos_masks": full, "deepstack_visual_embeds": [f[idx] for f in deepstack.feats]}
+
+    def _stage_forward(self, decoder_input, position_ids: Tensor, mask: Tensor, context, seq_len: int, rows: int,
+                       deepstack_kwargs: dict):
         """This stage's language model on ``rows`` rows of ``seq_len`` tokens; last stage -> ``[rows, V/tp]`` logits."""
         if not self.pre_process:
             x = self.pp.recv_prev((seq_len, rows, self.hidden_size), self.pipe_dtype, position_ids.device)
@@ -444,6 +469,7 @@ class MegatronRolloutEngine:
             decoder_input=decoder_input,
             inference_context=context,
             output_processor=_last_token_logits if self.post_process else None,
+            **(deepstack_kwargs if self.pre_process else {}),
         )
         if not self.post_process:
             self.pp.send_next(out.to(self.pipe_dtype))
@@ -465,7 +491,7 @@ class MegatronRolloutEngine:
             return [((r0, min(batch, r0 + g)), (0, plen)) for r0 in range(0, batch, g)]
         return [((r, r + 1), (c0, min(plen, c0 + budget))) for r in range(batch) for c0 in range(0, plen, budget)]
 
-    def _prefill(self, rnd: PromptRound, prompt_embeds, cache: RoundKVCache | None):
+    def _prefill(self, rnd: PromptRound, prompt_embeds, deepstack: DeepstackRows | None, cache: RoundKVCache | None):
         """All prompt columns in blocks (:meth:`_prefill_chunks`); the last stage returns ``[B, V/tp]``
         logits of column ``P - 1``."""
         b, plen = rnd.batch_size, rnd.prompt_length
@@ -475,7 +501,8 @@ class MegatronRolloutEngine:
             for r0, r1 in ((r0, min(b, r0 + g)) for r0 in range(0, b, g)):
                 mask = causal_padding_mask(rnd.key_pad[r0:r1], 0, plen)
                 x = prompt_embeds[:, r0:r1] if prompt_embeds is not None else None
-                parts.append(self._stage_forward(x, rnd.positions[:, r0:r1, :plen], mask, None, plen, r1 - r0))
+                parts.append(self._stage_forward(x, rnd.positions[:, r0:r1, :plen], mask, None, plen, r1 - r0,
+                                                 self._deepstack_kwargs(deepstack, slice(r0, r1), plen)))
             return torch.cat(parts) if self.post_process else None
         dev = rnd.key_pad.device
         for (r0, r1), (c0, c1) in self._prefill_chunks(b, plen):
@@ -486,7 +513,8 @@ class MegatronRolloutEngine:
             bias = cache.bias[r0:r1, None, None, :c1].masked_fill(k > q, float("-inf")).masked_fill_(k == q, 0.0)
             x = prompt_embeds[c0:c1, r0:r1] if prompt_embeds is not None else None
             rope = self.stage.rope(rnd.positions[:, r0:r1, c0:c1], self.lm.config.params_dtype)
-            out = self._cached_forward(x, rope, cache, (r0, r1), (c0, c1), bias)
+            deep = deepstack.block((r0, r1), (c0, c1)) if deepstack is not None else None
+            out = self._cached_forward(x, rope, cache, (r0, r1), (c0, c1), bias, deep)
             if c1 == plen:
                 parts.append(out)
         return torch.cat(parts) if self.post_process else None
@@ -498,13 +526,14 @@ class MegatronRolloutEngine:
         rope = self.stage.rope(rnd.positions[:, rows, col : col + 1], self.lm.config.params_dtype)
         return self._cached_forward(x, rope, cache, (0, n), (col, col + 1), cache.bias[:n, None, None, : col + 1])
 
-    def _cached_forward(self, x, rope, cache: RoundKVCache, rows: tuple[int, int], cols: tuple[int, int], bias):
+    def _cached_forward(self, x, rope, cache: RoundKVCache, rows: tuple[int, int], cols: tuple[int, int], bias,
+                        deepstack: tuple[Tensor, list] | None = None):
         """This stage's layers on cache rows/columns ``rows``/``cols`` (:class:`CachedStageForward`);
         last stage -> ``[rows, V/tp]`` logits of the last column."""
         s, b = cols[1] - cols[0], rows[1] - rows[0]
         if not self.pre_process:
             x = self.pp.recv_prev((s, b, self.hidden_size), self.pipe_dtype, bias.device)
-        h = self.stage(x, rope, cache, rows, cols, bias, last_column_only=self.post_process)
+        h = self.stage(x, rope, cache, rows, cols, bias, last_column_only=self.post_process, deepstack=deepstack)
         if not self.post_process:
             self.pp.send_next(h.to(self.pipe_dtype))
             return None
@@ -515,7 +544,7 @@ class MegatronRolloutEngine:
         logits, _ = self.lm.output_layer(h, weight=weight, runtime_gather_output=False)
         return logits[0]
 
-    def _decode_recompute(self, rnd: PromptRound, rows: Tensor, tokens: Tensor, prompt_embeds, t: int):
+    def _decode_recompute(self, rnd: PromptRound, rows: Tensor, tokens: Tensor, prompt_embeds, deepstack, t: int):
         """No cache: the whole sequence (prompt + ``t`` generated tokens) of every live row again."""
         end = rnd.prompt_length + t
         x = None
@@ -523,4 +552,5 @@ class MegatronRolloutEngine:
             gen = self.lm.embedding(input_ids=tokens[rows, :t], position_ids=None)  # [t, n, H]
             x = torch.cat([prompt_embeds[:, rows], gen], dim=0)
         mask = causal_padding_mask(rnd.key_pad[rows], 0, end)
-        return self._stage_forward(x, rnd.positions[:, rows, :end], mask, None, end, rows.numel())
+        return self._stage_forward(x, rnd.positions[:, rows, :end], mask, None, end, rows.numel(),
+                                   self._deepstack_kwargs(deepstack, rows, end))

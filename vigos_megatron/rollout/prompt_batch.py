@@ -51,19 +51,36 @@ class PromptRound:
         return self.positions.shape[-1]
 
 
-def prompt_mrope_positions(get_rope_index, input_ids: torch.Tensor, image_grid_thw, *, image_token_id: int,
-                           video_token_id: int) -> torch.Tensor:
+def prompt_mrope_positions(model, input_ids: torch.Tensor, image_grid_thw) -> torch.Tensor:
     """mrope positions ``[3, L]`` (int64) of one unpadded prompt ``input_ids`` ``[L]``.
 
-    ``get_rope_index``: Qwen2.5-VL's (bound on megatron-bridge's ``Qwen25VLModel`` on every stage),
-    called as megatron-bridge's forward calls it (modality types from the ids: 1 image, 2 video).
+    ``model``: a first-or-later-stage chunk; its family's position ids
+    (:meth:`~vigos_megatron.models.family.ModelFamily.rope_index`, what Bridge's forward computes).
     """
-    ids = input_ids[None]
-    mm = torch.zeros_like(ids, dtype=torch.int)
-    mm[ids == image_token_id] = 1
-    mm[ids == video_token_id] = 2
-    pos, _ = get_rope_index(ids, mm, image_grid_thw, None, second_per_grid_ts=None, attention_mask=None)
-    return pos[:, 0].to(torch.int64)
+    from vigos_megatron.models.family import family_of
+
+    return family_of(model).rope_index(model, input_ids[None], image_grid_thw)[:, 0].to(torch.int64)
+
+
+@dataclass
+class DeepstackRows:
+    """The deepstack inputs of a round's prompts (Qwen3-VL; see :mod:`vigos_megatron.models.qwen3_vl`).
+
+    ``mask`` bool ``[B, P]``: the image tokens of the left-padded prompts; ``feats``: one
+    ``[mask.sum(), H]`` tensor per deepstack layer ``k``, in the mask's row-major order, added
+    to the output of language-model layer ``k`` at those positions.
+    """
+
+    mask: torch.Tensor
+    feats: list
+
+    def block(self, rows: tuple[int, int], columns: tuple[int, int]) -> tuple[torch.Tensor, list]:
+        """``(mask [b, s], feats)`` of the rows/columns block, features in the block mask's row-major order."""
+        (r0, r1), (c0, c1) = rows, columns
+        index = torch.cumsum(self.mask.flatten(), 0).view_as(self.mask) - 1
+        m = self.mask[r0:r1, c0:c1]
+        idx = index[r0:r1, c0:c1][m]
+        return m, [f[idx] for f in self.feats]
 
 
 def build_round(prompt_ids: list[torch.Tensor], prompt_positions: list[torch.Tensor], sample_ids: list[int], *,
