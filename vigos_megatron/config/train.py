@@ -130,10 +130,12 @@ class LoggingConfig:
 
 @dataclass
 class TinyDemoConfig:
-    """The embedded default: a tiny Qwen2.5-VL taught the completion format and synthetic shards,
-    built once per setting in a cache (:mod:`vigos_megatron.training.tiny_demo`); fixed seeds."""
+    """The embedded default: a tiny Qwen2.5-VL (or Qwen3-VL) taught the completion format and synthetic
+    shards, built once per setting in a cache (:mod:`vigos_megatron.training.tiny_demo`); fixed seeds."""
 
     enabled: bool = False
+    #: the tiny model's family (HF model type): ``qwen2_5_vl`` or ``qwen3_vl``
+    family: str = "qwen2_5_vl"
     samples: int = 32
     seed: int = 0
     #: teacher-forced steps that teach the random checkpoint the completion format before the run
@@ -148,6 +150,9 @@ class TinyDemoConfig:
     min_valid_rate: float = 0.7
 
     def validate(self) -> None:
+        from vigos_megatron.models.family import supported_model_types
+
+        require_one_of(self, "family", supported_model_types())
         require_at_least(self, 1, "samples")
         require_at_least(self, 0, "format_prior_steps")
         if self.format_prior_max_steps < self.format_prior_steps:

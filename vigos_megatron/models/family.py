@@ -18,10 +18,11 @@ A family is looked up by the HF ``model_type`` (:func:`family_for_type`), by a H
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # the config imports this module without torch (the launcher stays light)
+    import torch
+    from torch import Tensor
 
 
 @dataclass(frozen=True)

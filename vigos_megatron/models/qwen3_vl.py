@@ -202,12 +202,16 @@ class Qwen3VLFamily:
         return [ImageFeatures(e, tuple(d[i] for d in per_layer)) for i, e in enumerate(torch.split(embeds, sizes))]
 
     def rope_index(self, model, input_ids: Tensor, grid_thw: Tensor | None) -> Tensor:
-        """Interleaved-mrope position ids ``[3, n, S]`` of rows ``input_ids`` ``[n, S]`` (Bridge's ``get_rope_index``)."""
+        """Interleaved-mrope position ids ``[3, n, S]`` of rows ``input_ids`` ``[n, S]`` (Bridge's ``get_rope_index``).
+
+        ``model``: a Megatron chunk (its config is the provider) or HF's ``Qwen3VLModel`` (the warm
+        start passes the positions the Megatron student uses to the HF model)."""
         from megatron.bridge.models.qwen_vl.modelling_qwen3_vl.rope import get_rope_index
 
         cfg = model.config
-        pos, _ = get_rope_index(cfg.spatial_merge_size, cfg.image_token_id, cfg.video_token_id,
-                                cfg.vision_start_token_id, input_ids, image_grid_thw=grid_thw)
+        merge = getattr(cfg, "spatial_merge_size", None) or cfg.vision_config.spatial_merge_size
+        pos, _ = get_rope_index(merge, cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, input_ids,
+                                image_grid_thw=grid_thw)
         return pos
 
 

@@ -1,4 +1,4 @@
-"""A supervised warm start that teaches a tiny random Qwen2.5-VL the completion format, and its check.
+"""A supervised warm start that teaches a tiny random Qwen VL model (either family) the completion format, and its check.
 
 A random model never closes ``</description>``: every rollout of the embedded demo would be
 malformed, and training would only ever use the reference teacher. The real backbones follow the
@@ -119,6 +119,7 @@ def hf_batch(rows: list[TrainingRow], model, pad_id: int) -> dict:
     grid = torch.cat([r.sample["image_grid_thw"] for r in rows])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "position_ids": family_for_config(model.config).rope_index(model.model, ids, grid),
+            "mm_token_type_ids": (ids == model.config.image_token_id).to(torch.int),
             "pixel_values": torch.cat([r.sample["pixel_values"] for r in rows]), "image_grid_thw": grid}
 
 
@@ -134,9 +135,10 @@ class FormatPrior:
 
     def __init__(self, hf_dir, samples: list[dict], *, batch_size: int = 8, lr: float = 1e-2,
                  p_correct: float = 0.7, seed: int = 0):
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoConfig, AutoTokenizer
 
         from vigos_megatron.data.contexts import PrefixCut
+        from vigos_megatron.models.family import family_for_config
 
         if not samples:
             raise ValueError("format warm start: no samples")
@@ -152,7 +154,8 @@ class FormatPrior:
         self._queue: list[TrainingRow] = []
         with fixed_threads():
             torch.manual_seed(seed)
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.hf_dir, dtype=torch.float32)
+            hf_class = family_for_config(AutoConfig.from_pretrained(self.hf_dir)).hf_model_class()
+            self.model = hf_class.from_pretrained(self.hf_dir, dtype=torch.float32)
             self.model.train()
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
 

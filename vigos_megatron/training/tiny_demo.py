@@ -1,4 +1,5 @@
-"""The embedded default run's assets: a tiny Qwen2.5-VL taught the completion format, and its shards.
+"""The embedded default run's assets: a tiny Qwen2.5-VL (or Qwen3-VL, ``tiny.family``) taught the
+completion format, and its shards.
 
 ``conf/tiny_cpu.yaml`` sets ``tiny.enabled=true``. The run then reads its model, processor and
 shards from a cache entry (never from ``run_dir``, which ``make demo`` removes):
@@ -55,6 +56,7 @@ CHECK_MAX_NEW_TOKENS = 40
 GENERATING_MODULES = (
     "vigos_megatron.training.tiny_demo",
     "vigos_megatron.testing.tiny_qwen",
+    "vigos_megatron.testing.tiny_qwen3_vl",
     "vigos_megatron.testing.format_prior",
     "vigos_megatron.data.synthetic",
     "vigos_megatron.data.webdataset_writer",
@@ -70,6 +72,8 @@ GENERATING_MODULES = (
     "vigos_megatron.rollout.cached_forward",
     "vigos_megatron.rollout.prompt_batch",
 )
+#: ``tiny.family`` -> the module whose ``write_tiny_checkpoint`` writes the random checkpoint
+TINY_WRITERS = {"qwen2_5_vl": "vigos_megatron.testing.tiny_qwen", "qwen3_vl": "vigos_megatron.testing.tiny_qwen3_vl"}
 CACHE_ENV = "VIGOS_CACHE_DIR"
 READY = "report.json"
 #: variables of a torchrun launch that the builder process must not inherit
@@ -190,11 +194,14 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def write_tiny_assets(out_dir, *, samples: int, seed: int) -> dict[str, Path]:
-    """The random checkpoint and ``samples`` synthetic shard samples under ``out_dir`` (no warm start)."""
+def write_tiny_assets(out_dir, *, samples: int, seed: int, family: str = "qwen2_5_vl") -> dict[str, Path]:
+    """The random checkpoint of ``family`` and ``samples`` synthetic shard samples under ``out_dir`` (no warm start)."""
+    import importlib
+
     from vigos_megatron.data.synthetic import image_bytes, typical_rows, write_parquet
     from vigos_megatron.data.webdataset_writer import convert
-    from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
+
+    write_tiny_checkpoint = importlib.import_module(TINY_WRITERS[family]).write_tiny_checkpoint
 
     paths = asset_paths(Path(out_dir))
     rows = typical_rows(samples, width=TINY_IMAGE_SIZE[0], height=TINY_IMAGE_SIZE[1], prefix="tiny", seed=seed)
@@ -230,8 +237,9 @@ def build(spec: dict, out_dir: Path, *, log=print) -> dict:
     from vigos_megatron.testing.format_prior import FormatPrior, check_format
 
     t = spec["tiny"]
-    log(f"[vigos] tiny assets: {t['samples']} synthetic samples -> shards; random checkpoint (seed {t['seed']})")
-    paths = write_tiny_assets(out_dir, samples=t["samples"], seed=t["seed"])
+    log(f"[vigos] tiny assets: {t['samples']} synthetic samples -> shards; random {t['family']} checkpoint "
+        f"(seed {t['seed']})")
+    paths = write_tiny_assets(out_dir, samples=t["samples"], seed=t["seed"], family=t["family"])
     report: dict = {"format_prior_steps": 0, "checks": []}
     if t["format_prior_steps"] > 0:
         samples = _encoded_samples(paths, spec, t["seed"])
