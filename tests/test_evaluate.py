@@ -208,3 +208,14 @@ def test_bad_arguments_fail_before_any_process_group(assets, tmp_path):
     proc = subprocess.run(env_py + ["--checkpoint", str(assets["hf"]), "--data", str(assets["standard"]), "--tp", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "does not divide the world size 1" in proc.stderr
+
+
+def test_default_pixel_limits_are_in_the_family_unit(ev, tmp_path):
+    from vigos_megatron.testing.tiny_qwen import tiny_hf_config as qwen25_config
+    from vigos_megatron.testing.tiny_qwen3_vl import tiny_hf_config as qwen3_config
+
+    for name, cfg, unit in (("q25", qwen25_config(), 28), ("q3", qwen3_config(), 32)):
+        d = tmp_path / name
+        d.mkdir()
+        cfg.save_pretrained(d)
+        assert ev.pixel_unit(d) == unit

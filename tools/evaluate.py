@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a Qwen2.5-VL checkpoint on benchmarks with the model card's protocol (Pass@k, Avg@k, ViLP).
+"""Evaluate a Qwen2.5-VL or Qwen3-VL checkpoint on benchmarks with the model card's protocol (Pass@k, Avg@k, ViLP).
 
     torchrun --nproc_per_node N tools/evaluate.py --checkpoint CKPT --data BENCH [--data BENCH ...] \\
         --output OUT_DIR [--tp T] [--pp P] [--samples 5] [--no-prefill] [--limit Q]
@@ -253,8 +253,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-size", type=int, default=32, help="prompts decoded together")
     ap.add_argument("--no-prefill", action="store_true", help="do not pre-fill <description> (model card snippet)")
     ap.add_argument("--prompts", default=str(REPO / "conf" / "prompts" / "vigos.yaml"), help="prompt templates")
-    ap.add_argument("--min-pixels", type=int, default=4 * 28 * 28)
-    ap.add_argument("--max-pixels", type=int, default=16384 * 28 * 28)
+    ap.add_argument("--min-pixels", type=int, default=None,
+                    help="image pixel floor (default 4 merged patches: 4 * 28**2 for Qwen2.5-VL, 4 * 32**2 for Qwen3-VL)")
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="image pixel cap (default 16384 merged patches in the family's unit)")
     ap.add_argument("--max-prompt-tokens", type=int, default=32768)
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions of each benchmark")
     return ap.parse_args(argv)
@@ -290,8 +292,20 @@ def encoder_for(args, hf_dir: Path):
         contexts = dict(templates.contexts)
         contexts["student"] = dataclasses.replace(contexts["student"], prefill="")
         templates = dataclasses.replace(templates, contexts=contexts)
-    return ContextEncoder(hf_dir, templates, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+    unit = pixel_unit(hf_dir)
+    min_pixels = args.min_pixels if args.min_pixels is not None else 4 * unit * unit
+    max_pixels = args.max_pixels if args.max_pixels is not None else 16384 * unit * unit
+    return ContextEncoder(hf_dir, templates, min_pixels=min_pixels, max_pixels=max_pixels,
                           max_prompt_tokens=args.max_prompt_tokens, contexts=("student",))
+
+
+def pixel_unit(hf_dir: Path) -> int:
+    """Pixels per merged vision token along a side for the checkpoint's family (28 or 32)."""
+    from vigos_megatron.models.builder import load_hf_config
+    from vigos_megatron.models.family import family_for_config
+
+    cfg = load_hf_config(hf_dir)
+    return family_for_config(cfg).pixel_unit(cfg)
 
 
 def run(args) -> int:
