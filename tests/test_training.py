@@ -296,7 +296,9 @@ def test_resume_continues_exactly_and_across_layouts(launch, tmp_path, config):
     c = _metrics(tp_change)
     assert [m["step"] for m in c] == [1, 2, 3, 4]
     for x, y in zip(a[2:], c[2:]):
-        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+        # another TP size sums the vocabulary shards in another order: relative 1e-4, and the
+        # parity test's absolute floor for losses of ~1e-3 (the tiny Qwen3-VL's)
+        assert abs(x["loss"] - y["loss"]) <= max(1e-4 * abs(x["loss"]), PARITY_ABS_TOL), (x["step"], x["loss"], y["loss"])
 
 
 @pytest.mark.slow
