@@ -62,6 +62,14 @@ class ModelFamily(Protocol):
     def rope_index(self, model, input_ids: Tensor, grid_thw: Tensor | None) -> Tensor: ...
 
 
+class FamilyBase:
+    """What every family computes the same way from its HF config."""
+
+    def pixel_unit(self, hf_config) -> int:
+        v = hf_config.vision_config
+        return int(v.patch_size) * int(v.spatial_merge_size)
+
+
 #: supported HF model types -> family module (imported on first use)
 _FAMILY_MODULES = {
     "qwen2_5_vl": "vigos_megatron.models.qwen2_5_vl",

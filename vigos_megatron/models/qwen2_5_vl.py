@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vigos_megatron.models.family import ImageFeatures
+from vigos_megatron.models.family import FamilyBase, ImageFeatures
 
 
-class Qwen25VLFamily:
+class Qwen25VLFamily(FamilyBase):
     display_name = "Qwen2.5-VL"
     #: the HF key layout Bridge's mappings name (vigos_megatron.models.hf_checkpoint)
     bridge_key_layout = "hub"
@@ -30,10 +30,6 @@ class Qwen25VLFamily:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration
-
-    def pixel_unit(self, hf_config) -> int:
-        v = hf_config.vision_config
-        return int(v.patch_size) * int(v.spatial_merge_size)
 
     def check_layout(self, hf_config, *, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
         """Nothing beyond the checks every family shares (heads, layers, vocabulary)."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from vigos_megatron.models.family import ImageFeatures
+from vigos_megatron.models.family import FamilyBase, ImageFeatures
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,7 +136,7 @@ def _exact_gelu_mergers(vision_model):
     return vision_model
 
 
-class Qwen3VLFamily:
+class Qwen3VLFamily(FamilyBase):
     display_name = "Qwen3-VL"
     #: the HF key layout Bridge's mappings name (vigos_megatron.models.hf_checkpoint)
     bridge_key_layout = "current"
@@ -151,10 +151,6 @@ class Qwen3VLFamily:
         from transformers import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration
-
-    def pixel_unit(self, hf_config) -> int:
-        v = hf_config.vision_config
-        return int(v.patch_size) * int(v.spatial_merge_size)
 
     def check_layout(self, hf_config, *, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
         """Deepstack needs its layers on the first stage; the ViT's heads shard over TP."""

@@ -256,25 +256,35 @@ def _perturb_(model, generator) -> None:
                 p.copy_(1.0 + torch.randn(p.shape, generator=generator) * 0.1)
 
 
-def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb: bool = True, seed: int = 0) -> Path:
-    """Write a tiny random HF Qwen2.5-VL checkpoint (safetensors fp32 + config + tokenizer + processor)."""
+def write_random_checkpoint(out_dir, config, model_class, write_processor, *, generator: str, perturb: bool,
+                            seed: int) -> Path:
+    """``model_class(config)`` with seeded random fp32 weights (norms and biases perturbed with
+    ``perturb``) saved as safetensors with its config, ``write_processor(out)``'s tokenizer and
+    processor files, and ``tiny_qwen.json`` naming the ``generator`` module and the settings."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = tiny_hf_config(tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = model_class(config).to(torch.float32)
     if perturb:
         _perturb_(model, torch.Generator().manual_seed(seed + 1))
     model.config.dtype = "float32"
     model.save_pretrained(out, safe_serialization=True)
-    write_tiny_processor(out)
-    meta = {"generator": "vigos_megatron.testing.tiny_qwen", "seed": seed, "perturb": perturb,
-            "tie_word_embeddings": tie_word_embeddings}
+    write_processor(out)
+    meta = {"generator": generator, "seed": seed, "perturb": perturb,
+            "tie_word_embeddings": bool(config.tie_word_embeddings)}
     (out / "tiny_qwen.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb: bool = True, seed: int = 0) -> Path:
+    """Write a tiny random HF Qwen2.5-VL checkpoint (safetensors fp32 + config + tokenizer + processor)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return write_random_checkpoint(out_dir, tiny_hf_config(tie_word_embeddings=tie_word_embeddings),
+                                   Qwen2_5_VLForConditionalGeneration, write_tiny_processor,
+                                   generator="vigos_megatron.testing.tiny_qwen", perturb=perturb, seed=seed)
 
 
 def image_text_batch(hf_dir, n: int = 2, *, seed: int = 0) -> dict:

@@ -16,10 +16,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vigos_megatron.testing.tiny_qwen import QWEN_SPECIAL_TOKENS, TINY_VOCAB_SIZE, _perturb_, build_tokenizer
+from vigos_megatron.testing.tiny_qwen import (
+    QWEN_SPECIAL_TOKENS,
+    TINY_VOCAB_SIZE,
+    build_tokenizer,
+    write_random_checkpoint,
+)
 
 #: Qwen3's reasoning markers: added tokens of their own (not split by the BPE)
 QWEN3_ADDED_TOKENS = ("<think>", "</think>")
@@ -129,23 +133,11 @@ def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
 
 def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb: bool = True, seed: int = 0) -> Path:
     """Write a tiny random HF Qwen3-VL checkpoint (safetensors fp32 + config + tokenizer + processor)."""
-    import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = tiny_hf_config(tie_word_embeddings=tie_word_embeddings)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).to(torch.float32)
-    if perturb:
-        _perturb_(model, torch.Generator().manual_seed(seed + 1))
-    model.config.dtype = "float32"
-    model.save_pretrained(out, safe_serialization=True)
-    write_tiny_processor(out)
-    meta = {"generator": "vigos_megatron.testing.tiny_qwen3_vl", "seed": seed, "perturb": perturb,
-            "tie_word_embeddings": tie_word_embeddings}
-    (out / "tiny_qwen.json").write_text(json.dumps(meta, indent=2))
-    return out
+    return write_random_checkpoint(out_dir, tiny_hf_config(tie_word_embeddings=tie_word_embeddings),
+                                   Qwen3VLForConditionalGeneration, write_tiny_processor,
+                                   generator="vigos_megatron.testing.tiny_qwen3_vl", perturb=perturb, seed=seed)
 
 
 def image_text_batch(hf_dir, sizes=((64, 96), (96, 128)), *, seed: int = 0) -> dict:
