@@ -23,13 +23,16 @@ def _settings(name: str) -> type:
 
 #: ``objective``; ``<name>`` for every registered objective (its settings); ``chunk_bytes``: bytes of
 #: one fp32 ``[chunk, V/tp]`` work tensor inside the KL (bounds the loss's memory); ``impl``: "auto"
-#: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
+#: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton"; ``from_hidden``: the last
+#: stage hands the loss its final hidden states and output weights and the KL forms each chunk's logits
+#: itself (no [tokens, V/tp] logits kept; false: the logits path, the reference)
 LossConfig = make_dataclass(
     "LossConfig",
     [("objective", str, field(default="vigos")),
      *[(name, _settings(name), field(default_factory=_settings(name))) for name in MODULES],
      ("chunk_bytes", int, field(default=64 * 1024 * 1024)),
-     ("impl", str, field(default="auto"))],
+     ("impl", str, field(default="auto")),
+     ("from_hidden", bool, field(default=True))],
     namespace={"validate": _validate},
     module=__name__,
 )
