@@ -22,6 +22,9 @@ device copy bandwidth (``y.copy_(x)``, read + write), and peak extra memory
     .venv/bin/python benchmarks/bench_kl.py --device cuda
     .venv/bin/python benchmarks/bench_kl.py --device cuda --gpu-tokens 8192 --paths triton --block-v 4096 2048
 
+``--from-hidden`` runs :mod:`bench_kl_hidden` instead: the last stage's loss from hidden states
+against the loss from logits, from the same inputs (its own options; ``--from-hidden --help``).
+
 ``--device cpu`` runs the same in-process table on CPU tensors (smoke test of the harness:
 small shapes; the Triton path needs ``TRITON_INTERPRET=1``; no memory columns).
 """
@@ -254,6 +257,12 @@ def launch(path, tp, tokens, args) -> dict:
 
 
 def main() -> None:
+    if "--from-hidden" in sys.argv[1:]:  # the last stage's loss from hidden states vs from logits
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_kl_hidden import main as from_hidden
+
+        from_hidden(sys.argv[1:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="chunked", choices=["chunked", "naive"])
