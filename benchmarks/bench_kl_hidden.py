@@ -26,21 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_kl import _status, run_worker  # noqa: E402
+
 PATHS = ("logits", "hidden", "hidden-fwd")
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def _forward_grads_kl(hs, ws, ht, wt, group, chunk_bytes):
@@ -147,16 +140,10 @@ def worker(args) -> None:
 
 
 def launch(path, tp, tokens, args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}", __file__,
-           "--worker", "--path", path, "--tokens", str(tokens), "--vocab", str(args.vocab), "--hidden",
-           str(args.hidden), "--dtype", args.dtype, "--reps", str(args.reps), "--chunk-bytes", str(args.chunk_bytes)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, args.threads // tp)),
-               MALLOC_MMAP_THRESHOLD_="131072")  # freed chunks go back to the OS, so RSS is meaningful
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{path} tp={tp} tokens={tokens} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return run_worker(__file__, tp, args.threads,
+                      ["--path", path, "--tokens", str(tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+                       "--dtype", args.dtype, "--reps", str(args.reps), "--chunk-bytes", str(args.chunk_bytes)],
+                      f"{path} tp={tp} tokens={tokens}")
 
 
 def parser() -> argparse.ArgumentParser:

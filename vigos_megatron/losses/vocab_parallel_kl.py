@@ -67,6 +67,12 @@ def _count(name: str, t, rows: int, device) -> int:
     return t.index.numel()
 
 
+def _same_count(name: str, count: int, n: int | None) -> int:
+    if n is not None and count != n:
+        raise ValueError(f"{name}: selects {count} tokens, expected {n} (token counts of all terms must match)")
+    return count
+
+
 def _check_hidden_terms(name: str, terms: Sequence[HiddenRows], ref: Tensor, n: int | None) -> int:
     """``ref``: the first student term's weight ``[V/tp, H]``."""
     for t in terms:
@@ -81,11 +87,7 @@ def _check_hidden_terms(name: str, terms: Sequence[HiddenRows], ref: Tensor, n: 
             raise ValueError(f"{name}: weight {tuple(t.weight.shape)} is not [V/tp={ref.shape[0]}, H]")
         if t.hidden.dim() < 1 or t.hidden.shape[-1] != t.weight.shape[1]:
             raise ValueError(f"{name}: hidden size {tuple(t.hidden.shape)[-1:]} != {t.weight.shape[1]} of its weight")
-        count = _count(name, t, t.hidden.numel() // t.hidden.shape[-1], ref.device)
-        if n is None:
-            n = count
-        elif count != n:
-            raise ValueError(f"{name}: selects {count} tokens, expected {n} (token counts of all terms must match)")
+        n = _same_count(name, _count(name, t, t.hidden.numel() // t.hidden.shape[-1], ref.device), n)
     return n
 
 
@@ -103,11 +105,7 @@ def _check_terms(name: str, terms: Sequence[LogitRows], ref: Tensor, n: int | No
             raise TypeError(f"{name}: dtype {t.logits.dtype} != {ref.dtype} of the student logits")
         if t.logits.device != ref.device:
             raise ValueError(f"{name}: device {t.logits.device} != {ref.device} of the student logits")
-        count = _count(name, t, t.logits.numel() // t.logits.shape[-1], ref.device)
-        if n is None:
-            n = count
-        elif count != n:
-            raise ValueError(f"{name}: selects {count} tokens, expected {n} (token counts of all terms must match)")
+        n = _same_count(name, _count(name, t, t.logits.numel() // t.logits.shape[-1], ref.device), n)
     return n
 
 
