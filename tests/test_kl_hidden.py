@@ -83,3 +83,12 @@ def test_bad_input_names_the_argument():
         kl_rows(HiddenRows(hs, ws), LogitRows(ht @ wt.t()), reverse=True)
     with pytest.raises(ValueError, match="non-finite"):
         kl_rows(HiddenRows(hs.index_fill(0, torch.tensor([2]), float("nan")), ws), HiddenRows(ht, wt), reverse=True)
+
+
+def test_config_refuses_triton_from_hidden():
+    from vigos_megatron.config.loss import LossConfig
+    from vigos_megatron.errors import ConfigError
+
+    LossConfig(impl="triton", from_hidden=False).validate()
+    with pytest.raises(ConfigError, match="impl: 'triton' is the KL from logits"):
+        LossConfig(impl="triton").validate()
