@@ -22,6 +22,9 @@ device copy bandwidth (``y.copy_(x)``, read + write), and peak extra memory
     .venv/bin/python benchmarks/bench_kl.py --device cuda
     .venv/bin/python benchmarks/bench_kl.py --device cuda --gpu-tokens 8192 --paths triton --block-v 4096 2048
 
+``--from-hidden`` runs :mod:`bench_kl_hidden` instead: the last stage's loss from hidden states
+against the loss from logits, from the same inputs (its own options; ``--from-hidden --help``).
+
 ``--device cpu`` runs the same in-process table on CPU tensors (smoke test of the harness:
 small shapes; the Triton path needs ``TRITON_INTERPRET=1``; no memory columns).
 """
@@ -240,20 +243,33 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def launch(path, tp, tokens, args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}", __file__, "--worker",
-           "--path", path, "--tokens", str(tokens), "--vocab", str(args.vocab), "--dtype", args.dtype,
-           "--reps", str(args.reps), "--chunk-bytes", str(args.chunk_bytes), "--threads", str(args.threads)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, args.threads // tp)),
+def run_worker(script, tp: int, threads: int, worker_args: list[str], what: str) -> dict:
+    """``script --worker *worker_args`` on ``tp`` fresh gloo processes; rank 0's ``RESULT`` line as a dict."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}", str(script),
+           "--worker", *worker_args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, threads // tp)),
                MALLOC_MMAP_THRESHOLD_="131072")  # freed chunks go back to the OS, so RSS is meaningful
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{path} tp={tp} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    raise RuntimeError(f"{what} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+
+
+def launch(path, tp, tokens, args) -> dict:
+    return run_worker(__file__, tp, args.threads,
+                      ["--path", path, "--tokens", str(tokens), "--vocab", str(args.vocab), "--dtype", args.dtype,
+                       "--reps", str(args.reps), "--chunk-bytes", str(args.chunk_bytes), "--threads", str(args.threads)],
+                      f"{path} tp={tp}")
 
 
 def main() -> None:
+    if "--from-hidden" in sys.argv[1:]:  # the last stage's loss from hidden states vs from logits
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_kl_hidden import main as from_hidden
+
+        from_hidden(sys.argv[1:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="chunked", choices=["chunked", "naive"])

@@ -311,3 +311,18 @@ def test_shipped_training_configs_equal_the_recipes(name):
     est = estimate_for_config(shipped, 8, model=name.split("_")[-1])
     assert f"peak = static + max(training, rollout)              {est.peak_gib:.2f}" in path.read_text()
     assert math.isclose(est.peak_gib, round(est.peak_gib, 2), abs_tol=0.005)
+
+
+def test_loss_from_hidden_keeps_no_logits():
+    """The last stage's loss from hidden states (VGS rows, 3B shape, TP=1): it grows only by the
+    scored rows' hidden states between 4,096 and 8,192-token completions, and at 8,192 it is under
+    1/8 of the logits path's (the output-weight gradient counted in both)."""
+    from vigos_megatron.recipes.memory import Workload, loss_bytes
+
+    h, v = 2048, 151936
+
+    def total(from_hidden, tokens):
+        return sum(loss_bytes(Workload(loss_from_hidden=from_hidden), h, v, 2 * tokens, 2 * tokens).values())
+
+    assert total(True, 8192) - total(True, 4096) == (4 * 4096 * h * 2 + 2 * 4096 * h * 6)
+    assert total(True, 8192) * 8 < total(False, 8192)

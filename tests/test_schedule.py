@@ -11,9 +11,11 @@ invalid completions -> parse_completion -> assemble_vigos -> 2 micro-batches of 
 * fast: at PP=1, the loss and the student gradients of the stage path (megatron schedule, DDP,
   finalize_model_grads) equal a direct computation: student and teacher models run separately on
   the same rows, float64 ViGOS by hand on the supervised tokens; the teacher is perturbed so
-  that it differs from the student;
-* slow: PP=2 and TP=2xPP=2 give the PP=1 loss and student gradients (by HF name, gathered over
-  TP/PP by megatron-bridge's export), with a separate teacher checkpoint; the teacher gets no
+  that it differs from the student; the loss from hidden states (untied and tied embeddings) and
+  from logits;
+* slow: PP=2 (tied) and TP=2xPP=2 with the loss from hidden states give the PP=1 loss and student
+  gradients of the logits path (by HF name, gathered over TP/PP by megatron-bridge's export;
+  the output weight's gradient included), with a separate teacher checkpoint; the teacher gets no
   grad, stays bit-identical after an SGD step and holds no DDP buffer.
 """
 
@@ -148,17 +150,19 @@ def _vigos_reference(batches, student, teacher, lambdas):
     return sum(lam * t.mean() for lam, t in zip(lambdas, terms) if t.numel())
 
 
-@pytest.mark.parametrize("share_vision", [False, True], ids=["own-towers", "frozen-shared-tower"])
-def test_stage_path_equals_direct_computation_pp1(tiny, share_vision):
-    """The stage (logits only at the loss positions, one vision-tower pass per image and model)
-    against ``Qwen25VLModel.forward`` on every row with full logits. ``frozen-shared-tower``:
-    the student's tower is frozen and the stage reuses the teacher's features for it (the
-    teacher's language model is perturbed, its tower is not)."""
+@pytest.mark.parametrize("share_vision,kind,from_hidden", [(False, "", True), (True, "", True), (False, "_tied", True),
+                                                          (False, "", False)],
+                         ids=["own-towers", "frozen-shared-tower", "tied-embeddings", "from-logits"])
+def test_stage_path_equals_direct_computation_pp1(tiny, share_vision, kind, from_hidden):
+    """The stage (the loss from hidden states or logits at the loss positions only, one vision-tower
+    pass per image and model) against ``Qwen25VLModel.forward`` on every row with full logits.
+    ``frozen-shared-tower``: the student's tower is frozen and the stage reuses the teacher's
+    features for it (the teacher's language model is perturbed, its tower is not)."""
     from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.schedule import LOSS_KEY, StudentTeacherStage, reduce_reports, run_stream_schedule
 
     t0 = time.perf_counter()
-    hf = tiny["student"]
+    hf = tiny["student" + kind]
     with local_model_parallel() as ps:
         inputs = sc.build_inputs(hf)
         _, student, teacher = sc.build_models(hf, 1, 1)
@@ -179,7 +183,7 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision):
         ref_grads = {n: p.grad.detach().double().clone() for n, p in student.named_parameters() if p.requires_grad}
         student.zero_grad(set_to_none=True)
 
-        stage = StudentTeacherStage(student, teacher, share_vision=share_vision)
+        stage = StudentTeacherStage(student, teacher, share_vision=share_vision, from_hidden=from_hidden)
         model = sc.wrap_ddp(stage)
         model.train()
         assert teacher.training is False and student.training is True
@@ -203,7 +207,8 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision):
     flat = torch.cat([grads[n].reshape(-1) for n in sorted(grads)])
     grad_err = float((flat - flat_ref).norm() / flat_ref.norm())
     worst = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in grads)
-    print(f"PP=1 stage vs direct ({'shared' if share_vision else 'own'} towers): loss {loss:.6e} (ref {float(ref_loss):.6e}, rel err {loss_err:.2e}); "
+    print(f"PP=1 stage{kind} from {'hidden states' if from_hidden else 'logits'} vs direct "
+          f"({'shared' if share_vision else 'own'} towers): loss {loss:.6e} (ref {float(ref_loss):.6e}, rel err {loss_err:.2e}); "
           f"grad rel err {grad_err:.2e} (worst tensor {worst:.2e}); {time.perf_counter() - t0:.1f}s")
     assert float(ref_loss) > 0
     assert loss_err < REL_TOL
@@ -218,7 +223,8 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision):
 
 @pytest.fixture(scope="module")
 def pp1_reference(tiny):
-    """``reference(kind)``: the PP=1 single-process step for ``kind`` ("" or "_tied"), computed once."""
+    """``reference(kind)``: the PP=1 single-process step for ``kind`` ("" or "_tied") with the loss from
+    logits (the reference path), computed once."""
     from vigos_megatron.startup import local_model_parallel
 
     cache = {}
@@ -227,7 +233,8 @@ def pp1_reference(tiny):
         if kind not in cache:
             t0 = time.perf_counter()
             with local_model_parallel() as ps:
-                cache[kind] = sc.run_step(tiny["student" + kind], 1, 1, ps, teacher_hf=tiny["teacher" + kind])
+                cache[kind] = sc.run_step(tiny["student" + kind], 1, 1, ps, teacher_hf=tiny["teacher" + kind],
+                                          from_hidden=False)
             print(f"PP=1 reference step{kind}: {time.perf_counter() - t0:.1f}s")
         return cache[kind]
 

@@ -4,7 +4,8 @@
 * fast: a non-finite step is not applied (skip) or stops before any weight changes (stop);
 * fast: the frozen teacher runs inside the schedule, once per stage and micro-batch, and its
   logits do not outlive their micro-batch;
-* slow: the first step's loss, terms and gradient norm agree across TP1, TP2, PP2, TP2xPP2, DP2;
+* slow: the first step's loss, terms and gradient norm agree across TP1, TP2, PP2, TP2xPP2, DP2
+  (the loss from hidden states) and TP1 with the loss from logits (the reference);
 * slow: a run stopped after 2 of 4 steps and launched again continues exactly; a checkpoint
   written at TP=2 resumes at TP=1;
 * slow: the perception and reasoning terms fall over 20 steps (bad input end to end:
@@ -250,12 +251,11 @@ def test_first_step_parity_across_layouts(launch, tmp_path, config):
     # the self-distillation teacher (the initial student, primed with the completion format): at
     # step 1 the terms come from the contexts alone (~0.02 per token, some tokens at the 0.05 clip).
     # A separate random teacher would put every token at the clip: constant terms, zero gradient.
-    layouts = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
+    layouts = {"tp1": (1, ["parallel.tp=1", "loss.from_hidden=false"]), "tp1-hidden": (1, ["parallel.tp=1"]),
+               "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
                "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "dp2": (2, ["parallel.tp=1"])}
     first = {}
     for name, (nproc, ov) in layouts.items():
-        if name == "tp1":
-            ov = ["parallel.tp=1"]
         run = tmp_path / name
         _ = launch(nproc, run, "train.steps=1", *ov)
         first[name] = _metrics(run)[0]

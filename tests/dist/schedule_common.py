@@ -122,14 +122,15 @@ def wrap_ddp(stage):
     return DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), stage)
 
 
-def run_step(hf_dir, tp: int, pp: int, ps, teacher_hf=None, dtype=torch.float32):
-    """One training step of the stage path. Returns a dict of what the checks need (this rank)."""
+def run_step(hf_dir, tp: int, pp: int, ps, teacher_hf=None, dtype=torch.float32, from_hidden: bool = True):
+    """One training step of the stage path (the loss from hidden states or, ``from_hidden=False``,
+    from logits). Returns a dict of what the checks need (this rank)."""
     from vigos_megatron.schedule.forward_step import LOSS_KEY, reduce_reports, run_stream_schedule
     from vigos_megatron.schedule.stage import StudentTeacherStage
 
     inputs = build_inputs(hf_dir)
     builder, student, teacher = build_models(hf_dir, tp, pp, teacher_hf, dtype=dtype)
-    stage = StudentTeacherStage(student, teacher)
+    stage = StudentTeacherStage(student, teacher, from_hidden=from_hidden)
     model = wrap_ddp(stage)
     _, counts, loss_fn = make_loss(inputs.batches, ps)
     t_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}

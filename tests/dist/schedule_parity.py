@@ -1,6 +1,6 @@
 """Worker: one ViGOS training step of the student+teacher stage under TP/PP (gloo).
 
-Usage: torchrun ... schedule_parity.py --tp T --pp P --hf DIR --out FILE [--teacher-hf DIR]
+Usage: torchrun ... schedule_parity.py --tp T --pp P --hf DIR --out FILE [--teacher-hf DIR] [--logits]
 
 Runs :func:`schedule_common.run_step` (megatron schedule, DDP, ``finalize_model_grads``, a plain
 SGD step) and, on rank 0, saves ``{"loss", "grads" (HF name -> full float64 gradient),
@@ -17,6 +17,7 @@ def main():
     ap.add_argument("--hf", required=True)
     ap.add_argument("--teacher-hf", default=None)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--logits", action="store_true", help="the loss from logits (default: from hidden states)")
     args = ap.parse_args()
 
     import torch
@@ -26,7 +27,7 @@ def main():
     from vigos_megatron.testing.distributed import destroy, init_gloo
 
     ps = init_gloo(args.tp, args.pp)
-    res = run_step(args.hf, args.tp, args.pp, ps, teacher_hf=args.teacher_hf)
+    res = run_step(args.hf, args.tp, args.pp, ps, teacher_hf=args.teacher_hf, from_hidden=not args.logits)
     keys = sorted(res["checks"])
     summed = torch.tensor([res["checks"][k] for k in keys], dtype=torch.int64)
     dist.all_reduce(summed)

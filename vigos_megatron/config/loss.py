@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import field, make_dataclass
 
-from vigos_megatron.errors import require_at_least, require_one_of
+from vigos_megatron.errors import ConfigError, require_at_least, require_one_of
 from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.objectives import MODULES, get
 
@@ -15,6 +15,9 @@ def _validate(self) -> None:
     require_one_of(self, "objective", MODULES)
     require_one_of(self, "impl", KL_IMPLS)
     require_at_least(self, 4096, "chunk_bytes")
+    if self.from_hidden and self.impl == "triton":
+        raise ConfigError("impl: 'triton' is the KL from logits; with from_hidden: true the KL is torch's "
+                          "(set from_hidden: false for the Triton kernels)")
 
 
 def _settings(name: str) -> type:
@@ -23,13 +26,16 @@ def _settings(name: str) -> type:
 
 #: ``objective``; ``<name>`` for every registered objective (its settings); ``chunk_bytes``: bytes of
 #: one fp32 ``[chunk, V/tp]`` work tensor inside the KL (bounds the loss's memory); ``impl``: "auto"
-#: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
+#: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton" (the KL from logits); ``from_hidden``: the last
+#: stage hands the loss its final hidden states and output weights and the KL forms each chunk's logits
+#: itself (no [tokens, V/tp] logits kept; false: the logits path, the reference)
 LossConfig = make_dataclass(
     "LossConfig",
     [("objective", str, field(default="vigos")),
      *[(name, _settings(name), field(default_factory=_settings(name))) for name in MODULES],
      ("chunk_bytes", int, field(default=64 * 1024 * 1024)),
-     ("impl", str, field(default="auto"))],
+     ("impl", str, field(default="auto")),
+     ("from_hidden", bool, field(default=True))],
     namespace={"validate": _validate},
     module=__name__,
 )

@@ -5,12 +5,13 @@ token description with ``functools.partial(loss, tokens)`` and returns it from
 ``forward_step_func``, so megatron calls ``loss_func(output_tensor)``, which returns
 ``(loss, num_tokens, report)``.
 
-``output_tensor`` is the last pipeline stage's output: vocabulary-sharded logits of
-every row of the stream (student rows and teacher context rows; teacher rows computed
-without grad), ``[R, S, V/tp]`` from megatron's GPTModel (or ``[S, R, V/tp]``).
-``tokens`` holds, for each supervised completion token, the index of the student's
-prediction and of the teacher's prediction in ``output_tensor`` flattened over its
-leading dimensions to ``[R*S, V/tp]`` (see ``vigos_megatron.schedule.assembly``).
+``output_tensor`` is what the last pipeline stage hands the loss for the scored rows (student
+rows and teacher context rows; teacher rows computed without grad): vocabulary-sharded logits
+``[..., V/tp]`` (a tensor, or :class:`~vigos_megatron.losses.scored_rows.LogitsOutput`), or the
+final hidden states with the output weights that score them
+(:class:`~vigos_megatron.losses.scored_rows.HiddenOutput`, no logits kept). ``tokens`` holds, for
+each supervised completion token, the index of the student's prediction and of the teacher's
+prediction among those rows (leading dimensions flattened; see ``vigos_megatron.schedule.assembly``).
 
 Normalisation over data-parallel ranks and micro-batches
 --------------------------------------------------------
@@ -40,7 +41,8 @@ import torch
 from torch import Tensor
 
 from vigos_megatron.collectives import all_reduce
-from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, LogitRows, kl_rows
+from vigos_megatron.losses.scored_rows import scored_rows
+from vigos_megatron.losses.vocab_parallel_kl import DEFAULT_CHUNK_BYTES, kl_rows
 
 # ViGOS segments (ids used in DistillTokens.segment)
 PERCEPTION, REASONING, REFERENCE = 0, 1, 2
@@ -176,13 +178,14 @@ class SegmentedDistillationLoss:
         self.chunk_bytes = chunk_bytes
         self.impl = impl
 
-    def __call__(self, tokens: DistillTokens, output_tensor: Tensor):
-        device = output_tensor.device
+    def __call__(self, tokens: DistillTokens, output_tensor):
+        rows = scored_rows(output_tensor)
+        device = rows.device
         seg = tokens.segment.to(device)
         n = seg.numel()
         kl = kl_rows(
-            LogitRows(output_tensor, tokens.student_index),
-            LogitRows(output_tensor.detach(), tokens.teacher_index),
+            rows.student(tokens.student_index),
+            rows.teacher(tokens.teacher_index),
             reverse=self.reverse_of_segment.to(device)[seg],
             temperature=self.temperature,
             clip=self.clip,
@@ -206,7 +209,7 @@ class SegmentedDistillationLoss:
 
 
 class VGSLoss:
-    """Visual Gradient Steering (seed 003) on vocabulary-sharded logits.
+    """Visual Gradient Steering (seed 003) on vocabulary-sharded logits or hidden states.
 
     Per completion token ``t`` (student ``p_S``, teacher ``q_T``, image ``I``, text ``x``)::
 
@@ -221,7 +224,8 @@ class VGSLoss:
     stage). The mean is over all completion tokens of the global batch (megatron's
     per-token normalisation; ``num_tokens`` = ``n``). ``p_S(.|x)`` inside ``q*`` is detached
     unless ``detach_text_student_in_target=False``. ``q*`` is never materialised: the KL
-    sums the three logits rows chunk by chunk.
+    sums the three rows chunk by chunk (from hidden states: the two teacher rows are one GEMM on
+    the difference of their hidden states).
     """
 
     def __init__(self, cfg, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
@@ -245,30 +249,30 @@ class VGSLoss:
         lo, hi = torch.quantile(vds, torch.tensor([c.adaptive_low_quantile, c.adaptive_high_quantile], dtype=vds.dtype, device=vds.device))
         return torch.where(vds > hi, c.gamma, torch.where(vds > lo, c.gamma / 2, 0.0)).to(vds.dtype)
 
-    def __call__(self, tokens: VGSTokens, output_tensor: Tensor):
+    def __call__(self, tokens: VGSTokens, output_tensor):
         c = self.cfg
-        z, zd = output_tensor, output_tensor.detach()
+        rows = scored_rows(output_tensor)
+        dev = rows.device
         si, sx = tokens.student_image_index, tokens.student_text_index
         ti, tx = tokens.teacher_image_index, tokens.teacher_text_index
         n = si.numel()
         with torch.no_grad():
-            vds = self._kl(LogitRows(zd, ti), LogitRows(zd, tx), clip=False)
-        l_std = self._kl(LogitRows(z, si), LogitRows(zd, ti))
+            vds = self._kl(rows.teacher(ti), rows.teacher(tx), clip=False)
+        l_std = self._kl(rows.student(si), rows.teacher(ti))
         target = [
-            LogitRows(zd if c.detach_text_student_in_target else z, sx),
-            LogitRows(zd, ti),
-            LogitRows(zd, tx, coef=-1.0),
+            rows.student(sx, detach=c.detach_text_student_in_target),
+            rows.teacher(ti),
+            rows.teacher(tx, coef=-1.0),
         ]
-        l_vis = self._kl(LogitRows(z, si), target)
+        l_vis = self._kl(rows.student(si), target)
         gamma_t = self.gamma_per_token(vds)
         if n:
             threshold = torch.quantile(vds, c.lp_quantile)
             selected = (vds > threshold).nonzero().squeeze(1)
         else:
-            selected = torch.zeros(0, dtype=torch.int64, device=z.device)
-        l_lp = self._kl(LogitRows(z, sx[selected]), LogitRows(zd, tx[selected]))
+            selected = torch.zeros(0, dtype=torch.int64, device=dev)
+        l_lp = self._kl(rows.student(sx[selected]), rows.teacher(tx[selected]))
         loss = c.eta * ((l_std + gamma_t * l_vis).sum() + c.lambda_lp * l_lp.sum())
-        dev = z.device
         report = {
             "vgs/l_std": _pair(l_std.detach().sum(), n, dev),
             "vgs/l_vis": _pair(l_vis.detach().sum(), n, dev),

@@ -57,32 +57,42 @@ def _token_maxima(sides, inv_t, n, chunk, group) -> Tensor:
     return all_reduce(m, group, dist.ReduceOp.MAX)
 
 
-def _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group) -> Tensor:
-    """``[n, 4]`` global ``(S_a, S_b, C_a, C_b)`` (``SUM`` all-reduce #2).
+def chunk_sums(a: Tensor, b: Tensor, m: Tensor, want_a: bool, want_b: bool) -> Tensor:
+    """This shard's ``[c, 4]`` ``(S_a, S_b, C_a, C_b)`` of one chunk's fp32 sides ``a``, ``b`` ``[c, V/tp]``
+    (consumed) against the global maxima ``m`` ``[c, 2]``.
 
     With ``a' = a - m_a``, ``b' = b - m_b`` and ``dm = m_a - m_b`` (all in place):
     ``C_a = sum e^{a'} (a' - b') + dm * S_a`` and ``C_b = -sum e^{b'} (a' - b') - dm * S_b``.
     """
+    s = torch.zeros(a.shape[0], 4, dtype=torch.float32, device=a.device)
+    a = a.sub_(m[:, 0:1])
+    b = b.sub_(m[:, 1:2])
+    ea = torch.exp(a)
+    eb = torch.exp(b)
+    s[:, 0] = ea.sum(-1)
+    s[:, 1] = eb.sum(-1)
+    d = a.sub_(b)
+    dm = m[:, 0] - m[:, 1]
+    if want_a:
+        s[:, 2] = (ea.mul_(d)).sum(-1) + dm * s[:, 0]
+    if want_b:
+        s[:, 3] = -(eb.mul_(d)).sum(-1) - dm * s[:, 1]
+    return s
+
+
+def _token_sums(sides, inv_t, n, chunk, m, want_a, want_b, group) -> Tensor:
+    """``[n, 4]`` global ``(S_a, S_b, C_a, C_b)`` (``SUM`` all-reduce #2; :func:`chunk_sums`)."""
     s = torch.zeros(n, 4, dtype=torch.float32, device=m.device)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
-        a = _side_chunk(*sides[0], lo, hi, inv_t).sub_(m[lo:hi, 0:1])
-        b = _side_chunk(*sides[1], lo, hi, inv_t).sub_(m[lo:hi, 1:2])
-        ea = torch.exp(a)
-        eb = torch.exp(b)
-        s[lo:hi, 0] = ea.sum(-1)
-        s[lo:hi, 1] = eb.sum(-1)
-        d = a.sub_(b)
-        dm = m[lo:hi, 0] - m[lo:hi, 1]
-        if want_a:
-            s[lo:hi, 2] = (ea.mul_(d)).sum(-1) + dm * s[lo:hi, 0]
-        if want_b:
-            s[lo:hi, 3] = -(eb.mul_(d)).sum(-1) - dm * s[lo:hi, 1]
-        del a, b, ea, eb, d
+        a = _side_chunk(*sides[0], lo, hi, inv_t)
+        b = _side_chunk(*sides[1], lo, hi, inv_t)
+        s[lo:hi] = chunk_sums(a, b, m[lo:hi], want_a, want_b)
+        del a, b
     return all_reduce(s, group, dist.ReduceOp.SUM)
 
 
-def _side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
+def side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
     """Gradients w.r.t. the two sides' (temperature-scaled) logits for one chunk.
 
     ``a``/``b`` are consumed (overwritten). ``g`` is ``[c, 1]`` (incoming gradient / T).
@@ -157,7 +167,7 @@ class _VocabParallelKL(torch.autograd.Function):
             hi = min(n, lo + chunk)
             a = _side_chunk(*sides[0], lo, hi, inv_t)
             b = _side_chunk(*sides[1], lo, hi, inv_t)
-            da, db = _side_grads(
+            da, db = side_grads(
                 a, b, lse_a[lo:hi], lse_b[lo:hi], kl[lo:hi], reverse[lo:hi], g[lo:hi, None], mode, need_b
             )
             for i in range(k):

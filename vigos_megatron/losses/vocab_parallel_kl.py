@@ -43,20 +43,58 @@ from torch import Tensor
 
 from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.collectives import all_reduce, group_size
+from vigos_megatron.losses.hidden_kl import HiddenRows, hidden_kl_rows
 from vigos_megatron.losses.kl_common import DEFAULT_CHUNK_BYTES, LogitRows
 from vigos_megatron.losses.torch_kl import torch_kl_rows
 
 Direction = Literal["forward", "reverse"]
 Impl = Literal["auto", "torch", "triton"]
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "LogitRows", "kl_rows", "vocab_parallel_kl"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "HiddenRows", "LogitRows", "kl_rows", "vocab_parallel_kl"]
 
 
 # --------------------------------------------------------------------------- validation
 
 
+def _count(name: str, t, rows: int, device) -> int:
+    """Tokens a term selects (its ``index`` checked)."""
+    if t.index is None:
+        return rows
+    if t.index.dtype != torch.int64 or t.index.dim() != 1:
+        raise TypeError(f"{name}: index must be a 1-D int64 tensor")
+    if t.index.device != device:
+        raise ValueError(f"{name}: index device {t.index.device} != {device}")
+    return t.index.numel()
+
+
+def _same_count(name: str, count: int, n: int | None) -> int:
+    if n is not None and count != n:
+        raise ValueError(f"{name}: selects {count} tokens, expected {n} (token counts of all terms must match)")
+    return count
+
+
+def _check_hidden_terms(name: str, terms: Sequence[HiddenRows], ref: Tensor, n: int | None) -> int:
+    """``ref``: the first student term's weight ``[V/tp, H]``."""
+    for t in terms:
+        if not isinstance(t, HiddenRows):
+            raise TypeError(f"{name}: mixes HiddenRows and LogitRows terms")
+        for what, x in (("hidden", t.hidden), ("weight", t.weight)):
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise TypeError(f"{name}: {what} must be a floating-point tensor")
+            if x.device != ref.device:
+                raise ValueError(f"{name}: {what} device {x.device} != {ref.device} of the student weight")
+        if t.weight.dim() != 2 or t.weight.shape[0] != ref.shape[0]:
+            raise ValueError(f"{name}: weight {tuple(t.weight.shape)} is not [V/tp={ref.shape[0]}, H]")
+        if t.hidden.dim() < 1 or t.hidden.shape[-1] != t.weight.shape[1]:
+            raise ValueError(f"{name}: hidden size {tuple(t.hidden.shape)[-1:]} != {t.weight.shape[1]} of its weight")
+        n = _same_count(name, _count(name, t, t.hidden.numel() // t.hidden.shape[-1], ref.device), n)
+    return n
+
+
 def _check_terms(name: str, terms: Sequence[LogitRows], ref: Tensor, n: int | None) -> int:
     for t in terms:
+        if not isinstance(t, LogitRows):
+            raise TypeError(f"{name}: mixes LogitRows and HiddenRows terms")
         if not isinstance(t.logits, Tensor) or not t.logits.is_floating_point():
             raise TypeError(f"{name}: logits must be a floating-point tensor")
         if t.logits.dim() < 1 or t.logits.shape[-1] != ref.shape[-1]:
@@ -67,19 +105,7 @@ def _check_terms(name: str, terms: Sequence[LogitRows], ref: Tensor, n: int | No
             raise TypeError(f"{name}: dtype {t.logits.dtype} != {ref.dtype} of the student logits")
         if t.logits.device != ref.device:
             raise ValueError(f"{name}: device {t.logits.device} != {ref.device} of the student logits")
-        rows = t.logits.numel() // t.logits.shape[-1]
-        if t.index is None:
-            count = rows
-        else:
-            if t.index.dtype != torch.int64 or t.index.dim() != 1:
-                raise TypeError(f"{name}: index must be a 1-D int64 tensor")
-            if t.index.device != ref.device:
-                raise ValueError(f"{name}: index device {t.index.device} != {ref.device}")
-            count = t.index.numel()
-        if n is None:
-            n = count
-        elif count != n:
-            raise ValueError(f"{name}: selects {count} tokens, expected {n} (token counts of all terms must match)")
+        n = _same_count(name, _count(name, t, t.logits.numel() // t.logits.shape[-1], ref.device), n)
     return n
 
 
@@ -137,6 +163,11 @@ def kl_rows(
 ) -> Tensor:
     """Per-token KL between two (possibly composite, row-selected) vocab-sharded sides.
 
+    A side is a list of :class:`LogitRows` (vocabulary-sharded logits) or of
+    :class:`~vigos_megatron.losses.hidden_kl.HiddenRows` (final hidden states and the output weight
+    shard scoring them, :mod:`~vigos_megatron.losses.hidden_kl`: no ``[n, V/tp]`` logits kept; torch on
+    every device, ``impl`` ignored); both sides of one call use the same kind.
+
     Args:
         student: side ``a`` (terms summed); receives gradients where its tensors require them.
         teacher: side ``b``; gradients flow only where its tensors require grad (pass
@@ -149,7 +180,7 @@ def kl_rows(
         tp_group: tensor-parallel group over which the vocabulary is sharded (``None``: not sharded).
         vocab_size: optional full vocabulary size, checked against ``V/tp * tp``.
         chunk_bytes: size of one fp32 ``[chunk, V/tp]`` work tensor; bounds the temporaries
-            (torch implementation only).
+            (torch implementation and hidden states only).
         impl: ``"torch"`` (this module, chunked), ``"triton"`` (fused kernels of
             :mod:`vigos_megatron.losses.triton_kl`: CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise).
@@ -157,16 +188,22 @@ def kl_rows(
     Returns:
         fp32 ``[n]`` per-token KL.
     """
-    s_terms = [student] if isinstance(student, LogitRows) else list(student)
-    t_terms = [teacher] if isinstance(teacher, LogitRows) else list(teacher)
+    s_terms = [student] if isinstance(student, (LogitRows, HiddenRows)) else list(student)
+    t_terms = [teacher] if isinstance(teacher, (LogitRows, HiddenRows)) else list(teacher)
     if not s_terms or not t_terms:
         raise ValueError("kl_rows: both sides need at least one LogitRows term")
-    ref = s_terms[0].logits
-    n = _check_terms("student_logits", s_terms, ref, None)
-    _check_terms("teacher_logits", t_terms, ref, n)
+    from_hidden = isinstance(s_terms[0], HiddenRows)
+    if from_hidden:
+        ref = s_terms[0].weight
+        n = _check_hidden_terms("student_hidden", s_terms, ref, None)
+        _check_hidden_terms("teacher_hidden", t_terms, ref, n)
+    else:
+        ref = s_terms[0].logits
+        n = _check_terms("student_logits", s_terms, ref, None)
+        _check_terms("teacher_logits", t_terms, ref, n)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_vocab(ref.shape[-1], vocab_size, tp_group, ref.device)
+    _check_vocab(ref.shape[0] if from_hidden else ref.shape[-1], vocab_size, tp_group, ref.device)
     clip = float(clip) if clip is not None and clip > 0 else None
     if isinstance(reverse, Tensor):
         if reverse.dtype != torch.bool or reverse.shape != (n,):
@@ -177,6 +214,9 @@ def kl_rows(
     else:
         rev = torch.full((n,), bool(reverse), dtype=torch.bool, device=ref.device)
         want_a, want_b = bool(reverse), not bool(reverse)
+    if from_hidden:
+        return hidden_kl_rows(s_terms, t_terms, reverse=rev, want_a=want_a, want_b=want_b, temperature=temperature,
+                              clip=clip, tp_group=tp_group, chunk_bytes=chunk_bytes)
     if _use_triton(impl, ref.device, len(s_terms), len(t_terms)):
         from vigos_megatron.losses.triton_kl import triton_kl_rows
 

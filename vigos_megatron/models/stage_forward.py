@@ -109,8 +109,15 @@ def _logits_at(*, hidden_states: Tensor, output_layer, output_weight, context, *
     return logits.squeeze(1)
 
 
+def _hidden_at(*, hidden_states: Tensor, context, **_unused) -> Tensor:
+    """GPTModel ``output_processor``: the final hidden states ``[N, H]`` at the selected positions (the
+    output layer's input; a loss from hidden states applies the output weight itself)."""
+    s_idx, b_idx = context
+    return hidden_states[s_idx, b_idx]
+
+
 def language_forward(model, *, rows: RowInputs | None, position_ids: Tensor,
-                     logit_positions: Tensor | None = None) -> Tensor:
+                     logit_positions: Tensor | None = None, hidden_only: bool = False) -> Tensor:
     """This chunk's language model on the stream rows (``set_input_tensor`` already called off the first stage).
 
     Args:
@@ -118,14 +125,16 @@ def language_forward(model, *, rows: RowInputs | None, position_ids: Tensor,
         position_ids: ``[3, n, S]`` from :func:`mrope_positions`.
         logit_positions: int64 ``[N]`` flat batch-first positions ``row * S + column`` whose
             logits the last stage computes; ``None``: all of them.
+        hidden_only: with ``logit_positions``, return the final hidden states ``[N, H]`` there
+            instead of the logits (the output layer is not applied).
 
     Returns ``[S, n, H]`` hidden states (not the last stage), ``[N, V/tp]`` logits
-    (``logit_positions`` given) or ``[n, S, V/tp]`` (all positions).
+    (``logit_positions`` given), ``[N, H]`` (``hidden_only``) or ``[n, S, V/tp]`` (all positions).
     """
     kwargs = dict(rows.deepstack) if rows is not None else {}
     if model.post_process and logit_positions is not None:
         S = position_ids.shape[-1]
-        kwargs.update(output_processor=_logits_at,
+        kwargs.update(output_processor=_hidden_at if hidden_only else _logits_at,
                       output_processor_context=(logit_positions % S, torch.div(logit_positions, S, rounding_mode="floor")))
     return model.language_model(input_ids=None, position_ids=position_ids, attention_mask=None,
                                 decoder_input=rows.decoder_input if rows is not None else None, **kwargs)

@@ -50,10 +50,14 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
 * received pipeline tensors ``2 S R H`` per micro-batch in flight on stages > 0 (the whole stream,
   teacher rows included, counted at the full prompt length: an upper bound, since each slot
   travels at its own length); sent outputs are deallocated (``deallocate_pipeline_outputs``).
-* logits (last stage) only at the positions the loss reads: ``C`` student and ``C`` teacher
-  rows per rollout for ViGOS/OPSD (twice that for VGS), bf16 ``[rows, V/tp]`` kept for the
-  KL's backward, the student logits' gradient, and the KL's fp32 chunk temporaries (4 x
-  ``loss.chunk_bytes``).
+* the loss (last stage) reads ``C`` student and ``C`` teacher rows per rollout for ViGOS/OPSD
+  (twice that for VGS) and, in both paths, returns the output weight's gradient ``2 V/tp H``
+  (bf16, until DDP adds it to the gradient buffer). From hidden states (``loss.from_hidden``, the
+  default): the rows' final hidden states ``2 H`` each, the student rows' hidden gradient (fp32
+  in the KL, then bf16: ``6 H``), and the KL's fp32 tiles (8 x ``loss.chunk_bytes``: the forward's
+  chunk logits and sums, the backward's tiles, weight blocks and block accumulator) whatever the
+  number of rows. From logits: bf16 ``[rows, V/tp]`` kept for the KL's backward, the student
+  logits' gradient, and the KL's fp32 chunk temporaries (4 x ``loss.chunk_bytes``).
 
 **Rollout phase** (generation of a round of ``b = min(prompts per DP rank, max_batch_size)``
 prompts by :class:`~vigos_megatron.rollout.engine.MegatronRolloutEngine`):
@@ -126,6 +130,8 @@ class Workload:
     distributed_optimizer: bool = True
     #: logits only at the positions the loss reads (else every position of every row)
     logits_at_loss_positions_only: bool = True
+    #: the KL from the final hidden states and output weights (no logits kept; ``loss.from_hidden``)
+    loss_from_hidden: bool = True
     loss_chunk_bytes: int = 64 * MIB
 
     def validate(self) -> None:
@@ -171,6 +177,7 @@ class Workload:
             layer_spec=spec,
             distributed_optimizer=cfg.optimizer.distributed_optimizer,
             loss_chunk_bytes=cfg.loss.chunk_bytes,
+            loss_from_hidden=cfg.loss.from_hidden,
         )
         values.update(overrides)
         return cls(**values)
@@ -239,6 +246,18 @@ class MemoryEstimate:
         lines.append(f"  peak = static + max(training, rollout): {self.peak_gib:.2f} GiB "
                      f"(stages: {', '.join(f'{p / GIB:.1f}' for p in self.stage_peaks)})")
         return "\n".join(lines)
+
+
+def loss_bytes(w: Workload, h: int, v_local: int, rows_s: int, rows_t: int) -> dict[str, int]:
+    """The last stage's loss terms (module doc): ``rows_s`` student and ``rows_t`` teacher rows scored."""
+    weight_grad = {"output-weight gradient (bf16)": 2 * v_local * h}
+    if w.loss_from_hidden and w.logits_at_loss_positions_only:
+        return {"hidden states at the loss positions (bf16) + student grad": (rows_s + rows_t) * h * 2 + rows_s * h * 6,
+                **weight_grad,
+                "KL tiles from hidden states (fp32)": min(8 * w.loss_chunk_bytes, 8 * 4 * v_local * (rows_s + rows_t))}
+    return {"logits at the loss positions (bf16) + student grad": (rows_s + rows_t + rows_s) * v_local * 2,
+            **weight_grad,
+            "KL chunk temporaries (fp32)": min(4 * w.loss_chunk_bytes, 4 * 4 * v_local * (rows_s + rows_t))}
 
 
 def estimate_memory(model, *, tp: int, pp: int, dp: int, workload: Workload | None = None,
@@ -347,8 +366,7 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
     if not first:
         train["received pipeline stream tensors"] = in_flight * 2 * seq * rows * h
     if last:
-        train["logits at the loss positions (bf16) + student grad"] = (n_logit_s + n_logit_t + n_logit_s) * v_local * 2
-        train["KL chunk temporaries (fp32)"] = min(4 * w.loss_chunk_bytes, 4 * 4 * v_local * (n_logit_s + n_logit_t))
+        train.update(loss_bytes(w, h, v_local, n_logit_s, n_logit_t))
     transients = {
         "teacher rows, one layer (no grad)": nt * seq * m.forward_bytes_per_token(tp)
         + (nt * (4 * m.num_attention_heads // tp) * seq * seq + seq * seq if w.layer_spec == "local" else 0),

@@ -3,8 +3,9 @@
 ``get_forward_backward_func()`` is called with ``seq_length=T`` and ``micro_batch_size=1``
 (``T = B * sum_c S_c``, the stream's tokens: every slot at its own length) so that its p2p
 buffers are the stream ``[T, 1, H]``. On the last stage :func:`forward_step_func` returns
-``(logits, partial(loss, batch.tokens))``: the logits at the positions the loss reads
-``[N, V/tp]``, indexed by ``batch.tokens``; the objective
+the stage's output at the positions the loss reads (hidden states ``[N, H]`` or logits
+``[N, V/tp]``, indexed by ``batch.tokens``) and a loss function that reads it through the stage's
+``scored_rows`` (with the output weights when from hidden states); the objective
 (:mod:`vigos_megatron.losses.objectives`) needs ``config.calculate_per_token_loss=True``.
 """
 
@@ -48,12 +49,19 @@ def forward_step_func(data_iterator, model, *, loss_fn):
     """One micro-batch: ``model`` (the DDP-wrapped :class:`StudentTeacherStage`) on the next :class:`StreamBatch`.
 
     Bind ``loss_fn`` (e.g. ``ReportedLoss(vigos_loss(...))``) with ``functools.partial``.
-    Returns ``(output, partial(loss_fn, batch.tokens))``; output is the stream ``[T, 1, H]``
-    or, on the last stage, the logits ``[N, V/tp]`` that ``batch.tokens`` index.
+    Returns ``(output, loss_func)``; output is the stream ``[T, 1, H]`` or, on the last stage, the
+    hidden states ``[N, H]`` or logits ``[N, V/tp]`` that ``batch.tokens`` index, and
+    ``loss_func(output) = loss_fn(batch.tokens, stage.scored_rows(output))``.
     """
+    from megatron.core.utils import get_attr_wrapped_model
+
     batch: StreamBatch = next(data_iterator).to(model_device(model))
     output = model(batch)
-    return output, partial(loss_fn, batch.tokens)
+    return output, partial(_loss_on_rows, loss_fn, batch.tokens, get_attr_wrapped_model(model, "scored_rows"))
+
+
+def _loss_on_rows(loss_fn, tokens, scored_rows, output):
+    return loss_fn(tokens, scored_rows(output))
 
 
 def run_stream_schedule(model: list, batches: Sequence[StreamBatch], loss_fn, *, forward_only: bool = False,

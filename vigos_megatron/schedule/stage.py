@@ -13,8 +13,13 @@ and concatenated in slot order:
   gradient sent back to the previous stage holds exact zeros there);
 * each slot is one language-model call on ``[S_c, B, H]``;
 * the stage returns the slots' outputs concatenated: the stream ``[T, 1, H]`` on every stage
-  but the last; on the last, the vocabulary-sharded logits at the positions a loss reads
-  (``[N, V/tp]``, slot order, student first; ``batch.tokens`` index them).
+  but the last; on the last, at the positions a loss reads (slot order, student first;
+  ``batch.tokens`` index them), the final hidden states ``[N, H]`` (``from_hidden``: the loss
+  applies the output weights chunk by chunk, :mod:`vigos_megatron.losses.hidden_kl`) or the
+  vocabulary-sharded logits ``[N, V/tp]``. :meth:`StudentTeacherStage.scored_rows` turns that
+  output into what the loss reads (with the student's and the teacher's output weight shards
+  ``[V/tp, H]``, tied or not: the tensors the output layers would use, so the student's weight
+  gradient reaches its ``main_grad`` through autograd and DDP as on the logits path).
 
 Megatron DDP wraps the whole stage: DDP allocates gradient buffers only for parameters with
 ``requires_grad``, i.e. the student's; the teacher has none, gets no ``.grad`` and must never
@@ -49,15 +54,18 @@ class StudentTeacherStage(MegatronModule):
             valid when the student's tower is frozen and identical to the teacher's (the teacher
             is the replica of the initial student and ``model.freeze_vision`` is on); then the
             tower runs once per image of a micro-batch for both models.
+        from_hidden: the last stage returns the final hidden states at the loss positions
+            ``[N, H]`` instead of their logits (``loss.from_hidden``).
 
     ``forward(batch)`` takes a :class:`~vigos_megatron.schedule.batch.StreamBatch` and returns
-    the stream ``[T, 1, H]`` (intermediate stages) or, on the last stage, the logits at the
-    loss positions ``[N, V/tp]``.
+    the stream ``[T, 1, H]`` (intermediate stages) or, on the last stage, the hidden states
+    ``[N, H]`` or the logits ``[N, V/tp]`` at the loss positions.
     Each model's chunk runs through :mod:`vigos_megatron.models.stage_forward` (the same modules
     as ``Qwen25VLModel.forward``, with one vision-tower pass per image and the selected logits).
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, *, share_vision: bool = False):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, *, share_vision: bool = False,
+                 from_hidden: bool = True):
         super().__init__(config=student.config)
         for flag in ("pre_process", "post_process"):
             if getattr(student, flag) != getattr(teacher, flag):
@@ -70,6 +78,7 @@ class StudentTeacherStage(MegatronModule):
         self.post_process = student.post_process
         self.share_embeddings_and_output_weights = student.share_embeddings_and_output_weights
         self.share_vision = bool(share_vision)
+        self.from_hidden = bool(from_hidden)
         tower = family_of(student).vision_tower(student) if self.pre_process else None
         if self.share_vision and tower is not None and any(p.requires_grad for p in tower.parameters()):
             raise ValueError("share_vision needs a frozen student vision tower (model.freeze_vision)")
@@ -88,6 +97,14 @@ class StudentTeacherStage(MegatronModule):
                 raise ValueError(f"StudentTeacherStage receives one tensor per micro-batch, got {len(input_tensor)}")
             input_tensor = input_tensor[0]
         self._input_tensor = input_tensor
+
+    def scored_rows(self, output: torch.Tensor):
+        """The last stage's ``output`` as the loss reads it (:mod:`vigos_megatron.losses.scored_rows`)."""
+        from vigos_megatron.losses.scored_rows import HiddenOutput, LogitsOutput
+
+        if not self.from_hidden:
+            return LogitsOutput(output)
+        return HiddenOutput(output, _output_weight(self.student), output, _output_weight(self.teacher))
 
     def train(self, mode: bool = True):
         """Train/eval the student; the teacher always stays in eval mode."""
@@ -127,7 +144,8 @@ class StudentTeacherStage(MegatronModule):
         """``model`` on each of its slots (``B`` rows of ``S_c`` tokens; slots with ``S_c = 0`` skipped).
 
         Returns per slot ``[S_c * B, 1, H]`` hidden states (flattened ``[S_c, B, H]``) or, on the last
-        stage, the ``[N_c, V/tp]`` logits at the slot's selected positions.
+        stage, the ``[N_c, H]`` final hidden states (``from_hidden``) or ``[N_c, V/tp]`` logits at the
+        slot's selected positions.
         """
         from vigos_megatron.models.stage_forward import embed_rows, language_forward, mrope_positions
 
@@ -145,9 +163,10 @@ class StudentTeacherStage(MegatronModule):
             model.set_input_tensor(xs[c])
             out = language_forward(model, rows=emb,
                                    position_ids=mrope_positions(model, ids, rows.grid_thw(batch.images, part)),
-                                   logit_positions=batch.positions[c] if self.post_process else None)
+                                   logit_positions=batch.positions[c] if self.post_process else None,
+                                   hidden_only=self.from_hidden)
             if self.post_process:
-                _check(out, (batch.positions[c].numel(),), f"slot {c} logits")
+                _check(out, (batch.positions[c].numel(),), f"slot {c} scored rows")
                 outs.append(out)
             else:
                 _check(out, (s_c, B), f"slot {c} hidden states")
@@ -157,8 +176,9 @@ class StudentTeacherStage(MegatronModule):
     def forward(self, batch) -> torch.Tensor:
         """Student slots through the student chunk, teacher slots through the teacher chunk (no grad).
 
-        Returns the stream ``[T, 1, H]`` on intermediate stages; on the last stage the logits at
-        the selected positions ``[N, V/tp]`` (every slot's, in slot order: student first).
+        Returns the stream ``[T, 1, H]`` on intermediate stages; on the last stage the hidden states
+        ``[N, H]`` or logits ``[N, V/tp]`` at the selected positions (every slot's, in slot order:
+        student first).
         """
         ks, T, B = batch.student_slots, batch.stream_length, batch.rollouts
         n_slots = len(batch.slot_lengths)
@@ -184,7 +204,7 @@ class StudentTeacherStage(MegatronModule):
         outs = self._run_slots(self.student, batch.student, range(0, ks), batch, xs, s_feats)
         with torch.no_grad():
             outs += self._run_slots(self.teacher, batch.teacher, range(ks, n_slots), batch, xs, t_feats)
-        # last stage: [N, V/tp] logits at the loss positions; otherwise the stream [T, 1, H], a fresh
+        # last stage: [N, H] or [N, V/tp] at the loss positions; otherwise the stream [T, 1, H], a fresh
         # tensor (megatron frees the sent output's storage: it must not be a view)
         return torch.cat(outs)
 
@@ -192,3 +212,10 @@ class StudentTeacherStage(MegatronModule):
 def _check(t: torch.Tensor, lead: tuple, what: str) -> None:
     if t.dim() != len(lead) + 1 or tuple(t.shape[: len(lead)]) != lead:
         raise RuntimeError(f"{what}: shape {tuple(t.shape)}, expected leading dims {lead}")
+
+
+def _output_weight(model) -> torch.Tensor:
+    """The ``[V/tp, H]`` weight ``model``'s output layer multiplies by: the shared embedding / output
+    weight when tied (what GPTModel passes the output layer), else the output layer's own."""
+    lm = model.language_model
+    return lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else lm.output_layer.weight

@@ -1,0 +1,94 @@
+"""The KL from hidden states (vigos_megatron.losses.hidden_kl) against the logits path.
+
+* fast: every objective (ViGOS, OPSD, opd, VGS with the target's student row detached or not) from
+  hidden states equals the logits path in fp32 at TP=1: loss, hidden-state and output-weight
+  gradients within 1e-5 relative, the reports alike, teacher rows without gradient;
+* fast: the chunking (token chunks in forward, vocabulary x token tiles in backward) does not
+  change the result; bf16 inputs give the fp32 result of their values; bad input names the argument;
+* slow: the same at TP=2 (gloo), no gather (tests/dist/kl_hidden_parity.py).
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vigos_megatron.losses.vocab_parallel_kl import HiddenRows, LogitRows, kl_rows
+
+DIST = Path(__file__).parent / "dist"
+if str(DIST) not in sys.path:
+    sys.path.insert(0, str(DIST))
+
+import kl_hidden_parity  # noqa: E402
+
+
+def test_every_objective_from_hidden_equals_logits_tp1():
+    assert kl_hidden_parity.run_cases(0, 1, None) == []
+
+
+@pytest.mark.slow
+def test_every_objective_from_hidden_equals_logits_tp2(torchrun):
+    out = torchrun("kl_hidden_parity.py", 2)
+    assert len(re.findall(r"hidden vs logits, 0 failures", out)) == 2
+
+
+def _case(seed=0, n=9, h=16, v=300, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, h, generator=g).to(dtype)
+    ws = (torch.randn(v, h, generator=g) * 0.5).to(dtype)
+    wt = (torch.randn(v, h, generator=g) * 0.5).to(dtype)
+    ht = torch.randn(n, h, generator=g).to(dtype)
+    return hs, ws, ht, wt
+
+
+def _run(hs, ws, ht, wt, chunk_bytes, reverse):
+    h = hs.clone().requires_grad_()
+    w = ws.clone().requires_grad_()
+    idx = torch.arange(h.shape[0] - 1, -1, -1)
+    kl = kl_rows(HiddenRows(h, w), [HiddenRows(ht, wt, idx), HiddenRows(ht, wt, coef=-0.5)], reverse=reverse,
+                 temperature=1.4, chunk_bytes=chunk_bytes)
+    (kl * torch.linspace(0.5, 2, kl.numel())).sum().backward()
+    return kl.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("reverse", [True, False, torch.tensor([True, False] * 4 + [True])], ids=["rev", "fwd", "mixed"])
+def test_tiles_do_not_change_the_result(reverse):
+    inputs = _case()
+    whole = _run(*inputs, chunk_bytes=1 << 24, reverse=reverse)  # one chunk, one tile
+    tiled = _run(*inputs, chunk_bytes=4096, reverse=reverse)  # 3 tokens per chunk; 16-row weight blocks
+    for a, b in zip(whole, tiled):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_inputs_give_the_fp32_result_of_their_values():
+    """Each chunk's logits are formed in fp32 from the bf16 values: the KL equals the fp32 path's on
+    the same (bf16-representable) numbers; gradients come back in bf16."""
+    bf = _case(dtype=torch.bfloat16)
+    kl_b, gh_b, gw_b = _run(*bf, chunk_bytes=4096, reverse=True)
+    kl_f, gh_f, gw_f = _run(*(x.float() for x in bf), chunk_bytes=4096, reverse=True)
+    assert gh_b.dtype == gw_b.dtype == torch.bfloat16
+    assert torch.allclose(kl_b, kl_f, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(gw_b.float(), gw_f, rtol=1e-2, atol=1e-4)
+
+
+def test_bad_input_names_the_argument():
+    hs, ws, ht, wt = _case()
+    with pytest.raises(ValueError, match="teacher_hidden: hidden size"):
+        kl_rows(HiddenRows(hs, ws), HiddenRows(ht[:, :8], wt), reverse=True)
+    with pytest.raises(ValueError, match=r"teacher_hidden: weight \(299, 16\) is not \[V/tp=300"):
+        kl_rows(HiddenRows(hs, ws), HiddenRows(ht, wt[:-1]), reverse=True)
+    with pytest.raises(TypeError, match="mixes"):
+        kl_rows(HiddenRows(hs, ws), LogitRows(ht @ wt.t()), reverse=True)
+    with pytest.raises(ValueError, match="non-finite"):
+        kl_rows(HiddenRows(hs.index_fill(0, torch.tensor([2]), float("nan")), ws), HiddenRows(ht, wt), reverse=True)
+
+
+def test_config_refuses_triton_from_hidden():
+    from vigos_megatron.config.loss import LossConfig
+    from vigos_megatron.errors import ConfigError
+
+    LossConfig(impl="triton", from_hidden=False).validate()
+    with pytest.raises(ConfigError, match="impl: 'triton' is the KL from logits"):
+        LossConfig(impl="triton").validate()
