@@ -86,13 +86,16 @@ def test_published_config_values():
         assert t.hidden_size // t.num_attention_heads == 128
 
 
-def test_qwen3_vl_param_counts_match_hf_and_published():
-    """Qwen3-VL 2B/4B/8B/32B: the estimate's count == HF's meta model == the published total; the
-    vision tower (ViT + merger + deepstack mergers) too; tied embeddings counted once (2B, 4B)."""
+def test_qwen3_vl_param_counts_match_hf_megatron_and_published():
+    """Qwen3-VL 2B/4B/8B/32B: the estimate's count == HF's meta model == megatron's meta build == the
+    published total; the vision tower (ViT + merger + deepstack mergers) too; tied embeddings
+    counted once (2B, 4B)."""
     from transformers import Qwen3VLForConditionalGeneration
 
+    from vigos_megatron.models.builder import QwenVLBuilder, param_count
     from vigos_megatron.models.hf_configs import QWEN3_VL_SIZES, qwen3_vl_config
     from vigos_megatron.recipes.memory import ModelShape
+    from vigos_megatron.startup import local_model_parallel
 
     for size, (_, published, _) in QWEN3_VL_SIZES.items():
         cfg = qwen3_vl_config(size)
@@ -102,7 +105,13 @@ def test_qwen3_vl_param_counts_match_hf_and_published():
         hf_vision = sum(p.numel() for p in hf.model.visual.parameters())
         shape = ModelShape.from_hf(cfg)
         assert shape == dataclasses.replace(ModelShape.from_hf(f"qwen3_vl_{size}"), name="")
-        assert shape.param_count() == hf_count == published, (size, shape.param_count(), hf_count, published)
+        with local_model_parallel():
+            meg = QwenVLBuilder.from_hf(cfg, dtype=torch.bfloat16).build(meta_device=True)
+            meg_count = param_count(meg)
+            meg_vision = sum(p.numel() for p in meg[0].vision_model.parameters())
+        assert shape.param_count() == hf_count == meg_count == published, (size, shape.param_count(), hf_count,
+                                                                          meg_count, published)
+        assert meg_vision == hf_vision
         assert shape.vision.params() == hf_vision, (size, shape.vision.params(), hf_vision)
         assert shape.tie_word_embeddings == (size in ("2b", "4b"))
         # TP shards every matrix of the ViT: per rank well under the whole tower, the replicated part kept
@@ -205,13 +214,15 @@ def test_vision_activation_terms_equal_saved_tensors():
 
 @pytest.mark.slow
 def test_per_rank_params_and_activations_at_tp2_pp2(torchrun):
-    """4 gloo ranks: Qwen2.5-VL-3B per-rank parameters (meta build; tied output copy on the last
-    stage) and the tiny model's saved bytes per stage at TP=2 equal the estimate's."""
+    """4 gloo ranks: Qwen2.5-VL-3B and Qwen3-VL-2B per-rank parameters (meta build; tied output copy
+    on the last stage; Qwen3-VL's ViT split over TP) and the tiny model's saved bytes per stage at
+    TP=2 equal the estimate's."""
     out = torchrun("recipes_layout_check.py", 4, "--tp", 2, "--pp", 2)
     results = re.findall(r"RESULT (r\d_\w+)=(\d+)/(\d+)", out)
     keys = {k for k, _, _ in results}
     for r in range(4):
-        for k in ("params_3b_language", "params_3b_vision", "act_local_none", "act_sdpa_none", "act_sdpa_full"):
+        for k in ("params_3b_language", "params_3b_vision", "params_qwen3_vl_2b_language", "params_qwen3_vl_2b_vision",
+                  "act_local_none", "act_sdpa_none", "act_sdpa_full"):
             assert f"r{r}_{k}" in keys, (r, k, out[-3000:])
     bad = [(k, got, est) for k, got, est in results if got != est]
     assert not bad, bad
