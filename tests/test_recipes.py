@@ -212,6 +212,51 @@ def test_vision_activation_terms_equal_saved_tensors():
                 assert got == patches * vis.stored_bytes_per_patch(checkpointed), (checkpointed, grid, got)
 
 
+def _tiny_qwen3_vl_configs():
+    """The tiny Qwen3-VL config and a variant with other head counts, widths, depth and deepstack layers."""
+    from vigos_megatron.testing.tiny_qwen3_vl import tiny_hf_config
+
+    base = tiny_hf_config()
+    text = dict(base.text_config.to_dict(), num_attention_heads=8, num_key_value_heads=4, intermediate_size=96)
+    vision = dict(base.vision_config.to_dict(), depth=4, hidden_size=48, num_heads=3, intermediate_size=80,
+                  deepstack_visual_indexes=[0, 1, 2])
+    return base, tiny_hf_config(text_config=text, vision_config=vision)
+
+
+@pytest.mark.parametrize("spec", ["local", "sdpa"])
+def test_qwen3_vl_activation_terms_equal_saved_tensors(spec):
+    """Qwen3-VL in bf16 on CPU, two tiny shapes: the language model's saved bytes (QK-norm; the
+    local spec's fp32 attention path) and the Megatron ViT's (deepstack mergers; full
+    recomputation) == the estimate's terms."""
+    from vigos_megatron.models.builder import QwenVLBuilder
+    from vigos_megatron.recipes.memory import ModelShape, stage_activation_bytes
+    from vigos_megatron.startup import local_model_parallel
+
+    gen = torch.Generator().manual_seed(0)
+    with local_model_parallel():
+        for cfg in _tiny_qwen3_vl_configs():
+            shape = ModelShape.from_hf(cfg)
+            vis = shape.vision
+            for rc in ("none", "selective", "full"):
+                model = QwenVLBuilder.from_hf(cfg, dtype=torch.bfloat16, transformer_impl=spec, recompute=rc).build()[0]
+                model.train()
+                params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+                for seq, rows in ((64, 1), (128, 2)):
+                    ids = torch.randint(0, 300, (rows, seq), generator=gen)
+                    pos = torch.arange(seq).expand(3, rows, seq)
+                    got = saved_bytes(lambda: model(input_ids=ids, position_ids=pos, attention_mask=None), params)
+                    est = stage_activation_bytes(shape, tp=1, pp=1, stage=0, rows=rows, seq=seq, spec=spec, recompute=rc)
+                    assert got == est, (spec, rc, seq, rows, got, est)
+                if rc == "selective":
+                    continue
+                for grid in ([[1, 8, 8]], [[1, 8, 8], [1, 4, 8]]):
+                    g = torch.tensor(grid)
+                    patches = int(g.prod(-1).sum())
+                    pixels = torch.randn(patches, vis.patch_dim, generator=gen).to(torch.bfloat16)
+                    got = saved_bytes(lambda: model.vision_model(hidden_states=pixels, grid_thw=g), params)
+                    assert got == patches * vis.stored_bytes_per_patch(rc == "full"), (spec, rc, grid, got)
+
+
 @pytest.mark.slow
 def test_per_rank_params_and_activations_at_tp2_pp2(torchrun):
     """4 gloo ranks: Qwen2.5-VL-3B and Qwen3-VL-2B per-rank parameters (meta build; tied output copy

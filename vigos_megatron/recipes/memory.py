@@ -40,7 +40,10 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   backward re-runs one layer at a time (a transient). Stages > 0 do not count their first
   layer's input (it is the received stream tensor); the first stage adds the int64 ids (and a
   bool mask at TP > 1), the last the final norm and the output layer's input. Qwen3-VL's QK-norm
-  adds ``[2ad + 2gd + 4a + 4g] / tp`` (the norms' inputs and fp32 statistics; not measured). The
+  adds ``[8ad + 8gd + 4a + 4g] / tp`` (fp32 input and output per head, fp32 statistics), and its
+  local path (Bridge's ``Qwen3VLSelfAttention`` attends in fp32 outside the core-attention module,
+  so ``selective`` recomputes nothing there) ``4ad / tp`` per token and ``(6 a / tp) S^2`` per row
+  instead of ``(2 a / tp) S^2``. The
   ``local`` and ``sdpa`` coefficients are checked exactly against the tensors
   autograd saves in the tiny model (tests/test_recipes.py); ``transformer_engine`` follows what
   TE's fused norm+linear, fused attention and SwiGLU save (not measured here: no TE on CPU).
@@ -52,8 +55,8 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   checkpointing of the vision blocks); checked exactly on the tiny model too. Qwen3-VL: pixels,
   merger and deepstack mergers, and each Megatron ViT block's input ``2 h_v`` under full
   recomputation (the ViT takes the language model's recompute settings), see
-  :meth:`~vigos_megatron.recipes.shapes.Qwen3VisionShape.stored_bytes_per_patch` (derived from the
-  modules, not yet measured). An image of ``T`` LM tokens has ``4 T`` patches.
+  :meth:`~vigos_megatron.recipes.shapes.Qwen3VisionShape.stored_bytes_per_patch`; checked exactly
+  on two tiny shapes at TP 1. An image of ``T`` LM tokens has ``4 T`` patches.
 * Qwen3-VL deepstack features (first stage): ``len(deepstack_visual_indexes)`` bf16 ``[T, H]``
   tensors per student image row, kept as inputs of the first layers' recomputation.
 * received pipeline tensors ``2 S R H`` per micro-batch in flight on stages > 0 (the whole stream,

@@ -162,22 +162,31 @@ class Qwen3VisionShape:
         return self.rank_params(1)
 
     def block_bytes_per_patch(self, tp: int = 1) -> int:
-        """Bytes one block saves per patch for backward (bf16, SDPA core attention): two LayerNorm
-        inputs + fp32 statistics, the QKV and fc1 inputs, and per rank q, k, v, the attention output
-        and its fp32 statistics, the proj input, the fp32 rotary copies of q and k, the GELU and fc2
-        inputs. Not measured (no tiny-model check yet, unlike :class:`VisionShape`)."""
-        h, i, a = self.hidden_size, self.intermediate_size, self.num_heads
-        return 8 * h + 16 + (6 * h + 2 * h + 4 * a + 2 * h + 8 * h + 4 * i) // tp
+        """Bytes one Megatron ViT block saves per patch for backward (bf16, the project's per-image SDPA):
+        the two LayerNorms' inputs and bf16 statistics, the QKV and fc1 inputs, the fp32 rotary cos/sin
+        of q and k (``16 d``), and per TP rank the rotated q, k, the attention output, the fused QKV
+        output (v lives in it), the softmax statistics, the proj input, the GELU and fc2 inputs."""
+        h, i, a, d = self.hidden_size, self.intermediate_size, self.num_heads, self.head_dim
+        return 8 * h + 8 + 16 * d + (14 * h + 4 * a + 4 * i) // tp
+
+    def _merger_bytes_per_patch(self, tp: int, postshuffle: bool) -> int:
+        """A merger's saved bytes per patch: LayerNorm input and bf16 statistics (per patch, or per
+        merged token for a deepstack merger), fc1 input, GELU and fc2 inputs per rank."""
+        h = self.hidden_size
+        return 2 * h + (1 if postshuffle else 4) + 2 * h + 4 * h // tp
 
     def stored_bytes_per_patch(self, checkpointed: bool, tp: int = 1) -> int:
-        """Bytes kept for backward per patch: pixels, the merger and the deepstack mergers (per merged
-        token: LayerNorm input + statistics, fc1 input, GELU and fc2 inputs per rank), and the blocks
-        (each block's input only when checkpointed: Megatron's full recomputation of the ViT)."""
-        h, m = self.hidden_size, self.hidden_size * self.patches_per_token
-        per_token_merger = 2 * m + 8 + 2 * m + 4 * m // tp
-        ends = 2 * self.patch_dim + (1 + self.deepstack_layers) * per_token_merger // self.patches_per_token
-        blocks = self.depth * (2 * h if checkpointed else self.block_bytes_per_patch(tp))
-        return ends + blocks
+        """Bytes kept for backward per patch: the pixels (``2 * patch_dim``) and the bilinear position
+        indices and weights (``40``), the merger, and the blocks with their deepstack mergers. Without
+        checkpointing every block's terms and each deepstack merger's (its input is the next block's
+        input, counted once); checkpointed (Megatron's full recomputation of the ViT) only each
+        block's input ``2 h`` and the fp32 rotary table ``4 d``, the deepstack mergers being
+        recomputed inside their block. Checked exactly against the tiny model's saved tensors."""
+        ends = 2 * self.patch_dim + 40 + self._merger_bytes_per_patch(tp, False)
+        if checkpointed:
+            return ends + 4 * self.head_dim + self.depth * 2 * self.hidden_size
+        deep = self._merger_bytes_per_patch(tp, True) - 2 * self.hidden_size
+        return ends + self.depth * self.block_bytes_per_patch(tp) + self.deepstack_layers * deep
 
     def forward_bytes_per_patch(self, tp: int = 1) -> int:
         """Upper bound of the live tensors per patch of a no-grad pass through one block."""
@@ -322,6 +331,12 @@ class ModelShape:
 
     # ---------------------------------------------------------------- activations
 
+    def _unfused_outside_core(self, spec: str) -> bool:
+        """Qwen3-VL's self-attention (Bridge's ``Qwen3VLSelfAttention``) computes the local spec's causal
+        attention itself, in fp32, outside the core-attention module: selective recomputation
+        (``core_attn``) does not reach it."""
+        return spec == "local" and self.qk_norm
+
     def layer_bytes_per_token(self, tp: int, spec: str, recompute: str = "none") -> int:
         """Bytes autograd keeps per token in one language layer (bf16; see the module docstring)."""
         _check_choice("layer_spec", spec, LAYER_SPECS)
@@ -330,24 +345,34 @@ class ModelShape:
         a, g = self.num_attention_heads, self.num_key_value_heads
         if recompute == "full":
             return 2 * h
+        if recompute == "selective" and self._unfused_outside_core(spec):
+            recompute = "none"
         lse = 0 if recompute == "selective" else 4 * a
-        qk_norm = (2 * a * d + 2 * g * d + 4 * a + 4 * g) if self.qk_norm else 0  # inputs + fp32 statistics
+        # QK-norm: torch.rms_norm keeps its fp32 input and output per head, and fp32 statistics
+        qk_norm = (8 * a * d + 8 * g * d + 4 * a + 4 * g) if self.qk_norm else 0
         flash_attn = 2 * a * d + 2 * g * d + 2 * (a + 2 * g) * d + lse + 2 * a * d + qk_norm
         if spec == "transformer_engine":
             return 2 * (4 * h + 4) + 8 * d + (flash_attn + 6 * f) // tp
         if spec == "sdpa" or recompute == "selective":
             return 2 * (10 * h + 4) + 8 * d + (flash_attn + 10 * f) // tp
-        return 2 * (10 * h + 4) + 8 * d + (8 * a * d + qk_norm + 10 * f) // tp  # local, unfused attention
+        fp32_path = 4 * a * d if self._unfused_outside_core(spec) else 0  # its fp32 attention output
+        return 2 * (10 * h + 4) + 8 * d + (8 * a * d + fp32_path + qk_norm + 10 * f) // tp  # local, unfused
 
     def layer_extra_bytes(self, rows: int, seq: int, tp: int, spec: str, recompute: str = "none") -> int:
         """Bytes per layer and micro-batch that are not per token: the unfused (local) attention's
-        bf16 probabilities ``[rows, a/tp, S, S]`` and its bool causal mask ``[S, S]``; the int32 RNG
-        state a selective checkpoint keeps."""
-        if recompute == "selective":
-            return 4
-        if spec != "local" or recompute != "none":
+        bf16 probabilities ``[rows, a/tp, S, S]`` and its bool causal mask ``[S, S]`` (Qwen3-VL's
+        fp32 path adds the fp32 probabilities, ``4 a/tp`` bytes per row, and keeps them under
+        selective recomputation, which then checkpoints nothing); the int32 RNG state a selective
+        checkpoint keeps."""
+        fp32_path = self._unfused_outside_core(spec)
+        if recompute == "full" or spec != "local" and recompute == "none":
             return 0
-        return rows * (2 * self.num_attention_heads // tp) * seq * seq + seq * seq
+        if recompute == "selective" and not fp32_path:
+            return 4
+        a = self.num_attention_heads
+        if fp32_path:
+            return rows * (6 * a // tp) * seq * seq + seq * seq
+        return rows * (2 * a // tp) * seq * seq + seq * seq
 
     def forward_bytes_per_token(self, tp: int) -> int:
         """Upper bound of the live tensors per token of a no-grad pass through one layer."""
