@@ -29,16 +29,16 @@ same path for 2B, 4B, 32B), read through copies of those files found with the ``
 https://huggingface.co/TechCarbasa/MyModels/commit/400bbbf998ac875feb9b2182d409b81aa3601ac8 (4B),
 https://huggingface.co/quanliang/F1/blob/main/config.json (32B shape):
 
-=====  ======  ======  =====  ======  =====  ===  ====  ======  ===================================
-size   vocab   hidden  inter  layers  heads  kv   tied  ViT     parameters (published)
-=====  ======  ======  =====  ======  =====  ===  ====  ======  ===================================
+=====  ======  ======  =====  ======  =====  ===  ====  =======  ==============================
+size   vocab   hidden  inter  layers  heads  kv   tied  ViT      parameters (published)
+=====  ======  ======  =====  ======  =====  ===  ====  =======  ==============================
 2B     151936  2048    6144   28      16     8    yes   24/1024  2,127,532,032
 4B     151936  2560    9728   36      32     8    yes   24/1024  4,437,815,808
 8B     151936  4096    12288  36      32     8    no    27/1152  8,767,123,696
 32B    151936  5120    25600  64      64     8    no    27/1152  33,357,390,064
-=====  ======  ======  =====  ======  =====  ===  ====  ======  ===================================
+=====  ======  ======  =====  ======  =====  ===  ====  =======  ==============================
 
-Every size: head_dim 128 (not hidden/heads for 2B, 32B), QK-norm, rope theta 5,000,000,
+Every size: head_dim 128 (not hidden/heads for 2B, 4B, 32B), QK-norm, rope theta 5,000,000,
 interleaved mrope sections [24, 20, 20], 262,144 positions. Vision transformer (ViT depth/hidden
 above): 16 heads, patch 16, temporal patch 2, spatial merge 2 (an LM image token is a 32 x 32
 pixel square), 2304 learned position embeddings, tanh-GELU MLP; intermediate 4096 (depth 24) or
@@ -136,21 +136,27 @@ QWEN2_5_VL_SIZES = {
 }
 
 
+def _sized_values(sizes: dict, family: str, size: str) -> dict:
+    key = size.lower()
+    if key not in sizes:
+        raise ValueError(f"size: unknown {family} size {size!r}; known: {', '.join(sizes)}")
+    return copy.deepcopy(sizes[key][0])
+
+
+def _hf_config(class_name: str, values: dict, overrides: dict):
+    import transformers
+
+    return getattr(transformers, class_name)(**{**values, **overrides})
+
+
 def qwen2_5_vl_values(size: str) -> dict:
     """A deep copy of the config values of ``size`` (``"3b"``, ``"7b"``, ``"32b"``, ``"72b"``)."""
-    key = size.lower()
-    if key not in QWEN2_5_VL_SIZES:
-        raise ValueError(f"size: unknown Qwen2.5-VL size {size!r}; known: {', '.join(QWEN2_5_VL_SIZES)}")
-    return copy.deepcopy(QWEN2_5_VL_SIZES[key][0])
+    return _sized_values(QWEN2_5_VL_SIZES, "Qwen2.5-VL", size)
 
 
 def qwen2_5_vl_config(size: str, **overrides):
     """A ``transformers.Qwen2_5_VLConfig`` of the published ``size``; ``overrides`` replace top-level fields."""
-    from transformers import Qwen2_5_VLConfig
-
-    kwargs = qwen2_5_vl_values(size)
-    kwargs.update(overrides)
-    return Qwen2_5_VLConfig(**kwargs)
+    return _hf_config("Qwen2_5_VLConfig", qwen2_5_vl_values(size), overrides)
 
 
 def qwen2_5_vl_3b_config(**overrides):
@@ -218,13 +224,17 @@ def _qwen3_config(text: dict, vision: dict, tie: bool) -> dict:
 
 
 #: Qwen/Qwen3-VL-2B-Instruct (tied input/output embeddings)
-QWEN3_VL_2B = _qwen3_config(_qwen3_text(2048, 6144, 28, 16), _qwen3_vision(24, 1024, 4096, 2048, (5, 11, 17)), tie=True)
+QWEN3_VL_2B = _qwen3_config(_qwen3_text(2048, 6144, 28, 16),
+                            _qwen3_vision(24, 1024, 4096, 2048, (5, 11, 17)), tie=True)
 #: Qwen/Qwen3-VL-4B-Instruct (tied input/output embeddings)
-QWEN3_VL_4B = _qwen3_config(_qwen3_text(2560, 9728, 36, 32), _qwen3_vision(24, 1024, 4096, 2560, (5, 11, 17)), tie=True)
+QWEN3_VL_4B = _qwen3_config(_qwen3_text(2560, 9728, 36, 32),
+                            _qwen3_vision(24, 1024, 4096, 2560, (5, 11, 17)), tie=True)
 #: Qwen/Qwen3-VL-8B-Instruct
-QWEN3_VL_8B = _qwen3_config(_qwen3_text(4096, 12288, 36, 32), _qwen3_vision(27, 1152, 4304, 4096, (8, 16, 24)), tie=False)
+QWEN3_VL_8B = _qwen3_config(_qwen3_text(4096, 12288, 36, 32),
+                            _qwen3_vision(27, 1152, 4304, 4096, (8, 16, 24)), tie=False)
 #: Qwen/Qwen3-VL-32B-Instruct
-QWEN3_VL_32B = _qwen3_config(_qwen3_text(5120, 25600, 64, 64), _qwen3_vision(27, 1152, 4304, 5120, (8, 16, 24)), tie=False)
+QWEN3_VL_32B = _qwen3_config(_qwen3_text(5120, 25600, 64, 64),
+                            _qwen3_vision(27, 1152, 4304, 5120, (8, 16, 24)), tie=False)
 
 #: size name -> (config values, published parameter count, HF repository id)
 QWEN3_VL_SIZES = {
@@ -237,19 +247,12 @@ QWEN3_VL_SIZES = {
 
 def qwen3_vl_values(size: str) -> dict:
     """A deep copy of the config values of ``size`` (``"2b"``, ``"4b"``, ``"8b"``, ``"32b"``)."""
-    key = size.lower()
-    if key not in QWEN3_VL_SIZES:
-        raise ValueError(f"size: unknown Qwen3-VL size {size!r}; known: {', '.join(QWEN3_VL_SIZES)}")
-    return copy.deepcopy(QWEN3_VL_SIZES[key][0])
+    return _sized_values(QWEN3_VL_SIZES, "Qwen3-VL", size)
 
 
 def qwen3_vl_config(size: str, **overrides):
     """A ``transformers.Qwen3VLConfig`` of the published ``size``; ``overrides`` replace top-level fields."""
-    from transformers import Qwen3VLConfig
-
-    kwargs = qwen3_vl_values(size)
-    kwargs.update(overrides)
-    return Qwen3VLConfig(**kwargs)
+    return _hf_config("Qwen3VLConfig", qwen3_vl_values(size), overrides)
 
 
 # --------------------------------------------------------------------------- lookup by name

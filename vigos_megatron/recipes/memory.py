@@ -362,7 +362,8 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
         train[f"student vision activations ({'checkpointed' if w.vision_recompute else 'stored'})"] = (
             in_flight * mb * img_s * patches * vis.stored_bytes_per_patch(w.vision_recompute, tp))
     if first and n_deep:
-        train[f"deepstack features ({n_deep} x image tokens x H, bf16)"] = in_flight * mb * img_s * n_deep * w.image_tokens * h * 2
+        train[f"deepstack features ({n_deep} x image tokens x H, bf16)"] = (
+            in_flight * mb * img_s * n_deep * w.image_tokens * h * 2)
     if not first:
         train["received pipeline stream tensors"] = in_flight * 2 * seq * rows * h
     if last:

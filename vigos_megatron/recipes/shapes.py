@@ -27,19 +27,8 @@ class LayoutError(UserError, ValueError):
     hint = "choose another layout or more GPUs"
 
 
-@dataclass(frozen=True)
-class VisionShape:
-    """Qwen2.5-VL's HF vision tower (``vision_config``): replicated on every TP rank, no deepstack."""
-
-    depth: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    out_hidden_size: int
-    in_channels: int = 3
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
+class _PatchGeometry:
+    """Patch and merge geometry shared by the vision shapes (their fields name the sizes)."""
 
     @property
     def patch_dim(self) -> int:
@@ -57,6 +46,21 @@ class VisionShape:
     def pixel_unit(self) -> int:
         """Side in pixels of the square one LM image token covers (patch * merge)."""
         return self.patch_size * self.spatial_merge_size
+
+
+@dataclass(frozen=True)
+class VisionShape(_PatchGeometry):
+    """Qwen2.5-VL's HF vision tower (``vision_config``): replicated on every TP rank, no deepstack."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
 
     #: language-model layers that receive vision features (deepstack); none here
     deepstack_layers = 0
@@ -94,7 +98,7 @@ class VisionShape:
 
 
 @dataclass(frozen=True)
-class Qwen3VisionShape:
+class Qwen3VisionShape(_PatchGeometry):
     """Qwen3-VL's vision transformer (``vision_config``), built as Bridge's Megatron ``Qwen3VLVisionModel``:
     TP-sharded (column-parallel QKV / fc1 / merger fc1, row-parallel proj / fc2 / merger fc2; norms,
     row-parallel biases, patch and position embeddings replicated), LayerNorm blocks with a
@@ -112,22 +116,6 @@ class Qwen3VisionShape:
     patch_size: int = 16
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patches_per_token(self) -> int:
-        return self.spatial_merge_size**2
-
-    @property
-    def pixel_unit(self) -> int:
-        return self.patch_size * self.spatial_merge_size
 
     @property
     def deepstack_layers(self) -> int:
@@ -225,59 +213,18 @@ class ModelShape:
     @classmethod
     def _from_qwen3_vl(cls, raw: dict, name: str) -> "ModelShape":
         text, vis = raw["text_config"], raw["vision_config"]
-        return cls(
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            ffn_hidden_size=text["intermediate_size"],
-            num_layers=text["num_hidden_layers"],
-            num_attention_heads=text["num_attention_heads"],
-            num_key_value_heads=text["num_key_value_heads"],
-            head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qk_norm=True,
-            vision=Qwen3VisionShape(
-                depth=vis["depth"],
-                hidden_size=vis["hidden_size"],
-                intermediate_size=vis["intermediate_size"],
-                num_heads=vis["num_heads"],
-                out_hidden_size=vis["out_hidden_size"],
-                deepstack_indexes=tuple(vis.get("deepstack_visual_indexes", ())),
-                num_position_embeddings=vis.get("num_position_embeddings", 2304),
-                in_channels=vis.get("in_channels", 3),
-                patch_size=vis.get("patch_size", 16),
-                temporal_patch_size=vis.get("temporal_patch_size", 2),
-                spatial_merge_size=vis.get("spatial_merge_size", 2),
-            ),
-            name=name,
-        )
+        return cls(**_text_fields(text), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                   qk_norm=True, name=name,
+                   vision=Qwen3VisionShape(**_vision_fields(vis, patch_size=16),
+                                           deepstack_indexes=tuple(vis.get("deepstack_visual_indexes", ())),
+                                           num_position_embeddings=vis.get("num_position_embeddings", 2304)))
 
     @classmethod
     def _from_qwen2_5_vl(cls, raw: dict, name: str) -> "ModelShape":
         text = raw.get("text_config") or raw
-        vis = raw["vision_config"]
-        heads = text["num_attention_heads"]
-        return cls(
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            ffn_hidden_size=text["intermediate_size"],
-            num_layers=text["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=text["num_key_value_heads"],
-            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            vision=VisionShape(
-                depth=vis["depth"],
-                hidden_size=vis["hidden_size"],
-                intermediate_size=vis["intermediate_size"],
-                num_heads=vis["num_heads"],
-                out_hidden_size=vis["out_hidden_size"],
-                in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
-                patch_size=vis.get("patch_size", 14),
-                temporal_patch_size=vis.get("temporal_patch_size", 2),
-                spatial_merge_size=vis.get("spatial_merge_size", 2),
-            ),
-            name=name,
-        )
+        tied = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        return cls(**_text_fields(text), tie_word_embeddings=bool(tied), name=name,
+                   vision=VisionShape(**_vision_fields(raw["vision_config"], patch_size=14)))
 
     # ---------------------------------------------------------------- layout checks
 
@@ -382,6 +329,23 @@ class ModelShape:
     def kv_bytes_per_token(self, tp: int, pp: int) -> int:
         """bf16 keys and values of one token in this stage's layers."""
         return (self.num_layers // pp) * 2 * (self.num_key_value_heads // tp) * self.head_dim * 2
+
+
+def _text_fields(text: dict) -> dict:
+    heads = text["num_attention_heads"]
+    return dict(vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
+                ffn_hidden_size=text["intermediate_size"], num_layers=text["num_hidden_layers"], num_attention_heads=heads,
+                num_key_value_heads=text["num_key_value_heads"],
+                head_dim=text.get("head_dim") or text["hidden_size"] // heads)
+
+
+def _vision_fields(vis: dict, patch_size: int) -> dict:
+    """The vision config's sizes (``patch_size``: the family's default when the config omits it)."""
+    return dict(depth=vis["depth"], hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
+                num_heads=vis["num_heads"], out_hidden_size=vis["out_hidden_size"],
+                in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+                patch_size=vis.get("patch_size", patch_size), temporal_patch_size=vis.get("temporal_patch_size", 2),
+                spatial_merge_size=vis.get("spatial_merge_size", 2))
 
 
 #: HF model_type -> ModelShape constructor
