@@ -27,7 +27,9 @@ models).
 same path for 2B, 4B, 32B), read through copies of those files found with the ``search`` tool
 (no hub access here), e.g. https://huggingface.co/Steinate/Cortex/blame/main/config.json (8B),
 https://huggingface.co/TechCarbasa/MyModels/commit/400bbbf998ac875feb9b2182d409b81aa3601ac8 (4B),
-https://huggingface.co/quanliang/F1/blob/main/config.json (32B shape):
+https://huggingface.co/quanliang/F1/blob/main/config.json (a 32B fine-tune, same shape); no page of
+the 2B file was found: its values are as quoted in public code (and its parameter total below
+confirms them, tied embeddings included):
 
 =====  ======  ======  =====  ======  =====  ===  ====  =======  ==============================
 size   vocab   hidden  inter  layers  heads  kv   tied  ViT      parameters (published)
