@@ -51,7 +51,7 @@ ENTRY_POINT = "examples/pretrain_vigos.py"
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", required=True, help="qwen2_5_vl_3b, qwen2_5_vl_7b, qwen2_5_vl_32b or qwen2_5_vl_72b")
+    ap.add_argument("--recipe", required=True, help="qwen2_5_vl_3b/7b/32b/72b or qwen3_vl_2b/4b/8b/32b")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--executor", choices=("local", "slurm"), required=True)
@@ -209,7 +209,7 @@ def build_plan(args):
     """Recipe -> validated config (written to disk) -> :class:`LaunchPlan`; ConfigError on bad input."""
     from vigos_megatron.config.loader import ConfigError, to_yaml
     from vigos_megatron.recipes.memory import estimate_for_config
-    from vigos_megatron.recipes.qwen2_5_vl import MODELS, build_recipe
+    from vigos_megatron.recipes.registry import MODELS, build_recipe
 
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ConfigError(f"--nodes and --gpus-per-node must be >= 1, got {args.nodes}, {args.gpus_per_node}")
@@ -219,7 +219,7 @@ def build_plan(args):
     cfg = build_recipe(args.recipe, world, hf_path=args.hf_path, run_dir=args.run_dir, shards_dir=args.shards_dir,
                        processor_path=args.processor_path, overrides=args.overrides,
                        check_memory=not args.ignore_memory_estimate)
-    est = estimate_for_config(cfg, world, model=MODELS[args.recipe][0])
+    est = estimate_for_config(cfg, world, model=MODELS[args.recipe].model)
     config_path = Path(args.config_out or Path(cfg.run_dir) / "launch" / f"{args.recipe}.yaml")
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(to_yaml(cfg))

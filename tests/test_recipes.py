@@ -1,6 +1,7 @@
 """Recipes and the memory estimate: parameter counts against meta-device builds, activation terms
 against what autograd really saves, recipe -> YAML -> validation, the shipped training configs."""
 
+import dataclasses
 import json
 import math
 import re
@@ -28,10 +29,17 @@ def saved_bytes(fn, exclude) -> int:
     return sum(seen.values())
 
 
-def write_hf_config(size: str, directory: Path) -> Path:
-    from vigos_megatron.models.hf_configs import qwen2_5_vl_config
+def hf_config(name: str):
+    """The HF config of a known model name ("7b", "qwen2_5_vl_7b", "qwen3_vl_8b")."""
+    from vigos_megatron.models.hf_configs import qwen2_5_vl_config, qwen3_vl_config
 
-    qwen2_5_vl_config(size).save_pretrained(directory)
+    if name.startswith("qwen3_vl_"):
+        return qwen3_vl_config(name.removeprefix("qwen3_vl_"))
+    return qwen2_5_vl_config(name.removeprefix("qwen2_5_vl_"))
+
+
+def write_hf_config(name: str, directory: Path) -> Path:
+    hf_config(name).save_pretrained(directory)
     return directory
 
 
@@ -76,6 +84,79 @@ def test_published_config_values():
                 t.num_key_value_heads, bool(c.tie_word_embeddings)) == (v, h, f, n, a, g, tied)
         assert (vis.depth, vis.hidden_size, vis.intermediate_size, vis.out_hidden_size) == (32, 1280, vi, h)
         assert t.hidden_size // t.num_attention_heads == 128
+
+
+def test_qwen3_vl_param_counts_match_hf_megatron_and_published():
+    """Qwen3-VL 2B/4B/8B/32B: the estimate's count == HF's meta model == megatron's meta build == the
+    published total; the vision tower (ViT + merger + deepstack mergers) too; tied embeddings
+    counted once (2B, 4B)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from vigos_megatron.models.builder import QwenVLBuilder, param_count
+    from vigos_megatron.models.hf_configs import QWEN3_VL_SIZES, qwen3_vl_config
+    from vigos_megatron.recipes.memory import ModelShape
+    from vigos_megatron.startup import local_model_parallel
+
+    for size, (_, published, _) in QWEN3_VL_SIZES.items():
+        cfg = qwen3_vl_config(size)
+        with torch.device("meta"):
+            hf = Qwen3VLForConditionalGeneration(cfg)
+        hf_count = sum(p.numel() for p in hf.parameters())
+        hf_vision = sum(p.numel() for p in hf.model.visual.parameters())
+        shape = ModelShape.from_hf(cfg)
+        assert shape == dataclasses.replace(ModelShape.from_hf(f"qwen3_vl_{size}"), name="")
+        with local_model_parallel():
+            meg = QwenVLBuilder.from_hf(cfg, dtype=torch.bfloat16).build(meta_device=True)
+            meg_count = param_count(meg)
+            meg_vision = sum(p.numel() for p in meg[0].vision_model.parameters())
+        assert shape.param_count() == hf_count == meg_count == published, (size, shape.param_count(), hf_count,
+                                                                          meg_count, published)
+        assert meg_vision == hf_vision
+        assert shape.vision.params() == hf_vision, (size, shape.vision.params(), hf_vision)
+        assert shape.tie_word_embeddings == (size in ("2b", "4b"))
+        # TP shards every matrix of the ViT: per rank well under the whole tower, the replicated part kept
+        assert shape.vision.params() / 8 < shape.vision.rank_params(8) < shape.vision.params() / 4
+
+
+def test_qwen3_vl_config_values():
+    from vigos_megatron.models.hf_configs import qwen3_vl_config
+
+    expect = {  # size: hidden, ffn, layers, heads, tied, ViT depth, ViT hidden, ViT intermediate, deepstack
+        "2b": (2048, 6144, 28, 16, True, 24, 1024, 4096, [5, 11, 17]),
+        "4b": (2560, 9728, 36, 32, True, 24, 1024, 4096, [5, 11, 17]),
+        "8b": (4096, 12288, 36, 32, False, 27, 1152, 4304, [8, 16, 24]),
+        "32b": (5120, 25600, 64, 64, False, 27, 1152, 4304, [8, 16, 24]),
+    }
+    for size, (h, f, n, a, tied, vd, vh, vi, deep) in expect.items():
+        c = qwen3_vl_config(size)
+        t, v = c.text_config, c.vision_config
+        assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+                bool(c.tie_word_embeddings)) == (h, f, n, a, tied)
+        assert (t.vocab_size, t.num_key_value_heads, t.head_dim, t.rope_parameters["rope_theta"]) == (151936, 8, 128, 5e6)
+        assert t.rope_parameters["mrope_section"] == [24, 20, 20]
+        assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size) == (vd, vh, vi, 16, h)
+        assert (v.patch_size, v.spatial_merge_size, v.num_position_embeddings) == (16, 2, 2304)
+        assert v.deepstack_visual_indexes == deep
+
+
+def test_qwen3_vl_layout_rules_and_pixel_unit():
+    """Deepstack needs its layers on the first stage; Qwen3-VL's image token is 32 x 32 pixels."""
+    from vigos_megatron.recipes.memory import LayoutError, ModelShape, Workload, estimate_memory
+    from vigos_megatron.recipes.qwen3_vl import qwen3_vl_2b
+
+    with pytest.raises(LayoutError, match=r"parallel.pp: 14 leaves 2 language-model layers.*3 deepstack.*pp <= 9"):
+        estimate_memory("qwen3_vl_2b", tp=1, pp=14, dp=1)
+    estimate_memory("qwen3_vl_2b", tp=1, pp=7, dp=1)
+    with pytest.raises(LayoutError, match=r"num_key_value_heads=8"):
+        estimate_memory("qwen3_vl_8b", tp=16, pp=1, dp=1)
+    assert ModelShape.from_hf("qwen3_vl_8b").vision.pixel_unit == 32 and ModelShape.from_hf("7b").vision.pixel_unit == 28
+    cfg = qwen3_vl_2b(8)
+    assert (cfg.data.context.min_pixels, cfg.data.context.max_pixels) == (4 * 32 * 32, 16384 * 32 * 32)
+    assert Workload.from_config(cfg, "qwen3_vl_2b").image_tokens == 16384
+    # deepstack features show up on the first stage only
+    est = estimate_memory("qwen3_vl_8b", tp=4, pp=2, dp=4, rollout_batch_size=4)
+    first = [k for k in est.train if k.startswith("deepstack")]
+    assert est.stage == 0 or first == []
 
 
 # --------------------------------------------------------------------------- activation terms, measured
@@ -131,15 +212,62 @@ def test_vision_activation_terms_equal_saved_tensors():
                 assert got == patches * vis.stored_bytes_per_patch(checkpointed), (checkpointed, grid, got)
 
 
+def _tiny_qwen3_vl_configs():
+    """The tiny Qwen3-VL config and a variant with other head counts, widths, depth and deepstack layers."""
+    from vigos_megatron.testing.tiny_qwen3_vl import tiny_hf_config
+
+    base = tiny_hf_config()
+    text = dict(base.text_config.to_dict(), num_attention_heads=8, num_key_value_heads=4, intermediate_size=96)
+    vision = dict(base.vision_config.to_dict(), depth=4, hidden_size=48, num_heads=3, intermediate_size=80,
+                  deepstack_visual_indexes=[0, 1, 2])
+    return base, tiny_hf_config(text_config=text, vision_config=vision)
+
+
+@pytest.mark.parametrize("spec", ["local", "sdpa"])
+def test_qwen3_vl_activation_terms_equal_saved_tensors(spec):
+    """Qwen3-VL in bf16 on CPU, two tiny shapes: the language model's saved bytes (QK-norm; the
+    local spec's fp32 attention path) and the Megatron ViT's (deepstack mergers; full
+    recomputation) == the estimate's terms."""
+    from vigos_megatron.models.builder import QwenVLBuilder
+    from vigos_megatron.recipes.memory import ModelShape, stage_activation_bytes
+    from vigos_megatron.startup import local_model_parallel
+
+    gen = torch.Generator().manual_seed(0)
+    with local_model_parallel():
+        for cfg in _tiny_qwen3_vl_configs():
+            shape = ModelShape.from_hf(cfg)
+            vis = shape.vision
+            for rc in ("none", "selective", "full"):
+                model = QwenVLBuilder.from_hf(cfg, dtype=torch.bfloat16, transformer_impl=spec, recompute=rc).build()[0]
+                model.train()
+                params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+                for seq, rows in ((64, 1), (128, 2)):
+                    ids = torch.randint(0, 300, (rows, seq), generator=gen)
+                    pos = torch.arange(seq).expand(3, rows, seq)
+                    got = saved_bytes(lambda: model(input_ids=ids, position_ids=pos, attention_mask=None), params)
+                    est = stage_activation_bytes(shape, tp=1, pp=1, stage=0, rows=rows, seq=seq, spec=spec, recompute=rc)
+                    assert got == est, (spec, rc, seq, rows, got, est)
+                if rc == "selective":
+                    continue
+                for grid in ([[1, 8, 8]], [[1, 8, 8], [1, 4, 8]]):
+                    g = torch.tensor(grid)
+                    patches = int(g.prod(-1).sum())
+                    pixels = torch.randn(patches, vis.patch_dim, generator=gen).to(torch.bfloat16)
+                    got = saved_bytes(lambda: model.vision_model(hidden_states=pixels, grid_thw=g), params)
+                    assert got == patches * vis.stored_bytes_per_patch(rc == "full"), (spec, rc, grid, got)
+
+
 @pytest.mark.slow
 def test_per_rank_params_and_activations_at_tp2_pp2(torchrun):
-    """4 gloo ranks: Qwen2.5-VL-3B per-rank parameters (meta build; tied output copy on the last
-    stage) and the tiny model's saved bytes per stage at TP=2 equal the estimate's."""
+    """4 gloo ranks: Qwen2.5-VL-3B and Qwen3-VL-2B per-rank parameters (meta build; tied output copy
+    on the last stage; Qwen3-VL's ViT split over TP) and the tiny model's saved bytes per stage at
+    TP=2 equal the estimate's."""
     out = torchrun("recipes_layout_check.py", 4, "--tp", 2, "--pp", 2)
     results = re.findall(r"RESULT (r\d_\w+)=(\d+)/(\d+)", out)
     keys = {k for k, _, _ in results}
     for r in range(4):
-        for k in ("params_3b_language", "params_3b_vision", "act_local_none", "act_sdpa_none", "act_sdpa_full"):
+        for k in ("params_3b_language", "params_3b_vision", "params_qwen3_vl_2b_language", "params_qwen3_vl_2b_vision",
+                  "act_local_none", "act_sdpa_none", "act_sdpa_full"):
             assert f"r{r}_{k}" in keys, (r, k, out[-3000:])
     bad = [(k, got, est) for k, got, est in results if got != est]
     assert not bad, bad
@@ -200,7 +328,7 @@ def test_layout_errors_name_the_option():
         estimate_memory("7b", tp=1, pp=1, dp=3)
     with pytest.raises(LayoutError, match=r"recompute"):
         estimate_memory("7b", tp=1, pp=1, dp=1, recompute="partial")
-    with pytest.raises(LayoutError, match=r"neither a Qwen2.5-VL size"):
+    with pytest.raises(LayoutError, match=r"neither a known model"):
         estimate_memory("9b", tp=1, pp=1, dp=1)
 
 
@@ -210,7 +338,7 @@ def test_layout_errors_name_the_option():
 def test_stated_layouts_are_what_the_estimate_chooses():
     """Each recipe's stated smallest GPU count and layouts == the layout search, up to dp = 32."""
     from vigos_megatron.recipes.memory import WORLD_SIZES
-    from vigos_megatron.recipes.qwen2_5_vl import RECIPES, STATED_LAYOUTS, min_gpus, plan
+    from vigos_megatron.recipes.registry import RECIPES, STATED_LAYOUTS, min_gpus, plan
 
     for name in RECIPES:
         computed = {}
@@ -226,7 +354,8 @@ def test_stated_layouts_are_what_the_estimate_chooses():
         assert f"Fits on {min_gpus(name)} GPUs" in RECIPES[name].__doc__
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b",
+                                  "qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b", "qwen3_vl_32b"])
 def test_recipe_yaml_validates_like_pretrain_vigos(name, tmp_path):
     """recipe -> YAML -> load_config + validate_layout (what examples/pretrain_vigos.py runs before
     any process group) at the smallest GPU count and at every stated count; the estimate from the
@@ -234,9 +363,9 @@ def test_recipe_yaml_validates_like_pretrain_vigos(name, tmp_path):
     from vigos_megatron.config.loader import load_config, to_yaml
     from vigos_megatron.config.train import PretrainConfig, validate_layout
     from vigos_megatron.recipes.memory import ModelShape, estimate_for_config
-    from vigos_megatron.recipes.qwen2_5_vl import MODELS, RECIPES, STATED_LAYOUTS
+    from vigos_megatron.recipes.registry import MODELS, RECIPES, STATED_LAYOUTS
 
-    size, _ = MODELS[name]
+    size = MODELS[name].model
     hf = write_hf_config(size, tmp_path / "hf")
     for n, (tp, pp, dp, batch) in STATED_LAYOUTS[name].items():
         cfg = RECIPES[name](n, hf_path=str(hf), shards_dir=str(tmp_path / "shards"), run_dir=str(tmp_path / "run"))
@@ -274,7 +403,8 @@ def test_7b_recipe_param_count_equals_meta_build(tmp_path):
 
 def test_recipe_refuses_too_few_gpus_and_reads_the_manifest(tmp_path):
     from vigos_megatron.config.loader import ConfigError
-    from vigos_megatron.recipes.qwen2_5_vl import get_recipe, qwen2_5_vl_7b
+    from vigos_megatron.recipes.qwen2_5_vl import qwen2_5_vl_7b
+    from vigos_megatron.recipes.registry import get_recipe
 
     with pytest.raises(ConfigError, match=r"qwen2_5_vl_72b: does not fit on 64 x 80 GB GPUs.*smallest count that fits is 512"):
         get_recipe("qwen2_5_vl_72b")(64)
@@ -290,15 +420,15 @@ def test_recipe_refuses_too_few_gpus_and_reads_the_manifest(tmp_path):
     small.data.context.max_prompt_tokens = 8192
     from vigos_megatron.recipes.memory import choose_layout, Workload
 
-    assert choose_layout("7b", 4, Workload.from_config(small), tune_rollout_batch=True) is not None
+    assert choose_layout("7b", 4, Workload.from_config(small, "7b"), tune_rollout_batch=True) is not None
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b"])
 def test_shipped_training_configs_equal_the_recipes(name):
     """conf/<name>.yaml (composed from conf/model, conf/loss, conf/data) == the recipe at 8 GPUs."""
     from vigos_megatron.config.loader import load_config, to_yaml
     from vigos_megatron.config.train import PretrainConfig, validate_layout
-    from vigos_megatron.recipes.qwen2_5_vl import RECIPES
+    from vigos_megatron.recipes.registry import RECIPES
 
     path = ROOT / "conf" / f"{name}.yaml"
     assert "compose:" in path.read_text()
@@ -308,7 +438,7 @@ def test_shipped_training_configs_equal_the_recipes(name):
     # the layout comment states the estimate the file's layout gets
     from vigos_megatron.recipes.memory import estimate_for_config
 
-    est = estimate_for_config(shipped, 8, model=name.split("_")[-1])
+    est = estimate_for_config(shipped, 8, model=name)
     assert f"peak = static + max(training, rollout)              {est.peak_gib:.2f}" in path.read_text()
     assert math.isclose(est.peak_gib, round(est.peak_gib, 2), abs_tol=0.005)
 

@@ -4,7 +4,8 @@ Usage: torchrun --nproc_per_node 4 recipes_layout_check.py --tp 2 --pp 2
 
 Every rank prints ``RESULT r<rank>_<key>=<measured>/<estimated>`` lines (the test compares them):
 
-* ``params_3b_{language,vision}``: parameters of this rank's chunk of Qwen2.5-VL-3B (tied
+* ``params_{3b,qwen3_vl_2b}_{language,vision}``: parameters of this rank's chunk of Qwen2.5-VL-3B
+  (replicated HF tower) and Qwen3-VL-2B (TP-sharded ViT with deepstack mergers; both with tied
   embeddings: the last stage holds the output-layer copy) built on the meta device, vs
   :meth:`ModelShape.stage_params`;
 * ``act_<spec>_<recompute>``: bytes autograd saves (parameters and the received stage input
@@ -45,7 +46,7 @@ def main():
     init_gloo(args.tp, args.pp)
     from megatron.core import parallel_state as ps
 
-    from vigos_megatron.models.hf_configs import qwen2_5_vl_config
+    from vigos_megatron.models.hf_configs import qwen2_5_vl_config, qwen3_vl_config
     from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.recipes.memory import ModelShape, stage_activation_bytes
     from vigos_megatron.testing.tiny_qwen import tiny_hf_config
@@ -53,11 +54,10 @@ def main():
     rank = dist.get_rank()
     stage = ps.get_pipeline_model_parallel_rank()
     out = []
-    for size in ("3b",):
-        hf = qwen2_5_vl_config(size)
+    for size, hf in (("3b", qwen2_5_vl_config("3b")), ("qwen3_vl_2b", qwen3_vl_config("2b"))):
         chunk = QwenVLBuilder.from_hf(hf, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                                       dtype=torch.bfloat16).build(meta_device=True)[0]
-        vision = sum(p.numel() for n, p in chunk.named_parameters() if n.startswith("visual."))
+        vision = sum(p.numel() for n, p in chunk.named_parameters() if n.startswith(("visual.", "vision_model.")))
         language = sum(p.numel() for p in chunk.parameters()) - vision
         lang_est, vis_est = ModelShape.from_hf(hf).stage_params(args.tp, args.pp, stage)
         out += [f"params_{size}_language={language}/{lang_est}", f"params_{size}_vision={vision}/{vis_est}"]

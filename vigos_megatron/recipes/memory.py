@@ -1,6 +1,6 @@
-"""Per-GPU memory estimate of a ViGOS run of Qwen2.5-VL on Megatron-Core (TP x PP x DP).
+"""Per-GPU memory estimate of a ViGOS run of Qwen2.5-VL or Qwen3-VL on Megatron-Core (TP x PP x DP).
 
-:func:`estimate_memory` answers "does this layout fit?" for any Qwen2.5-VL shape, parallel
+:func:`estimate_memory` answers "does this layout fit?" for any Qwen2.5-VL / Qwen3-VL shape, parallel
 layout and workload; :func:`estimate_for_config` does it for a training config;
 :func:`choose_layout` / :func:`smallest_world_size` search layouts (the recipes use them).
 Everything is counted in bytes on one GPU of the worst pipeline stage. A step has two phases
@@ -9,7 +9,9 @@ that never overlap, so ``peak = static + max(train phase, rollout phase)``.
 **Static** (held for the whole run), with ``n`` = the student parameters on this rank (its
 ``1/tp`` shard of its ``L/pp`` language layers, the embedding on the first stage, the final
 norm and output layer on the last, the tied output layer copy on the last stage when PP > 1,
-and the whole HF vision tower on every TP rank of the first stage: it is replicated, not split)
+and the vision tower on the first stage: Qwen2.5-VL's whole HF tower on every TP rank (replicated),
+Qwen3-VL's Megatron ViT and its deepstack mergers split over TP except norms, row-parallel biases
+and the patch/position embeddings)
 and ``t`` the trainable part of ``n`` (the vision tower is left out when it is frozen):
 
 * student parameters ``2 n`` (bf16);
@@ -37,16 +39,26 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   each layer's input ``2H`` per token stays (plus the fp32 rotary table ``4d`` per token), and
   backward re-runs one layer at a time (a transient). Stages > 0 do not count their first
   layer's input (it is the received stream tensor); the first stage adds the int64 ids (and a
-  bool mask at TP > 1), the last the final norm and the output layer's input. The ``local`` and ``sdpa`` coefficients are checked exactly against the tensors
+  bool mask at TP > 1), the last the final norm and the output layer's input. Qwen3-VL's QK-norm
+  adds ``[8ad + 8gd + 4a + 4g] / tp`` (fp32 input and output per head, fp32 statistics), and its
+  local path (Bridge's ``Qwen3VLSelfAttention`` attends in fp32 outside the core-attention module,
+  so ``selective`` recomputes nothing there) ``4ad / tp`` per token and ``(6 a / tp) S^2`` per row
+  instead of ``(2 a / tp) S^2``. The
+  ``local`` and ``sdpa`` coefficients are checked exactly against the tensors
   autograd saves in the tiny model (tests/test_recipes.py); ``transformer_engine`` follows what
   TE's fused norm+linear, fused attention and SwiGLU save (not measured here: no TE on CPU).
 * teacher rows: run under ``no_grad``, so they keep nothing; only a transient working set of
   one layer (bounded by the sum of that layer's outputs).
-* student vision tower (first stage): per patch, ``2 * 1176`` (pixels) ``+ 12 h_v + 8`` (merger,
-  window index) ``+ depth * (30 h_v + 8 + 8 d_v + 4 a_v + 8 I_v)`` (HF blocks with SDPA), or ``depth * 2 h_v``
-  for the blocks when they are checkpointed (``vision_recompute``: HF gradient checkpointing of
-  the vision blocks); checked exactly on the tiny model too. An image of ``T`` LM tokens has
-  ``4 T`` patches.
+* student vision tower (first stage): Qwen2.5-VL, per patch, ``2 * 1176`` (pixels) ``+ 12 h_v + 8``
+  (merger, window index) ``+ depth * (30 h_v + 8 + 8 d_v + 4 a_v + 8 I_v)`` (HF blocks with SDPA), or
+  ``depth * 2 h_v`` for the blocks when they are checkpointed (``vision_recompute``: HF gradient
+  checkpointing of the vision blocks); checked exactly on the tiny model too. Qwen3-VL: pixels,
+  merger and deepstack mergers, and each Megatron ViT block's input ``2 h_v`` under full
+  recomputation (the ViT takes the language model's recompute settings), see
+  :meth:`~vigos_megatron.recipes.shapes.Qwen3VisionShape.stored_bytes_per_patch`; checked exactly
+  on two tiny shapes at TP 1. An image of ``T`` LM tokens has ``4 T`` patches.
+* Qwen3-VL deepstack features (first stage): ``len(deepstack_visual_indexes)`` bf16 ``[T, H]``
+  tensors per student image row, kept as inputs of the first layers' recomputation.
 * received pipeline tensors ``2 S R H`` per micro-batch in flight on stages > 0 (the whole stream,
   teacher rows included, counted at the full prompt length: an upper bound, since each slot
   travels at its own length); sent outputs are deallocated (``deallocate_pipeline_outputs``).
@@ -64,7 +76,8 @@ prompts by :class:`~vigos_megatron.rollout.engine.MegatronRolloutEngine`):
 
 * KV cache ``b * (prompt + completion) * (L / pp) * 2 * (g / tp) * d * 2`` bytes (bf16 keys and
   values of this stage's layers, the KV heads split over TP);
-* the round's input embeddings ``2 b P H`` and image embeddings ``2 b T H`` (first stage);
+* the round's input embeddings ``2 b P H`` and image embeddings ``2 b T H`` (first stage; times
+  ``1 + len(deepstack_visual_indexes)`` for Qwen3-VL's deepstack features);
 * the transient of the largest of: one prefill row group (``prefill_max_tokens`` tokens) through
   one layer (with the engine's local attention: ``4 (a/tp) P^2`` bytes of scores and
   probabilities per prompt row), or the vision tower over all the round's images at once
@@ -91,8 +104,6 @@ from vigos_megatron.recipes.shapes import (  # noqa: F401  (ModelShape, LayoutEr
 
 GIB = 1024**3
 MIB = 1024**2
-#: pixels of one LM image token: a 2 x 2 merge of 14 x 14 patches
-PIXELS_PER_IMAGE_TOKEN = 28 * 28
 #: usable memory of an "80 GB" A100/H100 as torch reports it (GiB), and what to keep free
 GPU_80GB_GIB = 79.0
 DEFAULT_RESERVE_GIB = 5.0
@@ -152,8 +163,11 @@ class Workload:
         return -(-s // self.seq_multiple) * self.seq_multiple
 
     @classmethod
-    def from_config(cls, cfg, **overrides) -> "Workload":
-        """The workload of a :class:`~vigos_megatron.config.train.PretrainConfig` (GPU planning).
+    def from_config(cls, cfg, model, **overrides) -> "Workload":
+        """The workload of a :class:`~vigos_megatron.config.train.PretrainConfig` (GPU planning) for
+        ``model`` (anything :meth:`ModelShape.from_hf` reads): its largest image has
+        ``data.context.max_pixels`` over the square of the vision tower's pixel unit (28 for
+        Qwen2.5-VL, 32 for Qwen3-VL) LM tokens.
 
         ``model.transformer_impl`` "auto" is planned as "sdpa" (the layer spec without Transformer
         Engine, which keeps more than TE's); the rollout engine runs megatron's local attention.
@@ -161,11 +175,12 @@ class Workload:
         """
         impl = cfg.model.transformer_impl
         spec = "sdpa" if impl == "auto" else impl
+        pixels_per_token = as_model_shape(model).vision.pixel_unit ** 2
         ctx = cfg.data.context
         values = dict(
             prompt_tokens=ctx.max_prompt_tokens,
             completion_tokens=cfg.sampling.max_new_tokens,
-            image_tokens=min(ctx.max_pixels // PIXELS_PER_IMAGE_TOKEN, ctx.max_prompt_tokens),
+            image_tokens=min(ctx.max_pixels // pixels_per_token, ctx.max_prompt_tokens),
             global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size,
             rollout_batch_size=cfg.sampling.max_batch_size,
@@ -265,8 +280,8 @@ def estimate_memory(model, *, tp: int, pp: int, dp: int, workload: Workload | No
     """Per-GPU memory of ``model`` at ``tp x pp x dp`` (see the module docstring for every term).
 
     Args:
-        model: a :class:`ModelShape`, a ``Qwen2_5_VLConfig``, a ``config.json`` dict, a HF
-            directory or a size name ("3b", "7b", "32b", "72b").
+        model: a :class:`ModelShape`, a ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig``, a ``config.json``
+            dict, a HF directory or a known model name ("qwen3_vl_8b", "qwen2_5_vl_7b", "7b").
         tp, pp, dp: tensor, pipeline and data parallel sizes.
         workload: the step's shape; ``workload_fields`` (``prompt_tokens=``, ``completion_tokens=``,
             ``micro_batch_size=``, ``recompute=``, ...) replace single fields of it.
@@ -360,9 +375,14 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
                                     recompute=w.recompute, logit_rows=n_logit_s, final_norm_spec=w.layer_spec)
     title = f"student activations, {layers} layers x {in_flight} micro-batch(es) ({w.recompute} recompute)"
     train = {title: in_flight * per_mb}
+    vis = m.vision
+    n_deep = vis.deepstack_layers
     if first and not w.freeze_vision:
         train[f"student vision activations ({'checkpointed' if w.vision_recompute else 'stored'})"] = (
-            in_flight * mb * img_s * patches * m.vision.stored_bytes_per_patch(w.vision_recompute))
+            in_flight * mb * img_s * patches * vis.stored_bytes_per_patch(w.vision_recompute, tp))
+    if first and n_deep:
+        train[f"deepstack features ({n_deep} x image tokens x H, bf16)"] = (
+            in_flight * mb * img_s * n_deep * w.image_tokens * h * 2)
     if not first:
         train["received pipeline stream tensors"] = in_flight * 2 * seq * rows * h
     if last:
@@ -376,9 +396,9 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
             m.layer_bytes_per_token(tp, w.layer_spec) * tok_s + m.layer_extra_bytes(ns, seq, tp, w.layer_spec))
     if first:
         transients["teacher vision tower (no grad) + image embeddings"] = mb * (
-            patches * m.vision.forward_bytes_per_patch() + img_t * w.image_tokens * h * 2)
+            patches * vis.forward_bytes_per_patch(tp) + img_t * (1 + n_deep) * w.image_tokens * h * 2)
         if w.vision_recompute and not w.freeze_vision:
-            transients["one student vision block recomputed"] = mb * img_s * patches * m.vision.block_bytes_per_patch()
+            transients["one student vision block recomputed"] = mb * img_s * patches * vis.block_bytes_per_patch(tp)
     key = max(transients, key=transients.get)
     train[f"largest transient: {key}"] = transients[key]
 
@@ -388,14 +408,14 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
     kv = b * total_len * m.kv_bytes_per_token(tp, pp)
     rollout = {f"rollout KV cache ({b} x {total_len} tokens, {layers} layers)": kv}
     if first:
-        rollout["round embeddings (text + images)"] = 2 * b * plen * h + 2 * b * w.image_tokens * h
+        rollout["round embeddings (text + images)"] = 2 * b * plen * h + 2 * b * (1 + n_deep) * w.image_tokens * h
     group = max(1, min(b, w.prefill_max_tokens // plen))
     prefill = group * plen * m.forward_bytes_per_token(tp)
     if w.rollout_layer_spec == "local":
         prefill += group * (4 * m.num_attention_heads // tp) * plen * plen + plen * plen
     r_trans = {f"prefill of {group} prompt(s) through one layer": prefill}
     if first:
-        r_trans[f"vision tower over the round's {b} image(s) (no grad)"] = b * patches * m.vision.forward_bytes_per_patch()
+        r_trans[f"vision tower over the round's {b} image(s) (no grad)"] = b * patches * vis.forward_bytes_per_patch(tp)
     key = max(r_trans, key=r_trans.get)
     rollout[f"largest transient: {key}"] = r_trans[key]
     return static, train, rollout, (lang, vision)
@@ -415,10 +435,10 @@ def estimate_for_config(cfg, world_size: int, model=None, **workload_fields) -> 
         raw = _hf_config_json(cfg)
         if raw is None:
             raise LayoutError("model: no config.json under model.hf_path / model.init_checkpoint; pass model= "
-                              "(a size name such as '7b' or a Qwen2_5_VLConfig)")
+                              "(a known name such as 'qwen3_vl_8b' or a HF config)")
         model = raw
     return estimate_memory(model, tp=layout.tp, pp=layout.pp, dp=layout.dp,
-                           workload=Workload.from_config(cfg, **workload_fields))
+                           workload=Workload.from_config(cfg, model, **workload_fields))
 
 
 # --------------------------------------------------------------------------- layout search
