@@ -23,10 +23,18 @@ tracker ``RUN/latest_checkpointed_iteration.txt``. Entries of a training checkpo
                        the optimizer kind, the LR scheduler state, rank 0's :class:`TrainState`.
 =====================  ======================================================================
 
-Crash safety: everything above is written by ONE ``dist_checkpointing.save`` call; the HF files
-and the tracker follow, the tracker last and atomically (temp + rename), so a crash mid-save
-leaves the previous checkpoint the latest. A later save of the same step removes the partial
-directory first.
+Complete or ignored (:mod:`vigos_megatron.training.checkpoint_files` for the files): everything
+above is written by ONE ``dist_checkpointing.save`` call; the HF files follow; rank 0 then checks
+the directory (:func:`verify_checkpoint`: every file the checkpoint's ``.metadata`` lists, at the
+size written), writes the manifest ``vigos_complete.json`` (files, sizes, the run's settings) and
+last, atomically, the tracker. A crash, a kill or a full disk mid-save leaves the previous
+checkpoint the latest and a directory without manifest, which the next launch names and moves
+into ``RUN/abandoned/`` (:func:`select_checkpoint`). At resume the newest complete checkpoint is
+checked again before it is read; one that fails (a truncated or missing file, an unreadable
+``.metadata``, an error while reading) is reported in one line naming the file, and
+``checkpoint.on_corrupt`` decides: ``fallback`` moves it aside and resumes from the newest complete
+older one (saying which, and the steps repeated; exit 2 when none is left), ``stop`` exits 2 and
+touches nothing. ``checkpoint.keep_last`` bounds the directory.
 
 Loading at another layout (:func:`load_training_checkpoint`): the model always loads (global
 names). The optimizer state loads at any TP/PP/DP: within one optimizer kind directly, and
@@ -45,8 +53,9 @@ them (elsewhere the RNG streams stay as seeded and every rank takes rank 0's
 
 from __future__ import annotations
 
+import os
 import random
-import shutil
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +72,7 @@ from vigos_megatron.convert.megatron_checkpoint import (
     save_model_checkpoint,
 )
 from vigos_megatron.models.hf_checkpoint import CheckpointError
+from vigos_megatron.training import checkpoint_files as cf
 from vigos_megatron.training.optimizer_state import (
     CONVERTIBLE,
     adam_step,
@@ -177,18 +187,14 @@ def _rank_state_object(data):
 
 def latest_iteration(run_dir) -> int | None:
     """The iteration the tracker of ``run_dir`` names, or None when there is none yet."""
-    tracker = Path(run_dir) / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{tracker}: expected an iteration number, got {text!r}") from None
+    tracker = cf.read_tracker(run_dir)
+    if tracker.problem:
+        raise CheckpointError(tracker.problem)
+    return tracker.value
 
 
 def _prepare_iteration_dir(run: Path, iteration: int) -> None:
-    """Refuse to overwrite the latest (or an older) complete checkpoint; remove a partial one."""
+    """Refuse to overwrite the latest (or an older) complete checkpoint; move a partial one aside."""
     latest = latest_iteration(run)  # every rank reads the same file: they all agree
     target = run / iter_dir_name(iteration)
     if latest is not None and iteration <= latest:
@@ -197,17 +203,105 @@ def _prepare_iteration_dir(run: Path, iteration: int) -> None:
             "refusing to overwrite it"
         )
     if _rank() == 0 and target.exists():
-        warnings.warn(f"{target}: removing an incomplete checkpoint left by an interrupted save")
-        shutil.rmtree(target)
+        moved = cf.move_aside(target, run)
+        warnings.warn(f"{target}: an incomplete checkpoint left by an interrupted save, moved to {moved}")
     _barrier()
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def verify_checkpoint(ckpt_dir) -> tuple[dict[str, int] | None, str | None]:
+    """Check a ``dist_checkpointing`` directory without loading it: ``metadata.json`` and ``.metadata``
+    readable, every data file that ``.metadata`` lists present with the size written (the end of its
+    last item), ``hf/config.json`` present. Returns ``(every file with its size, None)`` or
+    ``(None, one line naming the file)``."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root = Path(ckpt_dir)
+    config = root / "metadata.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        return None, f"{config}: missing"
+    except (OSError, ValueError) as e:
+        return None, f"{config}: unreadable ({e})"
+    meta_file = root / ".metadata"
+    if not meta_file.is_file():
+        return None, f"{meta_file}: missing"
+    try:
+        metadata = FileSystemReader(str(root)).read_metadata()
+        ends: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing
+        return None, f"{meta_file}: unreadable ({type(e).__name__}: {str(e)[:200]})"
+    for name, end in sorted(ends.items()):
+        p = root / name
+        if not p.is_file():
+            return None, f"{p}: missing (listed in .metadata)"
+        size = p.stat().st_size
+        if size != end:
+            return None, f"{p}: {size} bytes, {end} written ({'truncated' if size < end else 'longer than written'})"
+    if not (root / "hf" / "config.json").is_file():
+        return None, f"{root / 'hf' / 'config.json'}: missing"
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != cf.MANIFEST]
+    return cf.file_sizes(root, files), None
+
+
+def check_complete(entry: cf.Entry) -> str | None:
+    """One line naming what is wrong with a complete checkpoint's files, or None (rank 0 only: file reads)."""
+    if entry.manifest is not None:
+        problem = cf.check_manifest_files(entry.path, entry.manifest)
+        if problem:
+            return problem
+    return verify_checkpoint(entry.path)[1]
 
 
 # ----------------------------------------------------------------------------- save
 
 
+def start_checkpoint_writer() -> None:
+    """Start megatron's checkpoint-writer helper now, shielded from stop signals.
+
+    megatron-core's ``torch_dist`` save collects its write results through a
+    ``multiprocessing.Manager`` queue, a server process started at the first save and reused. A
+    stop signal sent to the rank's process group (torchrun, the launcher) or to every process of a
+    job step (Slurm) would kill that server, and the save that the signal asks for would then fail
+    (``BrokenPipeError``). Started here while SIGTERM and SIGINT are ignored (an ignored signal
+    stays ignored across ``exec``: the server ignores them for good) and, meanwhile, blocked in this
+    process (a signal that arrives then is kept pending, not lost, and delivered to this process's
+    handler when the mask is restored)."""
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        filesystem_async.get_write_results_queue()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+#: test hook: seconds to pause inside a save, after the tensors are written and before the
+#: checkpoint is complete (tests kill or signal a run there)
+SAVE_DELAY_ENV = "VIGOS_TEST_SAVE_DELAY_S"
+
+
 def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list, model: list, optimizer, scheduler,
-                             hf_source_dir) -> Path:
+                             hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None) -> Path:
     """Collectively write ``RUN/iter_<state.step>`` (every rank calls it). Returns the directory.
+
+    The tracker moves only after rank 0 verified the directory and wrote its manifest (module
+    docstring); then, with ``keep_last > 0``, complete checkpoints older than the newest
+    ``keep_last`` are removed.
 
     Args:
         run_dir: the run directory (created if needed).
@@ -216,6 +310,10 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
         model: the DDP-wrapped stage chunks (their parameters are gathered first if a gather is pending).
         optimizer, scheduler: from :func:`~vigos_megatron.training.optimizer.build_optimizer`.
         hf_source_dir: HF config / tokenizer / processor files copied into ``iter_*/hf``.
+        settings: :func:`~vigos_megatron.training.checkpoint_files.run_settings` of the run, stored in
+            the manifest and compared at resume.
+        keep_last: see ``checkpoint.keep_last``.
+        log: where rank 0 reports removals (default: nowhere).
     """
     from vigos_megatron.training.optimizer import ensure_params_gathered
 
@@ -253,8 +351,23 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
         RANK_STATE_KEY: _rank_state_object({"rng": get_rng_state(), "train_state": asdict(state)}),
         META_KEY: meta,
     }
-    return save_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
-                                 extra_sharded_state=extra)
+
+    def complete(ckpt: Path) -> None:  # rank 0, after every rank's files are written
+        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+        if delay > 0:
+            print(f"[vigos] test hook {SAVE_DELAY_ENV}: pausing {delay:g} s inside the save of {ckpt.name}", flush=True)
+            time.sleep(delay)
+        files, problem = verify_checkpoint(ckpt)
+        if problem:
+            raise CheckpointError(f"{ckpt}: the save is incomplete: {problem}")
+        cf.write_manifest(ckpt, step=int(state.step), files=files, settings=settings)
+
+    ckpt = save_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
+                                 extra_sharded_state=extra, before_tracker=complete)
+    if keep_last > 0 and _rank() == 0:
+        cf.prune(run, keep_last, log=log)
+    _barrier()
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- load
@@ -286,11 +399,193 @@ def read_training_metadata(ckpt_dir) -> dict:
     return meta
 
 
+class CorruptCheckpoint(CheckpointError):
+    """No complete checkpoint to resume from (``checkpoint.on_corrupt``): exit code 2."""
+
+    hint = ("checkpoint.on_corrupt=fallback resumes from the newest complete older checkpoint; or move the run "
+            "directory away to start again")
+
+
+class Unreadable(Exception):
+    """A checkpoint failed while being read (not a mismatch of the model or the optimizer)."""
+
+    def __init__(self, ckpt: Path, error: BaseException):
+        self.ckpt, self.error = Path(ckpt), error
+        super().__init__(f"{ckpt} cannot be read: {describe_read_error(ckpt, error)}")
+
+
+def describe_read_error(ckpt, error: BaseException) -> str:
+    """One line: the file the error names (else the directory) and the error's last line."""
+    import re
+
+    text = str(error)
+    names = re.findall(r"[\w./-]*(?:__\d+_\d+\.distcp|\.metadata|common\.pt|metadata\.json)", text)
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    last = lines[-1] if lines else ""
+    where = f"{Path(ckpt) / Path(names[0]).name}: " if names else ""
+    return f"{where}{type(error).__name__}: {last[:200]}"
+
+
+@dataclass
+class Selection:
+    """What :func:`select_checkpoint` decided (the same on every rank)."""
+
+    #: complete checkpoints to try, newest first: ``(step, directory)``; the first one passed the checks
+    candidates: list = field(default_factory=list)
+    #: the settings stored with the first candidate (None: written before settings were stored)
+    settings: dict | None = None
+    #: the newest step any checkpoint of the run directory reached (for the steps repeated)
+    newest_step: int = 0
+
+    @property
+    def step(self) -> int:
+        return self.candidates[0][0] if self.candidates else 0
+
+
+def _repeated(chosen: int, newest: int) -> str:
+    if newest <= chosen:
+        return "no step is repeated"
+    return f"step {newest} is repeated" if newest == chosen + 1 else f"steps {chosen + 1}..{newest} are repeated"
+
+
+def _select_on_rank0(run: Path, on_corrupt: str, log) -> dict:
+    scan = cf.scan_run(run)
+    cf.remove_leftovers(scan)
+    tracker = scan.tracker
+    newest = max([e.step for e in scan.complete + scan.incomplete] + [tracker.value or 0])
+    out = {"candidates": [], "settings": None, "newest_step": newest, "error": None}
+    if tracker.problem:
+        if on_corrupt == "stop":
+            out["error"] = (f"checkpoint.on_corrupt=stop: {tracker.problem} (checkpoint.on_corrupt=fallback resumes "
+                            "from the newest complete checkpoint)")
+            return out
+        log(f"[vigos] {tracker.problem}: resuming from the newest complete checkpoint instead")
+    for e in scan.incomplete:
+        moved = cf.move_aside(e.path, run)
+        log(f"[vigos] {e.path}: incomplete: {e.why}: moved to {moved}, never loaded")
+    bad = []
+    chosen = None
+    for e in scan.complete:
+        problem = check_complete(e)
+        if problem is None:
+            chosen = e
+            break
+        log(f"[vigos] {e.path} cannot be read: {problem}")
+        if on_corrupt == "stop":
+            older = next((o for o in scan.complete if o.step < e.step), None)
+            tail = (f"; the next older checkpoint is {older.path.name}: checkpoint.on_corrupt=fallback resumes from "
+                    f"it" if older else "")
+            out["error"] = f"checkpoint.on_corrupt=stop: {e.path} cannot be read: {problem}{tail}"
+            return out
+        bad.append(e)
+    if tracker.value and not chosen and not bad and not (run / cf.iter_dir_name(tracker.value)).exists():
+        bad_tracker = f"{run / cf.TRACKER_FILE} names iteration {tracker.value} but {run / cf.iter_dir_name(tracker.value)} does not exist"
+        out["error"] = f"{bad_tracker}: no complete checkpoint left to resume from in {run}"
+        return out
+    if bad and chosen is None:
+        out["error"] = (f"checkpoint.on_corrupt=fallback: no complete checkpoint left in {run} "
+                        f"({', '.join(e.path.name for e in bad)} cannot be read; see the lines above)")
+        return out
+    for e in bad:
+        moved = cf.move_aside(e.path, run)
+        log(f"[vigos] {e.path}: moved to {moved}, never loaded")
+    if chosen is None:
+        if tracker.problem:
+            moved = cf.move_aside(run / cf.TRACKER_FILE, run)
+            log(f"[vigos] no checkpoint to resume from: the unreadable tracker moved to {moved}")
+        return out
+    if bad:
+        log(f"[vigos] falling back to {chosen.path} (the newest complete checkpoint): {_repeated(chosen.step, newest)}")
+    if tracker.value != chosen.step:
+        if not tracker.problem and not bad and tracker.value is not None and chosen.step > tracker.value:
+            log(f"[vigos] {chosen.path} is complete although the tracker names iteration {tracker.value} (its save "
+                "was cut short after the check): resuming from it")
+        from vigos_megatron.convert.megatron_checkpoint import write_tracker
+
+        write_tracker(run, chosen.step)
+    out["candidates"] = [(e.step, str(e.path)) for e in scan.complete if e not in bad]
+    out["settings"] = (chosen.manifest or {}).get("settings")
+    return out
+
+
+def select_checkpoint(run_dir, *, on_corrupt: str = "fallback", log=print) -> Selection:
+    """Which checkpoint of ``run_dir`` a launch resumes from (collective; rank 0 reads, moves and
+    decides, the others receive its decision). See the module docstring; raises
+    :class:`CorruptCheckpoint` (every rank) when ``on_corrupt`` says stop or nothing complete is left."""
+    run = Path(run_dir)
+    out = _select_on_rank0(run, on_corrupt, log) if _rank() == 0 and run.is_dir() else None
+    d = _dist()
+    if d and d.get_world_size() > 1:
+        box = [out]
+        d.broadcast_object_list(box, src=0)
+        out = box[0]
+    if out is None:
+        return Selection()
+    if out["error"]:
+        raise CorruptCheckpoint(out["error"])
+    return Selection(candidates=[(s, Path(p)) for s, p in out["candidates"]], settings=out["settings"],
+                     newest_step=out["newest_step"])
+
+
+def resume_training(selection: Selection, *, run_dir, on_corrupt: str = "fallback", log=print,
+                    **load_kwargs) -> TrainState | None:
+    """Load the first candidate of ``selection`` that reads (collective). A read error on any rank is
+    reported by rank 0 in one line; ``on_corrupt="fallback"`` moves that checkpoint aside and tries
+    the next one, ``"stop"`` raises :class:`CorruptCheckpoint`. ``load_kwargs``: those of
+    :func:`load_training_checkpoint` but ``run_dir``. None when there is nothing to resume from."""
+    run = Path(run_dir)
+    d = _dist()
+    for i, (step, ckpt) in enumerate(selection.candidates):
+        if i > 0 and _rank() == 0:  # pre-checked only the first one: check this one now
+            problem = check_complete(cf.Entry(step, ckpt, cf.read_manifest(ckpt)[0], "complete"))
+        else:
+            problem = None
+        if d and d.get_world_size() > 1:
+            box = [problem]
+            d.broadcast_object_list(box, src=0)
+            problem = box[0]
+        failure = problem
+        if failure is None:
+            try:
+                state = load_training_checkpoint(run, ckpt=ckpt, **load_kwargs)
+            except Unreadable as e:
+                failure = describe_read_error(ckpt, e.error)
+            else:
+                state = state if state is not None else TrainState(step=step)
+            failures = [failure]
+            if d and d.get_world_size() > 1:
+                failures = [None] * d.get_world_size()
+                d.all_gather_object(failures, failure)
+            failure = next((f for f in failures if f), None)
+            if failure is None:
+                if _rank() == 0 and i > 0:
+                    from vigos_megatron.convert.megatron_checkpoint import write_tracker
+
+                    write_tracker(run, step)
+                    log(f"[vigos] falling back to {ckpt} (the newest complete checkpoint that reads): "
+                        f"{_repeated(step, selection.newest_step)}")
+                return state
+        if _rank() == 0:
+            log(f"[vigos] {ckpt} cannot be read: {failure}")
+        if on_corrupt == "stop":
+            raise CorruptCheckpoint(f"checkpoint.on_corrupt=stop: {ckpt} cannot be read: {failure}")
+        if _rank() == 0:
+            moved = cf.move_aside(ckpt, run)
+            log(f"[vigos] {ckpt}: moved to {moved}, never loaded")
+        _barrier()
+    if selection.candidates:
+        raise CorruptCheckpoint(f"checkpoint.on_corrupt=fallback: no complete checkpoint left in {run} "
+                                "(see the lines above)")
+    return None
+
+
 def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, optimizer, scheduler,
-                             load_optimizer: bool = True) -> TrainState | None:
-    """Resume from the latest checkpoint of ``run_dir`` (collective). Returns its
-    :class:`TrainState`, or None for a fresh start (no tracker, or iteration 0: the converter's
-    initial weights, which the caller loads as the initial model).
+                             load_optimizer: bool = True, ckpt=None) -> TrainState | None:
+    """Resume from the latest checkpoint of ``run_dir`` (collective), or from ``ckpt`` (one of its
+    ``iter_*`` directories) when given. Returns its :class:`TrainState`, or None for a fresh start (no
+    tracker, or iteration 0: the converter's initial weights, which the caller loads as the initial
+    model). A read error raises :class:`Unreadable`; a checkpoint that does not fit the model or
+    the optimizer raises :class:`CheckpointError`.
 
     Loads the student's weights into ``student_chunks`` (any TP/PP), the optimizer state
     (``load_optimizer``, config ``checkpoint.load_optimizer``; see the module docstring for the
@@ -302,14 +597,28 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
     """
     from megatron.core import dist_checkpointing
 
-    it = latest_iteration(run_dir)
-    if not it:
-        return None
-    ckpt = resolve_checkpoint(run_dir)
-    meta = read_training_metadata(ckpt)
+    if ckpt is None:
+        it = latest_iteration(run_dir)
+        if not it:
+            return None
+        ckpt = resolve_checkpoint(run_dir)
+    else:
+        ckpt = Path(ckpt)
+        it = int(ckpt.name.split("_")[-1])
+    try:
+        meta = read_training_metadata(ckpt)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file that does not read
+        raise Unreadable(ckpt, e) from e
     if int(meta["step"]) != it:
-        raise CheckpointError(f"{ckpt}: holds step {meta['step']} but the tracker names iteration {it}")
-    check_model_checkpoint(student_chunks, ckpt)
+        raise CheckpointError(f"{ckpt}: holds step {meta['step']} but its name (or the tracker) says iteration {it}")
+    try:
+        check_model_checkpoint(student_chunks, ckpt)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise Unreadable(ckpt, e) from e
 
     layout = current_layout()
     same_layout = meta["layout"] == layout
@@ -337,7 +646,10 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
             request[OPTIMIZER_KEY] = opt_sharded
     if same_layout:
         request[RANK_STATE_KEY] = _rank_state_object(None)
-    loaded = dist_checkpointing.load(request, str(ckpt))
+    try:
+        loaded = dist_checkpointing.load(request, str(ckpt))
+    except Exception as e:  # noqa: BLE001 - every rank sees the read error (torch DCP gathers them)
+        raise Unreadable(ckpt, e) from e
 
     student_chunks[0].load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
@@ -349,7 +661,11 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         opt_loaded = loaded.get(OPTIMIZER_KEY, {})
         if separate:  # fp32 main weights from the fp32 optimizer's model weights (a second read)
             paths = list(separate)
-            mains = dist_checkpointing.load({"main": {i: separate[p] for i, p in enumerate(paths)}}, str(ckpt))["main"]
+            try:
+                mains = dist_checkpointing.load({"main": {i: separate[p] for i, p in enumerate(paths)}},
+                                                str(ckpt))["main"]
+            except Exception as e:  # noqa: BLE001
+                raise Unreadable(ckpt, e) from e
             for i, path in enumerate(paths):
                 parent = opt_loaded
                 for k in path[:-1]:
