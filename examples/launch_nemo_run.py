@@ -53,6 +53,7 @@ fails to import with leptonai 0.47; the test extra pins both, constraints.txt).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -185,8 +186,9 @@ class LaunchPlan:
                 ("nodes", self.nodes), ("ntasks-per-node", 1),
                 ("gpus-per-node", None if self.cpu else self.gpus_per_node),
                 ("time", s.get("time")), ("signal", f"TERM@{s['signal_seconds']}" if s.get("signal_seconds") else None),
-                ("output", f"{job_dir}/{self.job_name}_%j.out")]
-        lines = ["#!/bin/bash"] + [f"#SBATCH --{k}={v}" for k, v in opts if v not in (None, "")]
+                ("output", f"{job_dir}/{self.job_name}_%j.out"), ("open-mode", "append")]
+        # --requeue: a preemption (or scontrol requeue) runs the same script again, which resumes
+        lines = ["#!/bin/bash"] + [f"#SBATCH --{k}={v}" for k, v in opts if v not in (None, "")] + ["#SBATCH --requeue"]
         srun = ["srun"]
         if s.get("container_image"):
             srun += ["--container-image", s["container_image"]]
@@ -287,6 +289,19 @@ def build_plan(args):
     return cfg, est, layout, plan
 
 
+@contextlib.contextmanager
+def _no_stdin():
+    """NeMo-Run runs its shell commands through invoke, which mirrors this process's stdin into them: a
+    launcher is not interactive (and under pytest stdin cannot be read)."""
+    saved = sys.stdin
+    with open(os.devnull) as devnull:
+        sys.stdin = devnull
+        try:
+            yield
+        finally:
+            sys.stdin = saved
+
+
 def _terminal(state) -> bool:
     try:
         from torchx.specs import AppState, is_terminal
@@ -298,7 +313,7 @@ def _terminal(state) -> bool:
 
 def submit(run, args, plan: LaunchPlan) -> int:
     """Submit the job through NeMo-Run; wait for it unless ``--detach``. Returns the exit code."""
-    with run.Experiment(plan.job_name, executor=make_executor(run, args, plan)) as exp:
+    with _no_stdin(), run.Experiment(plan.job_name, executor=make_executor(run, args, plan)) as exp:
         exp.add(run.Script(inline=node_script_for(args, plan)), name=plan.job_name, tail_logs=not args.detach)
         exp.run(detach=args.detach)
         info = (exp.status(return_dict=True) or {}).get(plan.job_name, {})
@@ -348,8 +363,9 @@ def main(argv=None) -> int:
                 print(f"# (nemo-run not installed: `{INSTALL_HINT}` to submit; its own script wraps the same command)")
             else:
                 print("# NeMo-Run's rendering of the job:")
-                run.run(run.Script(inline=node_script_for(args, plan)), executor=make_executor(run, args, plan),
-                        name=plan.job_name, dryrun=True)
+                with _no_stdin():
+                    run.run(run.Script(inline=node_script_for(args, plan)), executor=make_executor(run, args, plan),
+                            name=plan.job_name, dryrun=True)
         return 0
     run = import_nemo_run()
     from vigos_megatron.config.paths import check_paths

@@ -263,6 +263,23 @@ def check_complete(entry: cf.Entry) -> str | None:
 # ----------------------------------------------------------------------------- save
 
 
+def disk_note(run_dir, last_step: int) -> str:
+    """`` (RUN has 0.3 MiB free, less than a checkpoint: a full disk)`` when that is so, else ``""``."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return ""
+    need = 0
+    if last_step:
+        manifest = cf.read_manifest(Path(run_dir) / iter_dir_name(last_step))[0]
+        need = sum(int(v) for v in (manifest or {}).get("files", {}).values())
+    if free < max(need, 1 << 20):
+        return f" ({run_dir} has {free / 2**20:.1f} MiB free, less than a checkpoint: a full disk)"
+    return ""
+
+
 def start_checkpoint_writer() -> None:
     """Start megatron's checkpoint-writer helper now, shielded from stop signals.
 
@@ -399,6 +416,26 @@ def read_training_metadata(ckpt_dir) -> dict:
     return meta
 
 
+def read_errors() -> tuple:
+    """What a failed checkpoint read or write raises: any ``Exception``, and torch's ``CheckpointException``
+    (a ``BaseException``: it gathers every rank's failure)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for ``error``; for torch's ``CheckpointException`` the first rank's own error."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, pair = sorted(failures.items())[0]
+        inner = pair[0] if isinstance(pair, tuple) else pair
+        text = " ".join(str(inner).split())
+        return f"rank {rank}: {type(inner).__name__}: {text[:240]}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:240]}"
+
+
 class CorruptCheckpoint(CheckpointError):
     """No complete checkpoint to resume from (``checkpoint.on_corrupt``): exit code 2."""
 
@@ -420,10 +457,8 @@ def describe_read_error(ckpt, error: BaseException) -> str:
 
     text = str(error)
     names = re.findall(r"[\w./-]*(?:__\d+_\d+\.distcp|\.metadata|common\.pt|metadata\.json)", text)
-    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
-    last = lines[-1] if lines else ""
     where = f"{Path(ckpt) / Path(names[0]).name}: " if names else ""
-    return f"{where}{type(error).__name__}: {last[:200]}"
+    return f"{where}{describe_error(error)}"
 
 
 @dataclass
@@ -479,8 +514,9 @@ def _select_on_rank0(run: Path, on_corrupt: str, log) -> dict:
             return out
         bad.append(e)
     if tracker.value and not chosen and not bad and not (run / cf.iter_dir_name(tracker.value)).exists():
-        bad_tracker = f"{run / cf.TRACKER_FILE} names iteration {tracker.value} but {run / cf.iter_dir_name(tracker.value)} does not exist"
-        out["error"] = f"{bad_tracker}: no complete checkpoint left to resume from in {run}"
+        out["error"] = (f"{run / cf.TRACKER_FILE} names iteration {tracker.value} but "
+                        f"{run / cf.iter_dir_name(tracker.value)} does not exist: no complete checkpoint left to "
+                        f"resume from in {run}")
         return out
     if bad and chosen is None:
         out["error"] = (f"checkpoint.on_corrupt=fallback: no complete checkpoint left in {run} "
@@ -500,6 +536,9 @@ def _select_on_rank0(run: Path, on_corrupt: str, log) -> dict:
         if not tracker.problem and not bad and tracker.value is not None and chosen.step > tracker.value:
             log(f"[vigos] {chosen.path} is complete although the tracker names iteration {tracker.value} (its save "
                 "was cut short after the check): resuming from it")
+        elif not bad and tracker.value and chosen.step < tracker.value:
+            log(f"[vigos] {run / cf.TRACKER_FILE} names iteration {tracker.value}, which is not there: resuming from "
+                f"{chosen.path}, the newest complete checkpoint: {_repeated(chosen.step, newest)}")
         from vigos_megatron.convert.megatron_checkpoint import write_tracker
 
         write_tracker(run, chosen.step)
@@ -609,7 +648,7 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         meta = read_training_metadata(ckpt)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - a file that does not read
+    except read_errors() as e:  # a file that does not read
         raise Unreadable(ckpt, e) from e
     if int(meta["step"]) != it:
         raise CheckpointError(f"{ckpt}: holds step {meta['step']} but its name (or the tracker) says iteration {it}")
@@ -617,7 +656,7 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         check_model_checkpoint(student_chunks, ckpt)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except read_errors() as e:
         raise Unreadable(ckpt, e) from e
 
     layout = current_layout()
@@ -648,7 +687,7 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         request[RANK_STATE_KEY] = _rank_state_object(None)
     try:
         loaded = dist_checkpointing.load(request, str(ckpt))
-    except Exception as e:  # noqa: BLE001 - every rank sees the read error (torch DCP gathers them)
+    except read_errors() as e:  # every rank sees the read error (torch DCP gathers them)
         raise Unreadable(ckpt, e) from e
 
     student_chunks[0].load_state_dict(loaded["model"], strict=True)
@@ -664,7 +703,7 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
             try:
                 mains = dist_checkpointing.load({"main": {i: separate[p] for i, p in enumerate(paths)}},
                                                 str(ckpt))["main"]
-            except Exception as e:  # noqa: BLE001
+            except read_errors() as e:
                 raise Unreadable(ckpt, e) from e
             for i, path in enumerate(paths):
                 parent = opt_loaded

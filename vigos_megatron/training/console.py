@@ -130,8 +130,12 @@ def run_cli(main, prog: str, argv=None) -> int:
         return e.code
     except StopNow as e:
         if rank0:
-            last = (f"the last complete checkpoint is step {e.saved_step}: the next launch resumes from it"
-                    if e.saved_step else "no checkpoint was complete: the next launch starts again")
+            if e.saved_step is None:
+                last = "during the set-up, before any step of this launch: the next launch resumes where this one did"
+            elif e.saved_step:
+                last = f"the last complete checkpoint is step {e.saved_step}: the next launch resumes from it"
+            else:
+                last = "no checkpoint was complete: the next launch starts again"
             sys.stderr.write(f"{prog}: stopped at once on a repeated {e.signal_name} before saving; {last} "
                              f"(exit code {EXIT_STOPPED_UNSAVED})\n")
             sys.stderr.flush()

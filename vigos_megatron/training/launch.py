@@ -25,7 +25,7 @@ steps were saved. Why the launcher stays the parent of torchrun:
   the terminal reaches the launcher only) and sends a signal it receives to the workers directly
   (torchrun's children), so torchrun sees them finish their step, save and exit 0. Where the
   signal reaches torchrun too (Slurm signals every process of the step), the launcher raises
-  torchrun's grace period (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1800`` unless set: the scheduler's own
+  torchrun's grace period (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600`` unless set: the scheduler's own
   kill bounds it) and reads the outcome that rank 0 leaves in :data:`EXIT_RECORD_ENV`'s file: a
   complete save after the signal gives 0 although torchrun exits 1.
 * The workers see one stop several times (Slurm, torchrun, the launcher); repeats within 2 s are
@@ -78,7 +78,7 @@ def _free_port() -> int:
 #: set by the launcher for its workers: rank 0 writes the launch's outcome there (JSON) before exiting
 EXIT_RECORD_ENV = "VIGOS_EXIT_RECORD"
 #: torchrun's grace period after a signal, unless the user set one (the scheduler's kill bounds it)
-SHUTDOWN_TIMEOUT_S = "1800"
+SHUTDOWN_TIMEOUT_S = "600"
 #: how the last :func:`run_rank` of this process ended (a :class:`~vigos_megatron.training.loop.Outcome`)
 LAST_OUTCOME = None
 

@@ -3,7 +3,9 @@
 ``with StopSignal() as stop:`` installs handlers for SIGTERM and SIGINT. The first signal only sets
 a flag (one message on stderr); the training loop polls it once per step through the collective
 :meth:`StopSignal.agreed`, so that every rank stops after the same step even when the signal reached
-only some of them, and then saves (inside the same ``with``: the save is covered too).
+only some of them, and then saves. The training loop holds the handlers for the whole launch: from
+the set-up (a signal while the models are built stops the launch after its first step) to the end of
+the final save.
 
 Duplicates: one stop often reaches a rank several times within milliseconds: Slurm signals every
 process of the job step, and torchrun (and the launcher, ``vigos_megatron.training.launch``)
