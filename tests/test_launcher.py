@@ -182,8 +182,11 @@ def test_the_launch_runs_torchrun_as_its_child_with_the_node_arguments(tmp_path,
           f"data.loader.shards_dir={tmp_path}", f"data.context.processor_path={tmp_path}"]
     monkeypatch.setattr("vigos_megatron.config.paths.check_paths", lambda cfg: None)
     assert launch.launcher_main("S.py", cfg, ov, 2) == 0
-    assert seen[-1][1:] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "S.py", "--config",
-                            cfg, *ov]
+    assert seen[-1][1:] == ["-m", "vigos_megatron.training.torchrun_child", "--nproc_per_node=2", "--standalone",
+                            "S.py", "--config", cfg, *ov]
+    from torch.distributed.run import parse_args
+
+    assert parse_args(seen[-1][3:]).nproc_per_node == "2"  # torchrun's own arguments
     assert launch.launcher_main("S.py", cfg, ov, 2, nnodes=2, node_rank=1, master_addr="10.0.0.1",
                                 master_port=29511) == 0
     assert seen[-1][3:8] == ["--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1",

@@ -109,10 +109,20 @@ def run_rank(cfg: "PretrainConfig", layout: "Layout") -> int:
 
 
 def write_exit_record(code: int) -> None:
-    """Rank 0 of a launcher's worker: the launch's exit code and :data:`LAST_OUTCOME` as JSON into the
-    file that :data:`EXIT_RECORD_ENV` names (nothing otherwise)."""
+    """A launcher's worker, on its way out: rank 0 writes the launch's exit code and :data:`LAST_OUTCOME`
+    as JSON into the file that :data:`EXIT_RECORD_ENV` names; another rank that fails waits (up to 5 s)
+    for it, so that torchrun, which stops the other ranks as soon as one fails, does not stop rank 0
+    before it has said what happened. Nothing without the variable (a bare torchrun)."""
     path = os.environ.get(EXIT_RECORD_ENV)
-    if not path or os.environ.get("RANK", "0") != "0":
+    if not path:
+        return
+    if os.environ.get("RANK", "0") != "0":
+        if code != 0:
+            import time
+
+            end = time.monotonic() + 5
+            while not os.path.exists(path) and time.monotonic() < end:
+                time.sleep(0.05)
         return
     import dataclasses
     import json
@@ -195,6 +205,8 @@ def run_torchrun(argv: list[str], *, log) -> int:
         record_path = os.path.join(tmp, "exit.json")
         env = dict(os.environ)
         env[EXIT_RECORD_ENV] = record_path
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
         proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         received: list[str] = []
@@ -254,7 +266,8 @@ def launcher_main(script: str, config: str, overrides: list[str], nproc: int, *,
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         return run_rank(cfg, layout)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    # torchrun's own launch, quiet about what rank 0 already reported (training/torchrun_child.py)
+    argv = [sys.executable, "-m", "vigos_megatron.training.torchrun_child", f"--nproc_per_node={nproc}"]
     if nnodes == 1:
         argv.append("--standalone")
     else:
