@@ -22,7 +22,7 @@ def fake_checkpoint(run: Path, step: int, *, manifest: bool = True, settings: di
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from vigos_megatron.training.checkpoint import verify_checkpoint
+    from vigos_megatron.training.checkpoint_resume import verify_checkpoint
 
     d = run / cf.iter_dir_name(step)
     d.mkdir(parents=True)
@@ -57,7 +57,7 @@ def test_tracker_reading():
 
 
 def test_verify_names_the_truncated_or_missing_file(tmp_path):
-    from vigos_megatron.training.checkpoint import verify_checkpoint
+    from vigos_megatron.training.checkpoint_resume import verify_checkpoint
 
     d = fake_checkpoint(tmp_path, 3)
     files, problem = verify_checkpoint(d)
@@ -115,7 +115,7 @@ def test_keep_last_removes_older_complete_checkpoints_only(tmp_path):
 
 
 def test_select_falls_back_or_stops(tmp_path):
-    from vigos_megatron.training.checkpoint import CorruptCheckpoint, select_checkpoint
+    from vigos_megatron.training.checkpoint_resume import CorruptCheckpoint, select_checkpoint
 
     run = tmp_path
     for step in (1, 2, 3):
@@ -142,7 +142,7 @@ def test_select_falls_back_or_stops(tmp_path):
 
 
 def test_select_with_a_corrupt_tracker(tmp_path):
-    from vigos_megatron.training.checkpoint import CorruptCheckpoint, select_checkpoint
+    from vigos_megatron.training.checkpoint_resume import CorruptCheckpoint, select_checkpoint
 
     run = tmp_path
     fake_checkpoint(run, 1)

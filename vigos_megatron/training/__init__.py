@@ -8,8 +8,9 @@
 * :mod:`~vigos_megatron.training.optimizer`: megatron Adam (distributed when DP > 1), LR schedule,
   the DDP configuration, forcing the parameter gather before generation;
 * :mod:`~vigos_megatron.training.checkpoint`: training checkpoints (dist_checkpointing: student,
-  optimizer, scheduler, RNG, loader position), exact resume, other layouts, verified saves, the
-  choice of the checkpoint to resume from (``checkpoint.on_corrupt``);
+  optimizer, scheduler, RNG, loader position), exact resume, other layouts, verified saves;
+* :mod:`~vigos_megatron.training.checkpoint_resume`: which checkpoint a launch resumes from
+  (checked first; ``checkpoint.on_corrupt``);
 * :mod:`~vigos_megatron.training.checkpoint_files`: a run directory's checkpoints as files (complete,
   incomplete, moved aside, ``keep_last``) and the settings stored with them (no torch);
 * :mod:`~vigos_megatron.training.metrics`: ``metrics.jsonl`` / TensorBoard, the progress line;

@@ -128,13 +128,8 @@ class Outcome:
 def save(run: Run, step: int, last_saved: int):
     """Save ``iter_<step>`` (collective). A failure (a full disk, a rank's write error) stops the run
     with one line naming the directory and the last complete checkpoint (exit code 1)."""
-    from vigos_megatron.training.checkpoint import (
-        TrainState,
-        describe_error,
-        disk_note,
-        read_errors,
-        save_training_checkpoint,
-    )
+    from vigos_megatron.training.checkpoint import TrainState, disk_note, save_training_checkpoint
+    from vigos_megatron.training.checkpoint_resume import describe_error, read_errors
     from vigos_megatron.training.signals import RunStopped
 
     ctx = run.ctx

@@ -187,7 +187,7 @@ def build_run(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> tuple[Ru
     from vigos_megatron.rollout.segments import stop_token_ids
     from vigos_megatron.runtime import use_cuda
     from vigos_megatron.training import checkpoint_files as cf
-    from vigos_megatron.training.checkpoint import resume_training, select_checkpoint
+    from vigos_megatron.training.checkpoint_resume import resume_training, select_checkpoint
     from vigos_megatron.training.optimizer import build_optimizer, ddp_config
 
     ck = cfg.checkpoint
