@@ -22,7 +22,8 @@ megatron's schedule.
 * slow (torchrun): a checkpoint written at TP=2 loads at TP=1: weights and Adam moments equal the
   TP=2 ones gathered, and the next step's loss agrees;
 * metrics.jsonl truncation on resume, JSON lines, the progress line, TensorBoard's absence;
-* StopSignal: first signal sets the flag, the second one reaches the previous handler.
+* StopSignal: the first signal sets the flag, repeats within 2 s are the same stop, a later one stops at
+  once (exit code 75).
 """
 
 from __future__ import annotations
@@ -555,43 +556,60 @@ def test_format_progress():
 # ----------------------------------------------------------------------------- signals
 
 
-def test_stop_signal_first_sets_flag_second_reaches_previous_handler():
-    from vigos_megatron.training.signals import StopSignal
+def test_stop_signal_repeats_are_one_stop_and_a_later_signal_stops_at_once():
+    """The first signal sets the flag; repeats within the window (Slurm + torchrun + the launcher passing one
+    stop on) are ignored; a signal after the window raises StopNow in the main thread; handlers restored."""
+    import io
 
-    seen = []
-    previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
-    try:
-        with StopSignal() as stop:
+    from vigos_megatron.training.signals import StopNow, StopSignal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    out = io.StringIO()
+    with pytest.raises(StopNow) as info:
+        with StopSignal(window_s=0.5, stream=out) as stop:
             assert not stop.requested and stop.agreed() is False
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
-            assert stop.requested and stop.signal_name == "SIGTERM" and seen == []
-            assert stop.agreed() is True
-            os.kill(os.getpid(), signal.SIGTERM)  # second: the previous handler gets it
-            time.sleep(0.05)
-            assert seen == [signal.SIGTERM]
-        assert signal.getsignal(signal.SIGTERM) is not None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            assert stop.wait_noticed() and stop.signal_name == "SIGTERM" and stop.agreed() is True
+            os.kill(os.getpid(), signal.SIGTERM)  # a repeat within the window: the same stop
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.6)
+            os.kill(os.getpid(), signal.SIGINT)  # after the window: stop at once
+            t0 = time.time()
+            while time.time() - t0 < 5:
+                sum(range(1000))
+    assert info.value.signal_name == "SIGINT"
+    text = out.getvalue()
+    assert text.count("received SIGTERM") == 1 and "again within 0.5 s: the same stop" in text
+    assert "SIGINT again: stopping at once" in text
+    assert signal.getsignal(signal.SIGTERM) is previous and signal.set_wakeup_fd(-1) == -1
 
 
-def test_stop_signal_second_sigterm_terminates_and_agreed_is_collective():
-    """Subprocess: default SIGTERM action after the second signal; agreed() over a gloo group of one."""
+def test_stop_now_is_exit_75_and_agreed_is_collective():
+    """Subprocess: a repeated SIGTERM after the window ends the entry point with exit code 75 and one line;
+    agreed() over a gloo group of one."""
     code = textwrap.dedent("""
         import os, signal, sys, time
         import torch.distributed as dist
+        from vigos_megatron.training.console import run_cli
         from vigos_megatron.training.signals import StopSignal
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-        with StopSignal() as stop:
-            os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)
-            print("agreed", stop.agreed(), flush=True)
-            os.kill(os.getpid(), signal.SIGTERM); time.sleep(1)
-            print("still alive", flush=True)
+
+        def main(argv):
+            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+            with StopSignal(window_s=0.2) as stop:
+                os.kill(os.getpid(), signal.SIGTERM); stop.wait_noticed()
+                print("agreed", stop.agreed(), flush=True)
+                time.sleep(0.3)
+                os.kill(os.getpid(), signal.SIGTERM); time.sleep(2)
+                print("still alive", flush=True)
+            return 0
+
+        sys.exit(run_cli(main, "probe"))
     """)
     from vigos_megatron.testing.distributed import subprocess_env
 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=subprocess_env())
-    assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr
+    assert proc.returncode == 75, proc.stdout + proc.stderr
     assert "agreed True" in proc.stdout and "still alive" not in proc.stdout
     assert "received SIGTERM" in proc.stderr
+    assert "probe: stopped at once on a repeated SIGTERM before saving" in proc.stderr

@@ -24,6 +24,7 @@ from vigos_megatron.config.model import ModelConfig
 from vigos_megatron.config.sampling import SamplingConfig
 
 NONFINITE_ACTIONS = ("skip", "stop")
+CORRUPT_ACTIONS = ("fallback", "stop")
 DECAY_STYLES = ("linear", "cosine", "constant")
 
 @dataclass
@@ -109,9 +110,19 @@ class CheckpointConfig:
     #: resume with the checkpoint's optimizer state (false: its weights, LR-schedule and data
     #: positions with fresh Adam moments, e.g. after changing the parameter dtype)
     load_optimizer: bool = True
+    #: keep the newest N complete checkpoints; older ones are removed once a newer one is complete
+    #: (0: keep every checkpoint)
+    keep_last: int = 3
+    #: the newest checkpoint fails to read at resume: "fallback" to the newest complete older one
+    #: (named, with the steps repeated; exit 2 when none is left) or "stop" (exit 2, nothing touched)
+    on_corrupt: str = "fallback"
+    #: resume although the objective, its weights, the model, the data stream or the optimizer
+    #: settings differ from those stored with the checkpoint (a layout change never needs it)
+    allow_changes: bool = False
 
     def validate(self) -> None:
-        require_at_least(self, 0, "save_interval")
+        require_at_least(self, 0, "save_interval", "keep_last")
+        require_one_of(self, "on_corrupt", CORRUPT_ACTIONS)
 
 
 @dataclass

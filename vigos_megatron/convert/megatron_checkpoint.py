@@ -91,12 +91,16 @@ def model_sharded_state_dict(chunks: list) -> dict:
 
 
 def save_model_checkpoint(
-    chunks: list, run_dir, iteration: int, *, hf_source_dir, extra_sharded_state: dict | None = None
+    chunks: list, run_dir, iteration: int, *, hf_source_dir, extra_sharded_state: dict | None = None,
+    before_tracker=None,
 ) -> Path:
     """Collectively save ``chunks`` (+ e.g. optimizer state) as ``RUN/iter_<iteration>``.
 
     All ranks call it. Rank 0 copies the HF config (+ tokenizer/processor files) from
-    ``hf_source_dir`` into ``iter_*/hf`` and updates the tracker after the save completed.
+    ``hf_source_dir`` into ``iter_*/hf``, calls ``before_tracker(ckpt_dir)`` when given (training
+    verifies the checkpoint and writes its manifest there), and updates the tracker, after the save
+    completed. An error in rank 0's part is raised on every rank (no rank waits for a barrier that
+    rank 0 never reaches).
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
@@ -119,25 +123,39 @@ def save_model_checkpoint(
     dist_checkpointing.save(state, str(ckpt))
     if dist.is_initialized():
         dist.barrier()
+    failure, error = None, None
     if rank == 0:
-        hf = ckpt / HF_SUBDIR
-        hf.mkdir(exist_ok=True)
-        src = Path(hf_source_dir)
-        if not (src / "config.json").is_file():
-            raise CheckpointError(f"{src}: no config.json to store with the checkpoint")
-        (hf / "config.json").write_text((src / "config.json").read_text())
-        copy_tokenizer_processor_files(src, hf)
-        record_key_layout(src, hf)
-        info = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "written_at": {
-                "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-            },
-        }
-        (ckpt / INFO_FILE).write_text(json.dumps(info, indent=2))
-        write_tracker(run, iteration)
+        try:
+            hf = ckpt / HF_SUBDIR
+            hf.mkdir(exist_ok=True)
+            src = Path(hf_source_dir)
+            if not (src / "config.json").is_file():
+                raise CheckpointError(f"{src}: no config.json to store with the checkpoint")
+            (hf / "config.json").write_text((src / "config.json").read_text())
+            copy_tokenizer_processor_files(src, hf)
+            record_key_layout(src, hf)
+            info = {
+                "format_version": FORMAT_VERSION,
+                "iteration": iteration,
+                "written_at": {
+                    "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                    "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                },
+            }
+            (ckpt / INFO_FILE).write_text(json.dumps(info, indent=2))
+            if before_tracker is not None:
+                before_tracker(ckpt)
+            write_tracker(run, iteration)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error, failure = e, f"{type(e).__name__}: {e}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise CheckpointError(f"{ckpt}: rank 0 could not complete the save: {failure}")
     if dist.is_initialized():
         dist.barrier()
     return ckpt

@@ -23,10 +23,18 @@ tracker ``RUN/latest_checkpointed_iteration.txt``. Entries of a training checkpo
                        the optimizer kind, the LR scheduler state, rank 0's :class:`TrainState`.
 =====================  ======================================================================
 
-Crash safety: everything above is written by ONE ``dist_checkpointing.save`` call; the HF files
-and the tracker follow, the tracker last and atomically (temp + rename), so a crash mid-save
-leaves the previous checkpoint the latest. A later save of the same step removes the partial
-directory first.
+Complete or ignored (:mod:`vigos_megatron.training.checkpoint_files` for the files): everything
+above is written by ONE ``dist_checkpointing.save`` call; the HF files follow; rank 0 then checks
+the directory (``checkpoint_resume.verify_checkpoint``: every file that ``.metadata`` lists, at the
+size written), writes the manifest ``vigos_complete.json`` (files, sizes, the run's settings) and
+last, atomically, the tracker. A crash, a kill or a full disk mid-save leaves the previous
+checkpoint the latest and a directory without manifest, which the next launch names and moves
+into ``RUN/abandoned/`` (``checkpoint_resume.select_checkpoint``). At resume the newest complete checkpoint is
+checked again before it is read; one that fails (a truncated or missing file, an unreadable
+``.metadata``, an error while reading) is reported in one line naming the file, and
+``checkpoint.on_corrupt`` decides: ``fallback`` moves it aside and resumes from the newest complete
+older one (saying which, and the steps repeated; exit 2 when none is left), ``stop`` exits 2 and
+touches nothing. ``checkpoint.keep_last`` bounds the directory.
 
 Loading at another layout (:func:`load_training_checkpoint`): the model always loads (global
 names). The optimizer state loads at any TP/PP/DP: within one optimizer kind directly, and
@@ -45,8 +53,9 @@ them (elsewhere the RNG streams stay as seeded and every rank takes rank 0's
 
 from __future__ import annotations
 
+import os
 import random
-import shutil
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +72,15 @@ from vigos_megatron.convert.megatron_checkpoint import (
     save_model_checkpoint,
 )
 from vigos_megatron.models.hf_checkpoint import CheckpointError
+from vigos_megatron.training import checkpoint_files as cf
+from vigos_megatron.training.checkpoint_resume import (
+    Unreadable,
+    _barrier,
+    _dist,
+    _rank,
+    read_errors,
+    verify_checkpoint,
+)
 from vigos_megatron.training.optimizer_state import (
     CONVERTIBLE,
     adam_step,
@@ -101,23 +119,6 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_initialized() else None
-
-
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d else 0
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d:
-        d.barrier()
 
 
 def current_layout() -> dict:
@@ -177,18 +178,14 @@ def _rank_state_object(data):
 
 def latest_iteration(run_dir) -> int | None:
     """The iteration the tracker of ``run_dir`` names, or None when there is none yet."""
-    tracker = Path(run_dir) / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{tracker}: expected an iteration number, got {text!r}") from None
+    tracker = cf.read_tracker(run_dir)
+    if tracker.problem:
+        raise CheckpointError(tracker.problem)
+    return tracker.value
 
 
 def _prepare_iteration_dir(run: Path, iteration: int) -> None:
-    """Refuse to overwrite the latest (or an older) complete checkpoint; remove a partial one."""
+    """Refuse to overwrite the latest (or an older) complete checkpoint; move a partial one aside."""
     latest = latest_iteration(run)  # every rank reads the same file: they all agree
     target = run / iter_dir_name(iteration)
     if latest is not None and iteration <= latest:
@@ -197,17 +194,70 @@ def _prepare_iteration_dir(run: Path, iteration: int) -> None:
             "refusing to overwrite it"
         )
     if _rank() == 0 and target.exists():
-        warnings.warn(f"{target}: removing an incomplete checkpoint left by an interrupted save")
-        shutil.rmtree(target)
+        moved = cf.move_aside(target, run)
+        warnings.warn(f"{target}: an incomplete checkpoint left by an interrupted save, moved to {moved}")
     _barrier()
 
 
 # ----------------------------------------------------------------------------- save
 
 
+def disk_note(run_dir, last_step: int) -> str:
+    """`` (RUN has 0.3 MiB free, less than a checkpoint: a full disk)`` when that is so, else ``""``."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return ""
+    need = 0
+    if last_step:
+        manifest = cf.read_manifest(Path(run_dir) / iter_dir_name(last_step))[0]
+        need = sum(int(v) for v in (manifest or {}).get("files", {}).values())
+    if free < max(need, 1 << 20):
+        return f" ({run_dir} has {free / 2**20:.1f} MiB free, less than a checkpoint: a full disk)"
+    return ""
+
+
+def start_checkpoint_writer() -> None:
+    """Start megatron's checkpoint-writer helper now, shielded from stop signals.
+
+    megatron-core's ``torch_dist`` save collects its write results through a
+    ``multiprocessing.Manager`` queue, a server process started at the first save and reused. A
+    stop signal sent to the rank's process group (torchrun, the launcher) or to every process of a
+    job step (Slurm) would kill that server, and the save that the signal asks for would then fail
+    (``BrokenPipeError``). Started here while SIGTERM and SIGINT are ignored (an ignored signal
+    stays ignored across ``exec``: the server ignores them for good) and, meanwhile, blocked in this
+    process (a signal that arrives then is kept pending, not lost, and delivered to this process's
+    handler when the mask is restored)."""
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        filesystem_async.get_write_results_queue()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+#: test hook: seconds to pause inside a save, after the tensors are written and before the
+#: checkpoint is complete (tests kill or signal a run there)
+SAVE_DELAY_ENV = "VIGOS_TEST_SAVE_DELAY_S"
+
+
 def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list, model: list, optimizer, scheduler,
-                             hf_source_dir) -> Path:
+                             hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None) -> Path:
     """Collectively write ``RUN/iter_<state.step>`` (every rank calls it). Returns the directory.
+
+    The tracker moves only after rank 0 verified the directory and wrote its manifest (module
+    docstring); then, with ``keep_last > 0``, complete checkpoints older than the newest
+    ``keep_last`` are removed.
 
     Args:
         run_dir: the run directory (created if needed).
@@ -216,6 +266,10 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
         model: the DDP-wrapped stage chunks (their parameters are gathered first if a gather is pending).
         optimizer, scheduler: from :func:`~vigos_megatron.training.optimizer.build_optimizer`.
         hf_source_dir: HF config / tokenizer / processor files copied into ``iter_*/hf``.
+        settings: :func:`~vigos_megatron.training.checkpoint_files.run_settings` of the run, stored in
+            the manifest and compared at resume.
+        keep_last: see ``checkpoint.keep_last``.
+        log: where rank 0 reports removals (default: nowhere).
     """
     from vigos_megatron.training.optimizer import ensure_params_gathered
 
@@ -253,8 +307,23 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
         RANK_STATE_KEY: _rank_state_object({"rng": get_rng_state(), "train_state": asdict(state)}),
         META_KEY: meta,
     }
-    return save_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
-                                 extra_sharded_state=extra)
+
+    def complete(ckpt: Path) -> None:  # rank 0, after every rank's files are written
+        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+        if delay > 0:
+            print(f"[vigos] test hook {SAVE_DELAY_ENV}: pausing {delay:g} s inside the save of {ckpt.name}", flush=True)
+            time.sleep(delay)
+        files, problem = verify_checkpoint(ckpt)
+        if problem:
+            raise CheckpointError(f"{ckpt}: the save is incomplete: {problem}")
+        cf.write_manifest(ckpt, step=int(state.step), files=files, settings=settings)
+
+    ckpt = save_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
+                                 extra_sharded_state=extra, before_tracker=complete)
+    if keep_last > 0 and _rank() == 0:
+        cf.prune(run, keep_last, log=log)
+    _barrier()
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- load
@@ -287,10 +356,12 @@ def read_training_metadata(ckpt_dir) -> dict:
 
 
 def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, optimizer, scheduler,
-                             load_optimizer: bool = True) -> TrainState | None:
-    """Resume from the latest checkpoint of ``run_dir`` (collective). Returns its
-    :class:`TrainState`, or None for a fresh start (no tracker, or iteration 0: the converter's
-    initial weights, which the caller loads as the initial model).
+                             load_optimizer: bool = True, ckpt=None) -> TrainState | None:
+    """Resume from the latest checkpoint of ``run_dir`` (collective), or from ``ckpt`` (one of its
+    ``iter_*`` directories) when given. Returns its :class:`TrainState`, or None for a fresh start (no
+    tracker, or iteration 0: the converter's initial weights, which the caller loads as the initial
+    model). A read error raises :class:`Unreadable`; a checkpoint that does not fit the model or
+    the optimizer raises :class:`CheckpointError`.
 
     Loads the student's weights into ``student_chunks`` (any TP/PP), the optimizer state
     (``load_optimizer``, config ``checkpoint.load_optimizer``; see the module docstring for the
@@ -302,14 +373,28 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
     """
     from megatron.core import dist_checkpointing
 
-    it = latest_iteration(run_dir)
-    if not it:
-        return None
-    ckpt = resolve_checkpoint(run_dir)
-    meta = read_training_metadata(ckpt)
+    if ckpt is None:
+        it = latest_iteration(run_dir)
+        if not it:
+            return None
+        ckpt = resolve_checkpoint(run_dir)
+    else:
+        ckpt = Path(ckpt)
+        it = int(ckpt.name.split("_")[-1])
+    try:
+        meta = read_training_metadata(ckpt)
+    except CheckpointError:
+        raise
+    except read_errors() as e:  # a file that does not read
+        raise Unreadable(ckpt, e) from e
     if int(meta["step"]) != it:
-        raise CheckpointError(f"{ckpt}: holds step {meta['step']} but the tracker names iteration {it}")
-    check_model_checkpoint(student_chunks, ckpt)
+        raise CheckpointError(f"{ckpt}: holds step {meta['step']} but its name (or the tracker) says iteration {it}")
+    try:
+        check_model_checkpoint(student_chunks, ckpt)
+    except CheckpointError:
+        raise
+    except read_errors() as e:
+        raise Unreadable(ckpt, e) from e
 
     layout = current_layout()
     same_layout = meta["layout"] == layout
@@ -337,7 +422,10 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
             request[OPTIMIZER_KEY] = opt_sharded
     if same_layout:
         request[RANK_STATE_KEY] = _rank_state_object(None)
-    loaded = dist_checkpointing.load(request, str(ckpt))
+    try:
+        loaded = dist_checkpointing.load(request, str(ckpt))
+    except read_errors() as e:  # every rank sees the read error (torch DCP gathers them)
+        raise Unreadable(ckpt, e) from e
 
     student_chunks[0].load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
@@ -349,7 +437,11 @@ def load_training_checkpoint(run_dir, *, student_chunks: list, model: list, opti
         opt_loaded = loaded.get(OPTIMIZER_KEY, {})
         if separate:  # fp32 main weights from the fp32 optimizer's model weights (a second read)
             paths = list(separate)
-            mains = dist_checkpointing.load({"main": {i: separate[p] for i, p in enumerate(paths)}}, str(ckpt))["main"]
+            try:
+                mains = dist_checkpointing.load({"main": {i: separate[p] for i, p in enumerate(paths)}},
+                                                str(ckpt))["main"]
+            except read_errors() as e:
+                raise Unreadable(ckpt, e) from e
             for i, path in enumerate(paths):
                 parent = opt_loaded
                 for k in path[:-1]:

@@ -100,7 +100,9 @@ def print_line(text: str) -> None:
 
 
 def run_cli(main, prog: str, argv=None) -> int:
-    """``main(argv)`` with the user's errors as ONE line on stderr and exit code 2.
+    """``main(argv)`` with the user's errors as ONE line on stderr and exit code 2; a run stopped
+    on purpose (:class:`~vigos_megatron.training.signals.RunStopped`, a repeated stop signal:
+    :class:`~vigos_megatron.training.signals.StopNow`) also as one line, with its documented code.
 
     A :class:`~vigos_megatron.errors.UserError` (bad option, path, checkpoint or data) prints
     ``prog: error: <what, naming the option or file> (hint: ...)``; ``VIGOS_VERBOSE=1`` adds the
@@ -109,13 +111,32 @@ def run_cli(main, prog: str, argv=None) -> int:
     import traceback
 
     from vigos_megatron.errors import UserError
+    from vigos_megatron.training.signals import EXIT_STOPPED_UNSAVED, RunStopped, StopNow
 
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun every rank fails alike: rank 0 says so
     try:
         return main(argv)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says so
+        if rank0:
             if os.environ.get("VIGOS_VERBOSE", "") == "1":
                 traceback.print_exc()
             sys.stderr.write(f"{prog}: error: {e} (hint: {e.hint}; VIGOS_VERBOSE=1 shows the traceback)\n")
             sys.stderr.flush()
         return 2
+    except RunStopped as e:  # e.g. a failed save: one line, the documented code
+        if rank0:
+            sys.stderr.write(f"{prog}: {e}\n")
+            sys.stderr.flush()
+        return e.code
+    except StopNow as e:
+        if rank0:
+            if e.saved_step is None:
+                last = "during the set-up, before any step of this launch: the next launch resumes where this one did"
+            elif e.saved_step:
+                last = f"the last complete checkpoint is step {e.saved_step}: the next launch resumes from it"
+            else:
+                last = "no checkpoint was complete: the next launch starts again"
+            sys.stderr.write(f"{prog}: stopped at once on a repeated {e.signal_name} before saving; {last} "
+                             f"(exit code {EXIT_STOPPED_UNSAVED})\n")
+            sys.stderr.flush()
+        return EXIT_STOPPED_UNSAVED

@@ -111,45 +111,97 @@ def run_step(run: Run, ps, step: int, samples: list[dict], t0: float, *, last: i
         run.say(f"[vigos] step {step}: non-finite loss or gradient; update skipped (train.on_nonfinite=skip)")
 
 
-def save(run: Run, step: int) -> None:
-    from vigos_megatron.training.checkpoint import TrainState, save_training_checkpoint
+@dataclass
+class Outcome:
+    """How a launch ended (the entry point reports it; :mod:`.launch` maps exit codes with it)."""
+
+    #: steps done in this launch
+    steps: int
+    #: the last step of the run with a complete checkpoint (0: none)
+    saved_step: int
+    #: the signal that stopped the launch after a save ("SIGTERM", "SIGINT"), or None
+    signal: str | None = None
+    #: the checkpoint directory of ``saved_step`` written by this launch, or None
+    saved: str | None = None
+
+
+def save(run: Run, step: int, last_saved: int):
+    """Save ``iter_<step>`` (collective). A failure (a full disk, a rank's write error) stops the run
+    with one line naming the directory and the last complete checkpoint (exit code 1)."""
+    from vigos_megatron.training.checkpoint import TrainState, disk_note, save_training_checkpoint
+    from vigos_megatron.training.checkpoint_resume import describe_error, read_errors
+    from vigos_megatron.training.signals import RunStopped
 
     ctx = run.ctx
-    path = save_training_checkpoint(run.cfg.run_dir, TrainState(step=step, loader=ctx.loader.state_dict()),
-                                    student_chunks=ctx.models.student, model=ctx.models.model,
-                                    optimizer=ctx.optimizer, scheduler=ctx.scheduler, hf_source_dir=ctx.models.hf_files)
+    try:
+        path = save_training_checkpoint(run.cfg.run_dir, TrainState(step=step, loader=ctx.loader.state_dict()),
+                                        student_chunks=ctx.models.student, model=ctx.models.model,
+                                        optimizer=ctx.optimizer, scheduler=ctx.scheduler,
+                                        hf_source_dir=ctx.models.hf_files, settings=ctx.settings,
+                                        keep_last=run.cfg.checkpoint.keep_last, log=run.say)
+    except read_errors() as e:  # reported in one line; VIGOS_VERBOSE=1 keeps the traceback
+        import os
+        import traceback
+
+        from vigos_megatron.training.signals import StopNow
+
+        failures = getattr(e, "failures", None) or {}
+        for pair in failures.values():  # torch's checkpoint code wraps whatever a rank raised, StopNow too
+            inner = pair[0] if isinstance(pair, tuple) else pair
+            if isinstance(inner, StopNow):
+                raise inner from e
+
+        from vigos_megatron.training.checkpoint_files import iter_dir_name
+
+        if os.environ.get("VIGOS_VERBOSE", "") == "1":
+            traceback.print_exc()
+        last = f"{iter_dir_name(last_saved)} (step {last_saved})" if last_saved else "none (a fresh start)"
+        raise RunStopped(f"saving checkpoint {iter_dir_name(step)} in {run.cfg.run_dir} failed: {describe_error(e)}"
+                         f"{disk_note(run.cfg.run_dir, last_saved)}. The last complete checkpoint is {last}; the next "
+                         "launch moves the incomplete directory aside and resumes from it") from e
     run.say(f"[vigos] saved checkpoint {path}")
+    return path
 
 
-def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> int:
+def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
     """Run ``cfg`` (validated; process groups initialised) until ``train.steps``, ``train.exit_after``
-    steps of this launch, or SIGTERM. Returns the number of steps done in this launch."""
+    steps of this launch, or SIGTERM / SIGINT (then it saves and returns). Returns the :class:`Outcome`."""
     from megatron.core import parallel_state as ps
 
     from vigos_megatron import objectives
     from vigos_megatron.runtime import compute_device
-    from vigos_megatron.training.signals import StopSignal
+    from vigos_megatron.training.checkpoint import start_checkpoint_writer
+    from vigos_megatron.training.signals import StopNow, StopSignal
 
-    ctx, state = build_run(cfg, layout)
-    start = state.step if state is not None else 0
-    end = cfg.train.steps if cfg.train.exit_after == 0 else min(cfg.train.steps, start + cfg.train.exit_after)
-    objective = objectives.get(cfg.loss.objective)
-    logs_here = is_metrics_rank(ps)
-    run = Run(cfg=cfg, ctx=ctx, log=log, rank0=dist.get_rank() == 0, device=compute_device(),
-              writer=MetricsWriter(cfg.run_dir, enabled=logs_here, tensorboard=cfg.logging.tensorboard,
-                                   resume_step=start),
-              rollout_log=RolloutLog(cfg.run_dir, count=cfg.logging.dump_rollouts, enabled=logs_here,
-                                     resume_step=start, tokenizer=ctx.tokenizer, term_names=objective.terms),
-              terms=TermWatch(objective.expected_terms))
-    run.say(f"[vigos] {'resuming at' if start else 'starting'} step {start} of {cfg.train.steps}; this launch runs "
-            f"steps {start + 1}..{end}; layout TP={layout.tp} PP={layout.pp} DP={layout.dp}; "
-            f"{cfg.train.global_batch_size} prompts per step; objective {cfg.loss.objective}")
-    step, saved_at = start, start
-    batches = iter(ctx.loader)
-    # each data-parallel rank reads its own samples: the first rank of its TP x PP group names its drops
-    log_drops = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
+    rank0 = dist.get_rank() == 0
+    run, saved_at = None, None
     try:
+        # from the start: a stop during the set-up ends the launch after its first step (with a checkpoint)
         with StopSignal() as stop:
+            ctx, state = build_run(cfg, layout, log=log if rank0 else (lambda _line: None))
+            start = state.step if state is not None else 0
+            end = cfg.train.steps if cfg.train.exit_after == 0 else min(cfg.train.steps, start + cfg.train.exit_after)
+            objective = objectives.get(cfg.loss.objective)
+            logs_here = is_metrics_rank(ps)
+            run = Run(cfg=cfg, ctx=ctx, log=log, rank0=rank0, device=compute_device(),
+                      writer=MetricsWriter(cfg.run_dir, enabled=logs_here, tensorboard=cfg.logging.tensorboard,
+                                           resume_step=start),
+                      rollout_log=RolloutLog(cfg.run_dir, count=cfg.logging.dump_rollouts, enabled=logs_here,
+                                             resume_step=start, tokenizer=ctx.tokenizer, term_names=objective.terms),
+                      terms=TermWatch(objective.expected_terms))
+            run.say(f"[vigos] {'resuming at' if start else 'starting'} step {start} of {cfg.train.steps}; this launch "
+                    f"runs steps {start + 1}..{end}; layout TP={layout.tp} PP={layout.pp} DP={layout.dp}; "
+                    f"{cfg.train.global_batch_size} prompts per step; objective {cfg.loss.objective}")
+            dropped_lines = getattr(run.writer, "dropped_on_resume", 0)
+            if dropped_lines:
+                log(f"[vigos] {run.writer.path} held {dropped_lines} step(s) after step {start}, done by an earlier "
+                    "launch after its last complete checkpoint: they are repeated")
+            step, saved_at = start, start
+            outcome = Outcome(steps=0, saved_step=start)
+            batches = iter(ctx.loader)
+            # each data-parallel rank reads its own samples: the first rank of its TP x PP group names its drops
+            log_drops = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
+            start_checkpoint_writer()
             while step < end:
                 t0 = time.perf_counter()
                 batch = next(batches)
@@ -162,17 +214,30 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> int:
                     continue
                 run_step(run, ps, step, batch["samples"], t0, last=end)
                 if stop.agreed(None):
+                    outcome.signal = stop.signal_name or "a signal (on another rank)"
                     run.say(f"[vigos] stop signal received: saving at step {step} and exiting")
                     break
                 interval = cfg.checkpoint.save_interval
                 if interval and step % interval == 0 and step < end:
-                    save(run, step)
+                    outcome.saved = str(save(run, step, saved_at))
                     saved_at = step
+            # inside the handlers: a repeated signal during the final save is one stop, not two
+            if step > saved_at:
+                outcome.saved = str(save(run, step, saved_at))
+                saved_at = step
     except NonFiniteStep as e:
         run.writer.close()
         run.say(f"[vigos] stopped: {e}. The last checkpoint ({saved_at}) is intact.")
         raise
-    if step > saved_at:
-        save(run, step)
+    except StopNow as e:
+        e.saved_step = saved_at  # None: before any step of this launch
+        if run is not None:
+            run.writer.close()
+        raise
     run.writer.close()
-    return step - start
+    outcome.steps, outcome.saved_step = step - start, saved_at
+    if outcome.signal:
+        where = outcome.saved or f"{cfg.run_dir} (step {saved_at})"
+        run.say(f"[vigos] stopped on {outcome.signal} after step {step}: checkpoint {where} is complete; "
+                "exit code 0 (the same command resumes)")
+    return outcome

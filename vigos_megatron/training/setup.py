@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vigos_megatron.training.checkpoint_files import ResumeRefused
+
 if TYPE_CHECKING:  # pragma: no cover
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -118,12 +120,39 @@ class RunContext:
     pad_id: int
     #: the tokenizer's PrefixCut: byte-exact teacher contexts
     cut: "PrefixCut"
+    #: what the run is trained with (checkpoint_files.run_settings), stored with every checkpoint
+    settings: dict | None = None
 
 
 # --------------------------------------------------------------------------- set-up
 
 
-def make_loader(cfg: "PretrainConfig", layout: "Layout", ps, loader_state: dict | None):
+def check_resume_settings(selection, settings: dict, *, allow_changes: bool, log=print) -> None:
+    """Refuse (:class:`ResumeRefused`, one line listing the differences) or report what changed since the
+    checkpoint ``selection`` resumes from (:class:`~vigos_megatron.training.checkpoint.Selection`, or any
+    object with ``candidates`` and ``settings``)."""
+    from vigos_megatron.training import checkpoint_files as cf
+
+    if not selection.candidates:
+        return
+    ckpt = selection.candidates[0][1]
+    if selection.settings is None:
+        log(f"[vigos] {ckpt} stores no run settings (written by an older version): the objective, model, data and "
+            "optimizer settings are not compared")
+        return
+    changes = cf.settings_changes(selection.settings, settings)
+    line = cf.refusal(ckpt, changes)
+    if line and not allow_changes:
+        raise ResumeRefused(line)
+    if cf.LAYOUT in changes:
+        log(f"[vigos] layout changed since {ckpt.name}: {', '.join(changes[cf.LAYOUT])} (the checkpoint reshards)")
+    if line:
+        others = [g for g in cf.GROUPS if g != cf.LAYOUT]
+        log(f"[vigos] checkpoint.allow_changes=true: resuming {ckpt.name} with other settings: "
+            f"{cf.describe_changes(changes, others)}")
+
+
+def make_loader(cfg: "PretrainConfig", layout: "Layout", ps, loader_state: dict | None, *, log=print):
     from vigos_megatron.data.contexts import ContextEncoder
     from vigos_megatron.data.loader import StreamingLoader
 
@@ -134,12 +163,22 @@ def make_loader(cfg: "PretrainConfig", layout: "Layout", ps, loader_state: dict 
         prefetch_factor=lc.prefetch_factor, encode=ContextEncoder.from_config(cfg.data.context),
     )
     if loader_state:
-        loader.load_state_dict(loader_state)
+        try:
+            loader.load_state_dict(loader_state)
+        except ValueError as e:
+            if not cfg.checkpoint.allow_changes:
+                raise ResumeRefused(f"data.loader: the checkpoint's data stream does not continue here: {e}") from None
+            log(f"[vigos] checkpoint.allow_changes=true: {e}; the loader starts the new stream from its beginning")
     return loader
 
 
-def build_run(cfg: "PretrainConfig", layout: "Layout") -> tuple[RunContext, object]:
-    """Models, optimizer, resume state, loader and engine of this launch. Returns ``(ctx, state)``."""
+def build_run(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> tuple[RunContext, object]:
+    """Models, optimizer, resume state, loader and engine of this launch. Returns ``(ctx, state)``.
+
+    Before any model is built: the checkpoint to resume from is chosen (incomplete directories
+    moved aside, a corrupt newest one reported; :func:`~vigos_megatron.training.checkpoint.select_checkpoint`)
+    and the settings stored with it are compared with this run's (:func:`check_resume_settings`).
+    ``log``: rank 0's lines (a no-op elsewhere)."""
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
@@ -147,19 +186,25 @@ def build_run(cfg: "PretrainConfig", layout: "Layout") -> tuple[RunContext, obje
     from vigos_megatron.rollout.engine import MegatronRolloutEngine
     from vigos_megatron.rollout.segments import stop_token_ids
     from vigos_megatron.runtime import use_cuda
-    from vigos_megatron.training.checkpoint import load_training_checkpoint
+    from vigos_megatron.training import checkpoint_files as cf
+    from vigos_megatron.training.checkpoint_resume import resume_training, select_checkpoint
     from vigos_megatron.training.optimizer import build_optimizer, ddp_config
 
+    ck = cfg.checkpoint
+    selection = select_checkpoint(cfg.run_dir, on_corrupt=ck.on_corrupt, log=log)
+    settings = cf.run_settings(cfg, layout)
+    check_resume_settings(selection, settings, allow_changes=ck.allow_changes, log=log)
     dtype = cfg.model.torch_dtype(use_cuda())
     models = build_training_models(cfg, dtype=dtype, ddp_config=ddp_config(cfg.optimizer, dp_size=layout.dp))
     optimizer, scheduler = build_optimizer(cfg.optimizer, models.model, total_steps=cfg.train.steps, dp_size=layout.dp)
-    state = load_training_checkpoint(cfg.run_dir, student_chunks=models.student, model=models.model,
-                                     optimizer=optimizer, scheduler=scheduler,
-                                     load_optimizer=cfg.checkpoint.load_optimizer)
+    state = resume_training(selection, run_dir=cfg.run_dir, on_corrupt=ck.on_corrupt, log=log,
+                            student_chunks=models.student, model=models.model, optimizer=optimizer,
+                            scheduler=scheduler, load_optimizer=ck.load_optimizer)
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.context.processor_path)
     engine = MegatronRolloutEngine(models.student, hf_config=models.builder.hf_config,
                                    stop_token_ids=stop_token_ids(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
-    loader = make_loader(cfg, layout, ps, state.loader if state is not None else None)
+    loader = make_loader(cfg, layout, ps, state.loader if state is not None else None, log=log)
     ctx = RunContext(models=models, optimizer=optimizer, scheduler=scheduler, loader=loader, engine=engine,
-                     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id), cut=PrefixCut(tokenizer))
+                     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id), cut=PrefixCut(tokenizer),
+                     settings=settings)
     return ctx, state
