@@ -51,9 +51,17 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   teacher rows included, counted at the full prompt length: an upper bound, since each slot
   travels at its own length); sent outputs are deallocated (``deallocate_pipeline_outputs``).
 * logits (last stage) only at the positions the loss reads: ``C`` student and ``C`` teacher
-  rows per rollout for ViGOS/OPSD (twice that for VGS), bf16 ``[rows, V/tp]`` kept for the
-  KL's backward, the student logits' gradient, and the KL's fp32 chunk temporaries (4 x
-  ``loss.chunk_bytes``).
+  rows per rollout for ViGOS/OPSD (twice that for VGS), ``[rows, V/tp]`` kept for the KL's
+  backward, the student logits' gradient, and the KL's fp32 chunk temporaries (4 x
+  ``loss.chunk_bytes``). ``loss.logits_dtype`` sets their price: ``float32`` (the default; the
+  output layer's fp32 accumulator, :mod:`vigos_megatron.models.output_logits`) keeps
+  ``4 (C_s + C_t)`` bytes per vocabulary entry plus the student's gradient ``4 C_s`` and its
+  bf16 copy for the output layer's backward ``2 C_s``; ``model`` (rounded to bf16) keeps
+  ``2 (C_s + C_t) + 2 C_s``: fp32 costs ``2 C_t + 6 C_s`` bytes per entry more (the 7B recipe,
+  TP=4, one rollout of 4,096 completion tokens per micro-batch, ViGOS: 2.03 GiB against 0.87 GiB;
+  no recipe's layout or GPU count changes, their peaks are set by other terms). The loss's traffic over the logits doubles with them (it reads each
+  side twice, forward and backward, and writes the student's gradient); the GEMM that forms
+  them is the same (bf16 operands, fp32 accumulation, only the final rounding skipped).
 
 **Rollout phase** (generation of a round of ``b = min(prompts per DP rank, max_batch_size)``
 prompts by :class:`~vigos_megatron.rollout.engine.MegatronRolloutEngine`):
@@ -127,6 +135,8 @@ class Workload:
     #: logits only at the positions the loss reads (else every position of every row)
     logits_at_loss_positions_only: bool = True
     loss_chunk_bytes: int = 64 * MIB
+    #: ``loss.logits_dtype``: the logits the loss reads, "float32" (unrounded) or "model" (bf16)
+    logits_dtype: str = "float32"
 
     def validate(self) -> None:
         for name in ("prompt_tokens", "completion_tokens", "global_batch_size", "micro_batch_size",
@@ -139,6 +149,7 @@ class Workload:
         _check_choice("recompute", self.recompute, RECOMPUTE)
         _check_choice("layer_spec", self.layer_spec, LAYER_SPECS)
         _check_choice("rollout_layer_spec", self.rollout_layer_spec, LAYER_SPECS)
+        _check_choice("logits_dtype", self.logits_dtype, ("float32", "model"))
 
     @property
     def seq_length(self) -> int:
@@ -171,12 +182,21 @@ class Workload:
             layer_spec=spec,
             distributed_optimizer=cfg.optimizer.distributed_optimizer,
             loss_chunk_bytes=cfg.loss.chunk_bytes,
+            logits_dtype=cfg.loss.logits_dtype,
         )
         values.update(overrides)
         return cls(**values)
 
 
 # --------------------------------------------------------------------------- estimate
+
+
+def logits_bytes(n_student: int, n_teacher: int, v_local: int, logits_dtype: str) -> dict:
+    """The last stage's logits at the loss positions and the student's logits gradient (module docstring)."""
+    if logits_dtype == "float32":
+        return {"logits at the loss positions (fp32) + student grad (fp32, bf16 copy)":
+                (4 * (n_student + n_teacher) + 6 * n_student) * v_local}
+    return {"logits at the loss positions (bf16) + student grad": (2 * (n_student + n_teacher) + 2 * n_student) * v_local}
 
 
 @dataclass(frozen=True)
@@ -347,7 +367,7 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
     if not first:
         train["received pipeline stream tensors"] = in_flight * 2 * seq * rows * h
     if last:
-        train["logits at the loss positions (bf16) + student grad"] = (n_logit_s + n_logit_t + n_logit_s) * v_local * 2
+        train.update(logits_bytes(n_logit_s, n_logit_t, v_local, w.logits_dtype))
         train["KL chunk temporaries (fp32)"] = min(4 * w.loss_chunk_bytes, 4 * 4 * v_local * (n_logit_s + n_logit_t))
     transients = {
         "teacher rows, one layer (no grad)": nt * seq * m.forward_bytes_per_token(tp)

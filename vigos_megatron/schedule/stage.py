@@ -48,6 +48,9 @@ class StudentTeacherStage(MegatronModule):
             valid when the student's tower is frozen and identical to the teacher's (the teacher
             is the replica of the initial student and ``model.freeze_vision`` is on); then the
             tower runs once per image of a micro-batch for both models.
+        fp32_logits: the last stage returns fp32 logits from a bf16 model (the output layer's fp32
+            accumulator, not rounded to bf16; ``loss.logits_dtype``,
+            :mod:`vigos_megatron.models.output_logits`); else logits in the model's dtype.
 
     ``forward(batch)`` takes a :class:`~vigos_megatron.schedule.batch.StreamBatch` and returns
     the stream ``[T, 1, H]`` (intermediate stages) or, on the last stage, the logits at the
@@ -56,7 +59,8 @@ class StudentTeacherStage(MegatronModule):
     as ``Qwen25VLModel.forward``, with one vision-tower pass per image and the selected logits).
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, *, share_vision: bool = False):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, *, share_vision: bool = False,
+                 fp32_logits: bool = False):
         super().__init__(config=student.config)
         for flag in ("pre_process", "post_process"):
             if getattr(student, flag) != getattr(teacher, flag):
@@ -69,6 +73,7 @@ class StudentTeacherStage(MegatronModule):
         self.post_process = student.post_process
         self.share_embeddings_and_output_weights = student.share_embeddings_and_output_weights
         self.share_vision = bool(share_vision)
+        self.fp32_logits = bool(fp32_logits)
         if self.share_vision and self.pre_process and any(p.requires_grad for p in student.visual.parameters()):
             raise ValueError("share_vision needs a frozen student vision tower (model.freeze_vision)")
         self._input_tensor: torch.Tensor | None = None
@@ -143,7 +148,8 @@ class StudentTeacherStage(MegatronModule):
             model.set_input_tensor(xs[c])
             out = language_forward(model, decoder_input=emb,
                                    position_ids=mrope_positions(model, ids, rows.grid_thw(batch.images, part)),
-                                   logit_positions=batch.positions[c] if self.post_process else None)
+                                   logit_positions=batch.positions[c] if self.post_process else None,
+                                   fp32_logits=self.fp32_logits)
             if self.post_process:
                 _check(out, (batch.positions[c].numel(),), f"slot {c} logits")
                 outs.append(out)
