@@ -130,6 +130,9 @@ def test_gpu_configuration_step_matches_fp32_and_resumes_exactly(torchrun, tiny_
     def metrics(run):
         return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
+    resumes = [json.loads(x.split(" ", 1)[1]) for x in out.splitlines() if x.startswith("RESUME ")]
+    assert [r["steps_per_launch"] for r in resumes] == [[2, 1, 1]] * 2, out[-4000:]  # the third launch resumed
+    assert (tmp_path / "split" / "iter_0000001").is_dir()
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2], (a, b)
     for x, y in zip(a, b):

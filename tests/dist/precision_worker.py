@@ -7,7 +7,8 @@ DP=2 (TP=1, PP=1), ``conf/tiny_cpu.yaml`` with the demo's cached assets. The ref
 the GPU configuration (bf16 parameters with fp32 main weights in megatron's distributed optimizer,
 the ``sdpa`` spec, ``loss.impl=triton`` under Triton's interpreter, fp32 logits for the loss)
 computes its step's gradients on the same rollouts (:func:`vigos_megatron.testing.precision.step_gradients`).
-Prints ``PREC {json}`` per rank (keys in :func:`compare`).
+Prints ``PREC {json}`` per rank (keys in :func:`compare`) and ``RESUME {json}`` (the steps each
+launch of the loop ran).
 
 Then the training loop itself (:func:`vigos_megatron.training.loop.train`) in that configuration,
 in this process group: 2 steps straight (``RUN_DIR/straight``), and 1 step, a checkpoint, and the
@@ -90,9 +91,10 @@ def main() -> int:
         prepare_tiny_run(config(run_dir)[0], log=lambda _line: None)
         print("PREC " + json.dumps(compare(run_dir / "compare", ps)), flush=True)
         quiet = lambda _line: None  # noqa: E731
-        train(*config(run_dir / "straight", *GPU_CONFIG, "train.steps=2"), log=quiet)
-        train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2", "train.exit_after=1"), log=quiet)
-        train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2"), log=quiet)
+        done = [train(*config(run_dir / "straight", *GPU_CONFIG, "train.steps=2"), log=quiet),
+                train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2", "train.exit_after=1"), log=quiet),
+                train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2"), log=quiet)]  # resumes at step 1
+        print("RESUME " + json.dumps({"rank": int(os.environ["RANK"]), "steps_per_launch": done}), flush=True)
     finally:
         startup.destroy_distributed()
     return 0
