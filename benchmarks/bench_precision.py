@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One training step in bf16 against the same step in fp32, on IDENTICAL rollouts.
 
-    python benchmarks/bench_precision.py [--nproc-per-node 2] [--config conf/tiny_cpu.yaml] [key=value ...]
+    python benchmarks/bench_precision.py [--nproc-per-node 2] [--batch 0] [--per-parameter]
+                                         [--config conf/tiny_cpu.yaml] [key=value ...]
 
 The rollouts are generated once, by the fp32 ``local`` run's engine from the first batch of the
 loader, and fed to every variant: the layer spec (``local``, ``sdpa``) x the parameter dtype
@@ -9,15 +10,20 @@ loader, and fed to every variant: the layer spec (``local``, ``sdpa``) x the par
 (``loss.logits_dtype``: ``model`` = rounded to bf16, ``float32`` = the output layer's fp32
 accumulator). Each variant is built by the training's own set-up (``training/setup.py``
 ``build_run``), scored by ``training/scoring.py`` and differentiated by ``training/update.py``
-``compute_gradients`` (the step without the update; :mod:`vigos_megatron.testing.precision`). Printed per variant, against the fp32
-``local`` step: loss, each term, clip fraction, gradient norm; the per-token KL (max and relative
+``compute_gradients`` (the step without the update; :mod:`vigos_megatron.testing.precision`).
+Printed per variant, against the fp32 ``local`` step: loss, each term, clip fraction, gradient norm; the per-token KL (max and relative
 L2 difference); tokens whose clip decision differs; the per-parameter gradient relative error
 ``|g - g_fp32| / |g_fp32|`` (median and max over the student's parameter tensors, shards summed
 over TP) and the whole gradient's. The last table pairs the two bf16 layer specs: their gradients
-against each other (same rounding budget, different rounding: the spread the noise alone gives).
+against each other (same rounding budget, different rounding: the spread the noise alone gives);
+``--per-parameter`` adds every parameter tensor's error.
 
-Layouts: TP x 1 x 1 (``parallel.tp``, ``--nproc-per-node`` = TP; PP = DP = 1: the per-parameter
-comparison reads each rank's whole ``main_grad``). Objectives with segmented terms (vigos, opsd, opd).
+``--batch K`` generates from the loader's batch ``K`` instead of the first step's; overrides go to
+every variant (``loss.vigos.clip=0``: the step without the clip's discontinuity). What the tables
+showed on the CPU: ``benchmarks/results/bench_precision_cpu_2core.txt`` and the README.
+
+Layouts: TP x 1 x 1 (``parallel.tp``, ``--nproc-per-node`` = TP; PP = DP = 1: rank 0 holds every
+parameter and every token it prints). Objectives with segmented terms (vigos, opsd, opd).
 """
 
 from __future__ import annotations

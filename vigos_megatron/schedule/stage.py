@@ -50,7 +50,7 @@ class StudentTeacherStage(MegatronModule):
             tower runs once per image of a micro-batch for both models.
         fp32_logits: the last stage returns fp32 logits from a bf16 model (the output layer's fp32
             accumulator, not rounded to bf16; ``loss.logits_dtype``,
-            :mod:`vigos_megatron.models.output_logits`); else logits in the model's dtype.
+            :mod:`vigos_megatron.models.output_logits`); ``False``: logits in the model's dtype.
 
     ``forward(batch)`` takes a :class:`~vigos_megatron.schedule.batch.StreamBatch` and returns
     the stream ``[T, 1, H]`` (intermediate stages) or, on the last stage, the logits at the
@@ -60,7 +60,7 @@ class StudentTeacherStage(MegatronModule):
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, *, share_vision: bool = False,
-                 fp32_logits: bool = False):
+                 fp32_logits: bool = True):
         super().__init__(config=student.config)
         for flag in ("pre_process", "post_process"):
             if getattr(student, flag) != getattr(teacher, flag):
