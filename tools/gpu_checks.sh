@@ -13,6 +13,8 @@
 #            and the top operators of one step of each path)
 #   rollout  benchmarks/bench_rollout.py --preset 3b     (generated tokens/s, roofline share)
 #   step     benchmarks/bench_step.py --preset 3b        (ViGOS step vs SFT, padding)
+#   precision  benchmarks/bench_precision.py --nproc-per-node 1 (issue 24: one tiny ViGOS step in bf16
+#            against fp32 on CUDA, identical rollouts; local/sdpa x bf16/fp32 logits)
 #   demo     the tiny ViGOS run on one GPU (NCCL, bf16): 4 steps, its metrics.jsonl
 #   suite    the whole test suite on the GPU machine (what `make test-gpu` runs after `smoke`)
 #
@@ -48,6 +50,7 @@ part_cmd() {
     student) echo "$PY benchmarks/bench_student.py --model 3b --profile 25" ;;
     rollout) echo "$PY benchmarks/bench_rollout.py --preset 3b" ;;
     step)    echo "$PY benchmarks/bench_step.py --preset 3b --dtype bfloat16" ;;
+    precision) echo "$PY benchmarks/bench_precision.py --nproc-per-node 1" ;;
     demo)    echo "$PY examples/pretrain_vigos.py --config conf/tiny_cpu.yaml run_dir=$DEMO_RUN parallel.tp=1 \
 train.steps=4" ;;
     suite)   echo "$PY -m pytest -q -p no:cacheprovider tests" ;;

@@ -11,6 +11,10 @@ from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.objectives import MODULES, get
 
 
+#: the dtype of the logits the loss reads in a bf16 model (``loss.logits_dtype``)
+LOGITS_DTYPES = ("float32", "model")
+
+
 def _validate(self) -> None:
     require_one_of(self, "objective", MODULES)
     require_one_of(self, "impl", KL_IMPLS)
@@ -18,6 +22,7 @@ def _validate(self) -> None:
     if self.from_hidden and self.impl == "triton":
         raise ConfigError("impl: 'triton' is the KL from logits; with from_hidden: true the KL is torch's "
                           "(set from_hidden: false for the Triton kernels)")
+    require_one_of(self, "logits_dtype", LOGITS_DTYPES)
 
 
 def _settings(name: str) -> type:
@@ -28,16 +33,21 @@ def _settings(name: str) -> type:
 #: one fp32 ``[chunk, V/tp]`` work tensor inside the KL (bounds the loss's memory); ``impl``: "auto"
 #: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton" (the KL from logits); ``from_hidden``: the last
 #: stage hands the loss its final hidden states and output weights and the KL forms each chunk's logits
-#: itself (no [tokens, V/tp] logits kept; false: the logits path, the reference)
+#: itself, in fp32 (no [tokens, V/tp] logits kept; false: the logits path, the reference); ``logits_dtype``
+#: (the logits path): the logits the loss reads in a bf16 model, "float32" (the output layer's fp32
+#: accumulator, unrounded: the distillation gradient ``p_S - q_T`` of nearly equal distributions is not
+#: drowned by bf16 rounding; benchmarks/bench_precision.py) or "model" (rounded to bf16: half the logits'
+#: memory, recipes.memory prices both); an fp32 model reads fp32 logits either way
 LossConfig = make_dataclass(
     "LossConfig",
     [("objective", str, field(default="vigos")),
      *[(name, _settings(name), field(default_factory=_settings(name))) for name in MODULES],
      ("chunk_bytes", int, field(default=64 * 1024 * 1024)),
      ("impl", str, field(default="auto")),
-     ("from_hidden", bool, field(default=True))],
+     ("from_hidden", bool, field(default=True)),
+     ("logits_dtype", str, field(default="float32"))],
     namespace={"validate": _validate},
     module=__name__,
 )
 
-__all__ = ["KL_IMPLS", "LossConfig"]
+__all__ = ["KL_IMPLS", "LOGITS_DTYPES", "LossConfig"]

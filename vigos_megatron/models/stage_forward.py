@@ -99,25 +99,33 @@ def mrope_positions(model, input_ids: Tensor, grid_thw: Tensor | None) -> Tensor
 def _logits_at(*, hidden_states: Tensor, output_layer, output_weight, context, **_unused) -> Tensor:
     """GPTModel ``output_processor``: the output layer on the selected positions only.
 
-    ``hidden_states`` ``[S, n, H]`` (after the final norm); ``context = (s_idx, b_idx)``, int64
-    ``[N]`` each. Returns ``[N, V/tp]`` vocabulary-sharded logits (no TP gather); the gradient
-    flows back into the selected hidden states only (the others get zeros).
+    ``hidden_states`` ``[S, n, H]`` (after the final norm); ``context = (s_idx, b_idx, fp32)``:
+    int64 ``[N]`` each, and whether the logits are fp32 in a lower-precision model (unrounded:
+    :func:`~vigos_megatron.models.output_logits.fp32_output_logits`; else the model's dtype). Returns
+    ``[N, V/tp]`` vocabulary-sharded logits (no TP gather); the gradient flows back into the
+    selected hidden states only (the others get zeros).
     """
-    s_idx, b_idx = context
+    s_idx, b_idx, fp32 = context
     h = hidden_states[s_idx, b_idx]  # [N, H]
+    if fp32 and h.dtype != torch.float32:
+        from vigos_megatron.models.output_logits import fp32_output_logits
+
+        return fp32_output_logits(h, output_layer, output_weight)
     logits, _ = output_layer(h.unsqueeze(1), weight=output_weight, runtime_gather_output=False)
     return logits.squeeze(1)
 
 
 def _hidden_at(*, hidden_states: Tensor, context, **_unused) -> Tensor:
     """GPTModel ``output_processor``: the final hidden states ``[N, H]`` at the selected positions (the
-    output layer's input; a loss from hidden states applies the output weight itself)."""
-    s_idx, b_idx = context
+    output layer's input; a loss from hidden states applies the output weight itself, in fp32).
+    ``context = (s_idx, b_idx, fp32)`` as for :func:`_logits_at` (``fp32`` does not apply)."""
+    s_idx, b_idx, _ = context
     return hidden_states[s_idx, b_idx]
 
 
 def language_forward(model, *, rows: RowInputs | None, position_ids: Tensor,
-                     logit_positions: Tensor | None = None, hidden_only: bool = False) -> Tensor:
+                     logit_positions: Tensor | None = None, hidden_only: bool = False,
+                     fp32_logits: bool = False) -> Tensor:
     """This chunk's language model on the stream rows (``set_input_tensor`` already called off the first stage).
 
     Args:
@@ -135,6 +143,7 @@ def language_forward(model, *, rows: RowInputs | None, position_ids: Tensor,
     if model.post_process and logit_positions is not None:
         S = position_ids.shape[-1]
         kwargs.update(output_processor=_hidden_at if hidden_only else _logits_at,
-                      output_processor_context=(logit_positions % S, torch.div(logit_positions, S, rounding_mode="floor")))
+                      output_processor_context=(logit_positions % S, torch.div(logit_positions, S, rounding_mode="floor"),
+                                                fp32_logits))
     return model.language_model(input_ids=None, position_ids=position_ids, attention_mask=None,
                                 decoder_input=rows.decoder_input if rows is not None else None, **kwargs)

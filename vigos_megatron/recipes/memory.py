@@ -68,8 +68,17 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   default): the rows' final hidden states ``2 H`` each, the student rows' hidden gradient (fp32
   in the KL, then bf16: ``6 H``), and the KL's fp32 tiles (8 x ``loss.chunk_bytes``: the forward's
   chunk logits and sums, the backward's tiles, weight blocks and block accumulator) whatever the
-  number of rows. From logits: bf16 ``[rows, V/tp]`` kept for the KL's backward, the student
-  logits' gradient, and the KL's fp32 chunk temporaries (4 x ``loss.chunk_bytes``).
+  number of rows. From logits: ``[rows, V/tp]`` kept for the KL's backward, the student
+  logits' gradient, and the KL's fp32 chunk temporaries (4 x ``loss.chunk_bytes``);
+  ``loss.logits_dtype`` sets their price: ``float32`` (the default; the output layer's fp32
+  accumulator, :mod:`vigos_megatron.models.output_logits`) keeps ``4 (C_s + C_t)`` bytes per
+  vocabulary entry plus the student's gradient ``4 C_s`` and its bf16 copy for the output layer's
+  backward ``2 C_s``; ``model`` (rounded to bf16) keeps ``2 (C_s + C_t) + 2 C_s``: fp32 costs
+  ``2 C_t + 6 C_s`` bytes per entry more (the 7B recipe, TP=4, one rollout of 4,096 completion
+  tokens per micro-batch, ViGOS: 2.03 GiB against 0.87 GiB), and the loss's traffic over the
+  logits doubles (the GEMM that forms them is the same: bf16 operands, fp32 accumulation, only
+  the final rounding skipped). The path from hidden states forms each chunk's logits in fp32
+  at no extra memory.
 
 **Rollout phase** (generation of a round of ``b = min(prompts per DP rank, max_batch_size)``
 prompts by :class:`~vigos_megatron.rollout.engine.MegatronRolloutEngine`):
@@ -144,6 +153,8 @@ class Workload:
     #: the KL from the final hidden states and output weights (no logits kept; ``loss.from_hidden``)
     loss_from_hidden: bool = True
     loss_chunk_bytes: int = 64 * MIB
+    #: ``loss.logits_dtype``: the logits the loss reads, "float32" (unrounded) or "model" (bf16)
+    logits_dtype: str = "float32"
 
     def validate(self) -> None:
         for name in ("prompt_tokens", "completion_tokens", "global_batch_size", "micro_batch_size",
@@ -156,6 +167,7 @@ class Workload:
         _check_choice("recompute", self.recompute, RECOMPUTE)
         _check_choice("layer_spec", self.layer_spec, LAYER_SPECS)
         _check_choice("rollout_layer_spec", self.rollout_layer_spec, LAYER_SPECS)
+        _check_choice("logits_dtype", self.logits_dtype, ("float32", "model"))
 
     @property
     def seq_length(self) -> int:
@@ -193,12 +205,21 @@ class Workload:
             distributed_optimizer=cfg.optimizer.distributed_optimizer,
             loss_chunk_bytes=cfg.loss.chunk_bytes,
             loss_from_hidden=cfg.loss.from_hidden,
+            logits_dtype=cfg.loss.logits_dtype,
         )
         values.update(overrides)
         return cls(**values)
 
 
 # --------------------------------------------------------------------------- estimate
+
+
+def logits_bytes(n_student: int, n_teacher: int, v_local: int, logits_dtype: str) -> dict:
+    """The last stage's logits at the loss positions and the student's logits gradient (module docstring)."""
+    if logits_dtype == "float32":
+        return {"logits at the loss positions (fp32) + student grad (fp32, bf16 copy)":
+                (4 * (n_student + n_teacher) + 6 * n_student) * v_local}
+    return {"logits at the loss positions (bf16) + student grad": (2 * (n_student + n_teacher) + 2 * n_student) * v_local}
 
 
 @dataclass(frozen=True)
@@ -270,7 +291,7 @@ def loss_bytes(w: Workload, h: int, v_local: int, rows_s: int, rows_t: int) -> d
         return {"hidden states at the loss positions (bf16) + student grad": (rows_s + rows_t) * h * 2 + rows_s * h * 6,
                 **weight_grad,
                 "KL tiles from hidden states (fp32)": min(8 * w.loss_chunk_bytes, 8 * 4 * v_local * (rows_s + rows_t))}
-    return {"logits at the loss positions (bf16) + student grad": (rows_s + rows_t + rows_s) * v_local * 2,
+    return {**logits_bytes(rows_s, rows_t, v_local, w.logits_dtype),
             **weight_grad,
             "KL chunk temporaries (fp32)": min(4 * w.loss_chunk_bytes, 4 * 4 * v_local * (rows_s + rows_t))}
 

@@ -56,6 +56,9 @@ class StudentTeacherStage(MegatronModule):
             tower runs once per image of a micro-batch for both models.
         from_hidden: the last stage returns the final hidden states at the loss positions
             ``[N, H]`` instead of their logits (``loss.from_hidden``).
+        fp32_logits: the last stage returns fp32 logits from a bf16 model (the output layer's fp32
+            accumulator, not rounded to bf16; ``loss.logits_dtype``,
+            :mod:`vigos_megatron.models.output_logits`); ``False``: logits in the model's dtype.
 
     ``forward(batch)`` takes a :class:`~vigos_megatron.schedule.batch.StreamBatch` and returns
     the stream ``[T, 1, H]`` (intermediate stages) or, on the last stage, the hidden states
@@ -65,7 +68,7 @@ class StudentTeacherStage(MegatronModule):
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, *, share_vision: bool = False,
-                 from_hidden: bool = True):
+                 from_hidden: bool = True, fp32_logits: bool = True):
         super().__init__(config=student.config)
         for flag in ("pre_process", "post_process"):
             if getattr(student, flag) != getattr(teacher, flag):
@@ -79,6 +82,7 @@ class StudentTeacherStage(MegatronModule):
         self.share_embeddings_and_output_weights = student.share_embeddings_and_output_weights
         self.share_vision = bool(share_vision)
         self.from_hidden = bool(from_hidden)
+        self.fp32_logits = bool(fp32_logits)
         tower = family_of(student).vision_tower(student) if self.pre_process else None
         if self.share_vision and tower is not None and any(p.requires_grad for p in tower.parameters()):
             raise ValueError("share_vision needs a frozen student vision tower (model.freeze_vision)")
@@ -164,7 +168,7 @@ class StudentTeacherStage(MegatronModule):
             out = language_forward(model, rows=emb,
                                    position_ids=mrope_positions(model, ids, rows.grid_thw(batch.images, part)),
                                    logit_positions=batch.positions[c] if self.post_process else None,
-                                   hidden_only=self.from_hidden)
+                                   hidden_only=self.from_hidden, fp32_logits=self.fp32_logits)
             if self.post_process:
                 _check(out, (batch.positions[c].numel(),), f"slot {c} scored rows")
                 outs.append(out)

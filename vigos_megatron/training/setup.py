@@ -96,7 +96,8 @@ def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_conf
         student[0].freeze(freeze_language_model=False, freeze_vision_model=True, freeze_vision_projection=True)
     # a frozen student tower that is still the teacher's: one vision-tower pass per image serves both
     share_vision = bool(cfg.model.freeze_vision and not cfg.model.teacher_hf_path)
-    stage = StudentTeacherStage(student[0], teacher[0], share_vision=share_vision, from_hidden=cfg.loss.from_hidden)
+    stage = StudentTeacherStage(student[0], teacher[0], share_vision=share_vision, from_hidden=cfg.loss.from_hidden,
+                                fp32_logits=cfg.loss.logits_dtype == "float32")
     config = stage.config
     config.calculate_per_token_loss = True  # the objectives fold their normalisation into the loss
     config.finalize_model_grads_func = finalize_model_grads

@@ -51,6 +51,43 @@ def _any_rank(flag: bool, device) -> bool:
     return reduce_int(int(flag), dist.group.WORLD, dist.ReduceOp.MAX, device=device) > 0
 
 
+@dataclass
+class StepGradients:
+    """One step's loss, reports and finalised gradients (not yet applied)."""
+
+    #: the step's objective (same value on every rank)
+    loss: float
+    #: ``{key: value}`` of the objective's reports (every rank)
+    reports: dict
+    #: global norm of the student's gradients over every model-parallel shard (before clipping)
+    grad_norm: float
+    lr: float
+
+
+def compute_gradients(model: list, optimizer, batches: list, loss_fn) -> StepGradients:
+    """Forward+backward of student and teacher over ``batches`` in one schedule call.
+
+    Afterwards every trainable parameter's ``main_grad`` holds the step's gradient, reduced over
+    data-parallel ranks and divided by the global supervised-token count, and the optimizer's
+    gradients are prepared (copied to its fp32 main parameters); nothing is applied yet.
+    Arguments as in :func:`train_step`.
+    """
+    from megatron.core import parallel_state as ps
+
+    from vigos_megatron.schedule.forward_step import LOSS_KEY, reduce_reports, run_stream_schedule
+
+    for m in model:
+        m.train()
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = run_stream_schedule(model, batches, loss_fn)
+    # {key: value} over micro-batches and DP ranks, computed on the last stage, known on every rank
+    reduced = share_from_last_stage(reduce_reports(reports, ps.get_data_parallel_group()), ps)
+    optimizer.prepare_grads()
+    return StepGradients(loss=reduced.get(LOSS_KEY, float("nan")), reports=reduced,
+                         grad_norm=float(optimizer.get_grad_norm()), lr=float(optimizer.param_groups[0]["lr"]))
+
+
 def train_step(model: list, optimizer, scheduler, batches: list, loss_fn, *, on_nonfinite: str = "skip") -> UpdateResult:
     """Forward+backward of student and teacher over ``batches`` in one schedule call, then the update.
 
@@ -60,24 +97,11 @@ def train_step(model: list, optimizer, scheduler, batches: list, loss_fn, *, on_
         batches: the step's :class:`~vigos_megatron.schedule.batch.StreamBatch` micro-batches (one ``R, S``).
         loss_fn: ``ReportedLoss`` of the step's objective.
     """
-    from megatron.core import parallel_state as ps
-
     from vigos_megatron.runtime import compute_device
-    from vigos_megatron.schedule.forward_step import LOSS_KEY, reduce_reports, run_stream_schedule
 
-    device = compute_device()
-    for m in model:
-        m.train()
-        m.zero_grad_buffer()
-    optimizer.zero_grad()
-    reports = run_stream_schedule(model, batches, loss_fn)
-    # {key: value} over micro-batches and DP ranks, computed on the last stage, known on every rank
-    reduced = share_from_last_stage(reduce_reports(reports, ps.get_data_parallel_group()), ps)
-    loss = reduced.get(LOSS_KEY, float("nan"))
-    optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
-    lr = float(optimizer.param_groups[0]["lr"])
-    if _any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)), device):
+    g = compute_gradients(model, optimizer, batches, loss_fn)
+    loss, reduced, grad_norm, lr = g.loss, g.reports, g.grad_norm, g.lr
+    if _any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)), compute_device()):
         optimizer.zero_grad()
         for m in model:
             m.zero_grad_buffer()
