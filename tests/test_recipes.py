@@ -295,11 +295,15 @@ def test_static_and_rollout_terms_by_hand():
     # a frozen vision tower has no gradient or optimizer state
     est3 = estimate_memory("7b", tp=2, pp=1, dp=4, freeze_vision=True)
     assert est3.static_bytes == 2 * n + 4 * lang + 12 * lang // 4 + 2 * n
-    # the loss reads fp32 logits (default): 4 bytes per entry of the student and teacher rows, the
-    # student's fp32 gradient and its bf16 copy, against 2 + 2 bytes rounded to bf16 (ViGOS: one
-    # student and one teacher row per completion token)
-    rounded = estimate_memory("7b", tp=2, pp=1, dp=4, rollout_batch_size=8, logits_dtype="model")
-    assert est.train_bytes - rounded.train_bytes == (6 * 4096 + 2 * 4096) * (m.vocab_size // 2)
+    # the logits path (loss.from_hidden false) reads fp32 logits (default): 4 bytes per entry of the
+    # student and teacher rows, the student's fp32 gradient and its bf16 copy, against 2 + 2 bytes
+    # rounded to bf16 (ViGOS: one student and one teacher row per completion token); from hidden
+    # states (the default) the loss forms fp32 chunks whatever logits_dtype says
+    kw = dict(tp=2, pp=1, dp=4, rollout_batch_size=8, prompt_tokens=32768, completion_tokens=4096)
+    fp32 = estimate_memory("7b", **kw, loss_from_hidden=False)
+    rounded = estimate_memory("7b", **kw, loss_from_hidden=False, logits_dtype="model")
+    assert fp32.train_bytes - rounded.train_bytes == (6 * 4096 + 2 * 4096) * (m.vocab_size // 2)
+    assert estimate_memory("7b", **kw, logits_dtype="model").train_bytes == est.train_bytes
     # recomputation is what makes 36,864-token streams fit: without it the activations explode
     none = estimate_memory("7b", tp=2, pp=1, dp=4, recompute="none", vision_recompute=False)
     assert none.train_bytes > 5 * est.train_bytes
