@@ -104,7 +104,7 @@ def requeue(job: str) -> None:
 
 
 def sacct_table(job: str) -> str:
-    return _run("sacct", "-j", job, "-o", "JobID,JobName%20,State,ExitCode,Restarts,Elapsed")
+    return _run("sacct", "-j", job, "-o", "JobID,JobName%20,State,ExitCode,Elapsed")
 
 
 def _launcher():
