@@ -97,10 +97,19 @@ def wait_text(path: Path, text: str, count: int = 1, timeout: float = 600, job: 
     raise AssertionError(f"no {text!r} x{count} in {path} within {timeout}s:\n{out[-4000:]}")
 
 
-def requeue(job: str) -> None:
-    """``scontrol requeue`` and, for the test's time, no requeue delay (Slurm holds a requeued job ~2 min)."""
+def requeue(job: str, timeout: float = 60) -> None:
+    """``scontrol requeue`` and, for the test's time, no requeue delay (Slurm holds a requeued job ~2 min).
+
+    The requeue is asynchronous: until the job is pending again ``scontrol update`` may refuse the
+    start time, so it is retried (Slurm then starts the job at its own time, within the waits)."""
     _run("scontrol", "requeue", job)
-    _run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    end = time.time() + timeout
+    while True:
+        proc = subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode == 0 or time.time() > end:
+            return
+        time.sleep(0.5)
 
 
 def sacct_table(job: str) -> str:
