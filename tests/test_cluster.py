@@ -97,19 +97,24 @@ def wait_text(path: Path, text: str, count: int = 1, timeout: float = 600, job: 
     raise AssertionError(f"no {text!r} x{count} in {path} within {timeout}s:\n{out[-4000:]}")
 
 
-def requeue(job: str, timeout: float = 60) -> None:
-    """``scontrol requeue`` and, for the test's time, no requeue delay (Slurm holds a requeued job ~2 min).
+def requeue(job: str, timeout: float = 120) -> None:
+    """``scontrol requeue`` and, for the test's time, no requeue delay (Slurm holds a requeued job ~2 min),
+    until the job runs again.
 
-    The requeue is asynchronous: until the job is pending again ``scontrol update`` may refuse the
-    start time, so it is retried (Slurm then starts the job at its own time, within the waits)."""
-    _run("scontrol", "requeue", job)
+    Both steps race slurmd: ``scontrol update`` is refused until the requeued job is pending again,
+    and a job started within a moment of its last run's end may be refused by slurmd ("Job credential
+    revoked", the run's kill not yet forgotten: the job FAILS at once). Either is retried after a
+    pause; Slurm's own requeue delay exists for the second."""
     end = time.time() + timeout
     while True:
-        proc = subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True,
-                              text=True, timeout=120)
-        if proc.returncode == 0 or time.time() > end:
+        _run("scontrol", "requeue", job)
+        while subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True,
+                             text=True, timeout=120).returncode != 0 and time.time() < end:
+            time.sleep(0.5)
+        state = wait_state(job, ("RUNNING", "FAILED", "COMPLETED", "CANCELLED"), timeout=max(1.0, end - time.time()))
+        if state == "RUNNING" or time.time() > end:
             return
-        time.sleep(0.5)
+        time.sleep(3)
 
 
 def sacct_table(job: str) -> str:
