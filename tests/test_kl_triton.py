@@ -134,7 +134,7 @@ def test_loss_config_impl():
 
     assert LossConfig().impl == "auto"
     for name, impl in (("vgs", "torch"), ("vigos", "triton")):
-        cfg = load_config(LossConfig, None, [f"impl={impl}", f"objective={name}"])
+        cfg = load_config(LossConfig, None, [f"impl={impl}", f"objective={name}", "from_hidden=false"])
         tokens = [DistillTokens(*(torch.zeros(1, dtype=torch.long),) * 3)]
         fn = objectives.get(name).build_loss(getattr(cfg, name), tokens, chunk_bytes=cfg.chunk_bytes, impl=cfg.impl,
                                              dp_group=None, tp_group=None)

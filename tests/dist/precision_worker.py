@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "conf" / "tiny_cpu.yaml"
 BASE = ["parallel.tp=1", "optimizer.distributed_optimizer=true"]
 REFERENCE = ["model.dtype=float32", "model.transformer_impl=local", "loss.impl=torch"]
-GPU_CONFIG = ["model.dtype=bfloat16", "model.transformer_impl=sdpa", "loss.impl=triton", "loss.logits_dtype=float32"]
+# the Triton kernels are the KL from logits: that path (loss.from_hidden=false) with fp32 logits
+GPU_CONFIG = ["model.dtype=bfloat16", "model.transformer_impl=sdpa", "loss.impl=triton", "loss.from_hidden=false",
+              "loss.logits_dtype=float32"]
 
 
 def config(run_dir: Path, *overrides: str):
