@@ -41,6 +41,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "fp32 local"
+#: the comparison reads the logits the loss reads: the loss from logits (the hidden-state path
+#: forms fp32 chunks whatever the model's dtype)
+LOGITS_PATH = ["loss.from_hidden=false"]
 #: name -> overrides; the first is the reference (its engine generates the rollouts)
 VARIANTS = {
     REFERENCE: ["model.dtype=float32", "model.transformer_impl=local"],
@@ -115,6 +118,7 @@ def rank_main(config: str, overrides: list[str], *, per_parameter: bool, batch: 
     from vigos_megatron.training.rollouts import generate_rollouts
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    overrides = [*LOGITS_PATH, *overrides]
     cfg, layout = load_run_config(config, overrides + VARIANTS[REFERENCE], world)
     if layout.pp != 1 or layout.dp != 1:
         raise SystemExit(f"bench_precision: TP x 1 x 1 layouts only (got TP={layout.tp} PP={layout.pp} DP={layout.dp})")

@@ -27,11 +27,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "conf" / "tiny_cpu.yaml"
-BASE = ["parallel.tp=1", "optimizer.distributed_optimizer=true"]
+# the comparison reads the logits the loss reads: the logits path (loss.from_hidden=false)
+BASE = ["parallel.tp=1", "optimizer.distributed_optimizer=true", "loss.from_hidden=false"]
 REFERENCE = ["model.dtype=float32", "model.transformer_impl=local", "loss.impl=torch"]
-# the Triton kernels are the KL from logits: that path (loss.from_hidden=false) with fp32 logits
-GPU_CONFIG = ["model.dtype=bfloat16", "model.transformer_impl=sdpa", "loss.impl=triton", "loss.from_hidden=false",
-              "loss.logits_dtype=float32"]
+GPU_CONFIG = ["model.dtype=bfloat16", "model.transformer_impl=sdpa", "loss.impl=triton", "loss.logits_dtype=float32"]
 
 
 def config(run_dir: Path, *overrides: str):
@@ -93,9 +92,9 @@ def main() -> int:
         prepare_tiny_run(config(run_dir)[0], log=lambda _line: None)
         print("PREC " + json.dumps(compare(run_dir / "compare", ps)), flush=True)
         quiet = lambda _line: None  # noqa: E731
-        done = [train(*config(run_dir / "straight", *GPU_CONFIG, "train.steps=2"), log=quiet),
-                train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2", "train.exit_after=1"), log=quiet),
-                train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2"), log=quiet)]  # resumes at step 1
+        done = [train(*config(run_dir / "straight", *GPU_CONFIG, "train.steps=2"), log=quiet).steps,
+                train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2", "train.exit_after=1"), log=quiet).steps,
+                train(*config(run_dir / "split", *GPU_CONFIG, "train.steps=2"), log=quiet).steps]  # resumes at step 1
         print("RESUME " + json.dumps({"rank": int(os.environ["RANK"]), "steps_per_launch": done}), flush=True)
     finally:
         startup.destroy_distributed()

@@ -43,7 +43,8 @@ class CapturingLoss:
         self.seen = []
 
     def __call__(self, tokens, output):
-        self.seen.append((tokens, output.detach().clone()))
+        """``output``: the stage's :class:`~vigos_megatron.losses.scored_rows.LogitsOutput` (the loss from logits)."""
+        self.seen.append((tokens, output.logits.detach().clone()))
         return self.loss_fn(tokens, output)
 
 
@@ -89,6 +90,8 @@ def step_gradients(cfg, layout, rollouts, ps) -> StepRecord:
     from vigos_megatron.training.setup import build_run
     from vigos_megatron.training.update import compute_gradients
 
+    if cfg.loss.from_hidden:
+        raise ValueError("step_gradients compares the logits the loss reads: set loss.from_hidden=false")
     ctx, _ = build_run(cfg, layout)
     inputs = build_step_inputs(rollouts, cfg, hf_config=ctx.models.builder.hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
                                dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group())
