@@ -5,7 +5,7 @@
   when the teacher's logits equal the student's (the default self-teacher under the student's own
   context);
 * slow: first-step parity of the training loop across TP1 / TP2 / PP2 with a separate teacher
-  checkpoint of another seed (``model.teacher_hf_path``), the loss above zero.
+  checkpoint of another seed (``model.teacher.hf_path``), the loss above zero.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_opd_first_step_parity_with_a_separate_teacher(tiny_demo_assets, tmp_pat
     for name, (nproc, ov) in layouts.items():
         run = tmp_path / name
         run_torchrun(ROOT / "examples" / "pretrain_vigos.py", nproc, "--config", ROOT / "conf" / "tiny_cpu.yaml",
-                     f"run_dir={run}", "train.steps=1", "loss.objective=opd", f"model.teacher_hf_path={teacher}", *ov,
+                     f"run_dir={run}", "train.steps=1", "loss.objective=opd", f"model.teacher.hf_path={teacher}", *ov,
                      timeout=600)
         first[name] = _metrics(run)[0]
     ref = first["tp1"]

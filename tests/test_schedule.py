@@ -46,7 +46,7 @@ TEACHER_NOISE = 0.02
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
+    from vigos_megatron.testing.tiny_qwen import TEACHER_TEXT_SIZE, write_tiny_checkpoint
 
     base = tmp_path_factory.mktemp("sched")
     return {
@@ -58,6 +58,8 @@ def tiny(tmp_path_factory):
         # shared_embedding_or_output_weight()
         "student_tied": write_tiny_checkpoint(base / "student_tied", tie_word_embeddings=True, seed=1),
         "teacher_tied": write_tiny_checkpoint(base / "teacher_tied", tie_word_embeddings=True, seed=4),
+        # a teacher of another width, depth and head count (hidden 96 / 3 layers / 6 heads vs 64 / 2 / 4)
+        "teacher_larger": write_tiny_checkpoint(base / "teacher_larger", seed=5, text_size=TEACHER_TEXT_SIZE),
     }
 
 
@@ -150,14 +152,18 @@ def _vigos_reference(batches, student, teacher, lambdas):
     return sum(lam * t.mean() for lam, t in zip(lambdas, terms) if t.numel())
 
 
-@pytest.mark.parametrize("share_vision,kind,from_hidden", [(False, "", True), (True, "", True), (False, "_tied", True),
-                                                          (False, "", False)],
-                         ids=["own-towers", "frozen-shared-tower", "tied-embeddings", "from-logits"])
-def test_stage_path_equals_direct_computation_pp1(tiny, share_vision, kind, from_hidden):
+@pytest.mark.parametrize("share_vision,kind,from_hidden,larger",
+                         [(False, "", True, False), (True, "", True, False), (False, "_tied", True, False),
+                          (False, "", False, False), (False, "", True, True), (False, "", False, True)],
+                         ids=["own-towers", "frozen-shared-tower", "tied-embeddings", "from-logits",
+                              "larger-teacher", "larger-teacher-from-logits"])
+def test_stage_path_equals_direct_computation_pp1(tiny, share_vision, kind, from_hidden, larger):
     """The stage (the loss from hidden states or logits at the loss positions only, one vision-tower
     pass per image and model) against ``Qwen25VLModel.forward`` on every row with full logits.
     ``frozen-shared-tower``: the student's tower is frozen and the stage reuses the teacher's
-    features for it (the teacher's language model is perturbed, its tower is not)."""
+    features for it (the teacher's language model is perturbed, its tower is not).
+    ``larger-teacher``: a teacher of its own with another width, depth and head count, run on its own
+    outside the schedule for the reference."""
     from vigos_megatron.startup import local_model_parallel
     from vigos_megatron.schedule import LOSS_KEY, StudentTeacherStage, reduce_reports, run_stream_schedule
 
@@ -165,13 +171,15 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision, kind, from
     hf = tiny["student" + kind]
     with local_model_parallel() as ps:
         inputs = sc.build_inputs(hf)
-        _, student, teacher = sc.build_models(hf, 1, 1)
+        _, student, teacher = sc.build_models(hf, 1, 1, teacher_hf=tiny["teacher_larger"] if larger else None)
+        if larger:
+            assert teacher.config.hidden_size == 96 and student.config.hidden_size == 64
         if share_vision:
             student.freeze(freeze_language_model=False, freeze_vision_model=True, freeze_vision_projection=True)
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for n, p in teacher.named_parameters():
-                if not (share_vision and n.startswith("visual.")):
+                if not (larger or share_vision and n.startswith("visual.")):
                     p.add_(torch.randn(p.shape, generator=g).to(p.device) * TEACHER_NOISE)
         cfg, counts, loss_fn = sc.make_loss(inputs.batches, ps)
         assert counts.tolist() == [17.0, 34.0, 40.0]  # perception, reasoning, reference tokens of the step
@@ -223,20 +231,20 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision, kind, from
 
 @pytest.fixture(scope="module")
 def pp1_reference(tiny):
-    """``reference(kind)``: the PP=1 single-process step for ``kind`` ("" or "_tied") with the loss from
-    logits (the reference path), computed once."""
+    """``reference(kind, teacher)``: the PP=1 single-process step for the student ``kind`` ("" or "_tied")
+    and the teacher checkpoint ``teacher`` with the loss from logits (the reference path), computed once."""
     from vigos_megatron.startup import local_model_parallel
 
     cache = {}
 
-    def reference(kind: str) -> dict:
-        if kind not in cache:
+    def reference(kind: str, teacher: str) -> dict:
+        if (kind, teacher) not in cache:
             t0 = time.perf_counter()
             with local_model_parallel() as ps:
-                cache[kind] = sc.run_step(tiny["student" + kind], 1, 1, ps, teacher_hf=tiny["teacher" + kind],
-                                          from_hidden=False)
-            print(f"PP=1 reference step{kind}: {time.perf_counter() - t0:.1f}s")
-        return cache[kind]
+                cache[kind, teacher] = sc.run_step(tiny["student" + kind], 1, 1, ps,
+                                                   teacher_hf=tiny["teacher" + teacher], from_hidden=False)
+            print(f"PP=1 reference step{kind}{teacher}: {time.perf_counter() - t0:.1f}s")
+        return cache[kind, teacher]
 
     return reference
 
@@ -275,13 +283,17 @@ def _compare(res: dict, ref: dict, layout: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,tp,pp", [("_tied", 1, 2), ("", 2, 2)], ids=["pp2-tied", "tp2xpp2-untied"])
-def test_pipeline_layouts_match_pp1(torchrun, tiny, pp1_reference, kind, tp, pp):
-    ref = pp1_reference(kind)
-    out = tiny["base"] / f"result{kind}_tp{tp}_pp{pp}.pt"
+@pytest.mark.parametrize("kind,teacher,tp,pp", [("_tied", "_tied", 1, 2), ("", "_larger", 1, 2), ("", "_larger", 2, 1),
+                                                ("", "_larger", 2, 2)],
+                         ids=["pp2-tied", "pp2-larger-teacher", "tp2-larger-teacher", "tp2xpp2-larger-teacher"])
+def test_pipeline_layouts_match_pp1(torchrun, tiny, pp1_reference, kind, teacher, tp, pp):
+    """``larger-teacher``: the teacher (hidden 96, 3 layers, 6 heads) runs inside the student's schedule
+    (its layers split [2, 1] over PP=2), the stream carrying both widths."""
+    ref = pp1_reference(kind, teacher)
+    out = tiny["base"] / f"result{kind}{teacher}_tp{tp}_pp{pp}.pt"
     t0 = time.perf_counter()
     torchrun("schedule_parity.py", tp * pp, "--tp", tp, "--pp", pp, "--hf", tiny["student" + kind],
-             "--teacher-hf", tiny["teacher" + kind], "--out", out)
+             "--teacher-hf", tiny["teacher" + teacher], "--out", out)
     wall = time.perf_counter() - t0
     res = torch.load(out, weights_only=False)
     assert res["world_size"] == tp * pp

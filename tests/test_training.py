@@ -116,7 +116,7 @@ def test_bad_paths_fail_in_one_line_before_any_model(tmp_path):
         ("run_dir=/proc/no/such/run",): "run_dir: /proc/no/such/run: not a writable directory",
         ("model.init_checkpoint=/nonexistent/ckpt",): "model.init_checkpoint: /nonexistent/ckpt: no such directory",
         (f"model.init_checkpoint={tmp_path}",): f"model.init_checkpoint: {tmp_path}: not a Megatron distributed checkpoint",
-        ("model.teacher_hf_path=/nonexistent/t",): "model.teacher_hf_path: /nonexistent/t: no such directory",
+        ("model.teacher.hf_path=/nonexistent/t",): "model.teacher.hf_path: /nonexistent/t: no such directory",
         (*real[:1], "model.hf_path=/nonexistent/m", *real[2:]): "model.hf_path: /nonexistent/m: no such directory",
         (*real[:1], f"model.hf_path={tmp_path / 'afile'}", *real[2:]): f"model.hf_path: {tmp_path / 'afile'}: not a directory",
         (*real[:2], "data.loader.shards_dir=/nonexistent/s", *real[3:]): "data.loader.shards_dir: /nonexistent/s: no such directory",
@@ -224,8 +224,8 @@ def test_teacher_runs_inside_the_schedule_once_per_micro_batch(tiny_step):
             calls.append(tuple(kwargs["position_ids"].shape[1:]))  # [3, rows, S_c]
             assert out.shape == (int(slot_positions.pop(0)), out.shape[-1])  # logits at the loss positions only
 
-        def on_stage(mod, args, out):
-            outputs.append(weakref.ref(out))
+        def on_stage(mod, args, out):  # the last stage's (student rows, teacher rows)
+            outputs.extend(weakref.ref(t) for t in out)
 
         ks = inputs.batches[0].student_slots
         slot_positions = [p.numel() for b in inputs.batches for p in b.positions[ks:]]

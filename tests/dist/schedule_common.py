@@ -86,20 +86,23 @@ def pad_id(hf_dir) -> int:
 def build_models(hf_dir, tp: int, pp: int, teacher_hf=None, dtype=torch.float32):
     """(builder, student chunk, teacher chunk) for this rank's stage.
 
-    The teacher is the frozen replica of the student, or (``teacher_hf``) a separate frozen
-    checkpoint of the same architecture: it then differs from the student, so a stage that
-    routed rows to the wrong model would change the loss and the gradients.
+    The teacher is the frozen replica of the student, or (``teacher_hf``) a frozen checkpoint of its
+    own, of the student's size or another (built by its own builder, its layers split over the
+    student's stages in proportion): it then differs from the student, so a stage that routed rows
+    to the wrong model would change the loss and the gradients.
     """
+    from vigos_megatron.config.teacher import check_pair
     from vigos_megatron.models.builder import QwenVLBuilder
-    from vigos_megatron.models.teacher import build_teacher_replica, freeze_
+    from vigos_megatron.models.teacher import build_teacher_replica, load_teacher
 
     builder = QwenVLBuilder.from_hf(hf_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype)
     student = builder.build_from_hf(hf_dir)
     if teacher_hf is None:
         teacher = build_teacher_replica(builder, student).chunks
     else:
-        teacher = builder.build_from_hf(teacher_hf)
-        freeze_(teacher)
+        counts = check_pair(hf_dir, teacher_hf, tp=tp, pp=pp)
+        teacher = load_teacher(teacher_hf, teacher_hf, pipeline_layers=counts, tensor_model_parallel_size=tp,
+                               pipeline_model_parallel_size=pp, dtype=dtype, transformer_impl="auto").chunks
     return builder, student[0], teacher[0]
 
 

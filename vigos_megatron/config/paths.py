@@ -71,21 +71,27 @@ def _hf_model(option: str, path: str) -> Path:
     return _directory(option, path, must_hold=("config.json",), what="a Hugging Face model directory")
 
 
+def _megatron_checkpoint(option: str, path: str) -> None:
+    from vigos_megatron.convert.megatron_checkpoint import resolve_checkpoint
+    from vigos_megatron.models.hf_checkpoint import CheckpointError
+
+    _directory(option, path)
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"{option}: {e}") from None
+
+
 def check_paths(cfg: "PretrainConfig") -> None:
     """Check the path options of ``cfg`` (a :class:`~vigos_megatron.config.train.PretrainConfig`)."""
     _writable_directory("run_dir", cfg.run_dir)
     _file("data.context.prompts_path", cfg.data.context.prompts_path)
-    if cfg.model.init_checkpoint:
-        from vigos_megatron.convert.megatron_checkpoint import resolve_checkpoint
-        from vigos_megatron.models.hf_checkpoint import CheckpointError
-
-        _directory("model.init_checkpoint", cfg.model.init_checkpoint)
-        try:
-            resolve_checkpoint(cfg.model.init_checkpoint)
-        except CheckpointError as e:
-            raise ConfigError(f"model.init_checkpoint: {e}") from None
-    if cfg.model.teacher_hf_path:
-        _hf_model("model.teacher_hf_path", cfg.model.teacher_hf_path)
+    for option, path in (("model.init_checkpoint", cfg.model.init_checkpoint),
+                         ("model.teacher.init_checkpoint", cfg.model.teacher.init_checkpoint)):
+        if path:
+            _megatron_checkpoint(option, path)
+    if cfg.model.teacher.hf_path:
+        _hf_model("model.teacher.hf_path", cfg.model.teacher.hf_path)
     if cfg.tiny.enabled:
         return
     if cfg.model.hf_path and not cfg.model.init_checkpoint:

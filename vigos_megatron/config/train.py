@@ -248,6 +248,27 @@ def _hf_config_json(cfg: PretrainConfig) -> dict | None:
     return None
 
 
+def _student_hf_dir(cfg: PretrainConfig) -> Path | None:
+    """The student's HF directory when it exists already (not the tiny demo's, written at launch)."""
+    if cfg.model.init_checkpoint:
+        from vigos_megatron.convert.megatron_checkpoint import hf_dir_of, resolve_checkpoint
+
+        return hf_dir_of(resolve_checkpoint(cfg.model.init_checkpoint))
+    return Path(cfg.model.hf_path) if cfg.model.hf_path and Path(cfg.model.hf_path).is_dir() else None
+
+
+def _check_teacher(cfg: PretrainConfig, tp: int, pp: int) -> None:
+    """A teacher of its own against the student (:func:`vigos_megatron.config.teacher.check_pair`)."""
+    teacher = cfg.model.teacher
+    student = _student_hf_dir(cfg)
+    if not teacher.separate or student is None:
+        return
+    from vigos_megatron.config.teacher import check_pair, teacher_hf_dir
+
+    option = "model.teacher.hf_path" if teacher.hf_path else "model.teacher.init_checkpoint"
+    check_pair(student, teacher_hf_dir(teacher), tp=tp, pp=pp, pipeline_layers=teacher.pipeline_layers, option=option)
+
+
 def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
     """Check ``cfg`` against ``world_size`` processes; no process group needed. Returns the layout.
 
@@ -283,4 +304,5 @@ def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
             n = text.get(key, raw.get(key))
             if n is not None and n % div:
                 raise ConfigError(f"{opt}: {div} does not divide the model's {key}={n}")
+    _check_teacher(cfg, tp, pp)
     return Layout(tp=tp, pp=pp, dp=dp, prompts_per_rank=per_rank, micro_batches=per_rank // mbs)

@@ -154,8 +154,13 @@ class QwenVLBuilder:
         dtype: torch.dtype = torch.float32,
         transformer_impl: str = "auto",
         recompute: str = "none",
+        pipeline_layers: list[int] | None = None,
     ) -> "QwenVLBuilder":
         """``source``: a HF directory or a ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig``.
+
+        ``pipeline_layers``: the language-model layers of each pipeline stage (uneven only at the
+        first and last stage, :func:`vigos_megatron.config.teacher.stage_layers`); ``None``: an even
+        split, which the layer count must allow.
 
         ``recompute``: activation recomputation of the language model's layers in training mode
         (``"none"``, ``"selective"``: core attention, ``"full"``: every layer's input, one layer per
@@ -173,13 +178,23 @@ class QwenVLBuilder:
         check_vocab_divisible(hf_config.text_config.vocab_size, tensor_model_parallel_size)
         check_heads_divisible(hf_config, tensor_model_parallel_size)
         n_layers = hf_config.text_config.num_hidden_layers
-        if n_layers % pipeline_model_parallel_size != 0:
-            raise ModelBuildError(
-                f"num_hidden_layers={n_layers} is not divisible by pipeline_model_parallel_size "
-                f"{pipeline_model_parallel_size}"
-            )
+        if pipeline_layers is None:
+            if n_layers % pipeline_model_parallel_size != 0:
+                raise ModelBuildError(
+                    f"num_hidden_layers={n_layers} is not divisible by pipeline_model_parallel_size "
+                    f"{pipeline_model_parallel_size}"
+                )
+            pipeline_layers = [n_layers // pipeline_model_parallel_size] * pipeline_model_parallel_size
+        else:
+            from vigos_megatron.config.teacher import stage_layers
+
+            try:
+                pipeline_layers = stage_layers(n_layers, pipeline_model_parallel_size, pipeline_layers)
+            except ValueError as e:
+                raise ModelBuildError(str(e)) from None
         family.check_layout(hf_config, tensor_model_parallel_size=tensor_model_parallel_size,
-                            pipeline_model_parallel_size=pipeline_model_parallel_size)
+                            pipeline_model_parallel_size=pipeline_model_parallel_size,
+                            first_stage_layers=pipeline_layers[0])
         impl = resolve_transformer_impl(transformer_impl)
 
         bridge = AutoBridge.from_hf_config(hf_config)
@@ -188,6 +203,10 @@ class QwenVLBuilder:
         provider.pipeline_model_parallel_size = pipeline_model_parallel_size
         provider.sequence_parallel = False
         provider.context_parallel_size = 1
+        from vigos_megatron.config.teacher import provider_split
+
+        for key, value in provider_split(pipeline_layers).items():
+            setattr(provider, key, value)
         provider.mrope_section = mrope_section_of(hf_config)
         provider.should_pad_vocab = False
         provider.vocab_size = hf_config.text_config.vocab_size

@@ -31,7 +31,8 @@ class Qwen25VLFamily(FamilyBase):
 
         return Qwen2_5_VLForConditionalGeneration
 
-    def check_layout(self, hf_config, *, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
+    def check_layout(self, hf_config, *, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                     first_stage_layers: int) -> None:
         """Nothing beyond the checks every family shares (heads, layers, vocabulary)."""
 
     def configure_provider(self, provider, hf_config, transformer_impl: str):

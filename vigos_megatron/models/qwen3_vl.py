@@ -152,13 +152,14 @@ class Qwen3VLFamily(FamilyBase):
 
         return Qwen3VLForConditionalGeneration
 
-    def check_layout(self, hf_config, *, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
+    def check_layout(self, hf_config, *, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                     first_stage_layers: int) -> None:
         """Deepstack needs its layers on the first stage; the ViT's heads shard over TP."""
         from vigos_megatron.models.builder import ModelBuildError
 
         n_deep = len(hf_config.vision_config.deepstack_visual_indexes)
         n_layers = hf_config.text_config.num_hidden_layers
-        first = n_layers // pipeline_model_parallel_size
+        first = first_stage_layers
         if n_deep > first:
             raise ModelBuildError(
                 f"parallel.pp={pipeline_model_parallel_size}: the first pipeline stage would hold {first} of the "

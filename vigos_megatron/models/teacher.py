@@ -1,12 +1,16 @@
-"""The frozen teacher: a replica of the initial student, sharded exactly like it.
+"""The frozen teacher: the replica of the initial student, or a checkpoint of its own (``model.teacher``).
 
-The teacher is built by the same :class:`~vigos_megatron.models.builder.QwenVLBuilder`
-(same TP/PP layout, so each rank holds the same shard of every tensor as its student,
-vision tower included on the first stage) and its parameters are copied from the
-student's *current local shards* (call it before the first optimizer step, i.e. from the
-initial weights). It is then frozen: ``requires_grad=False`` on every parameter, ``eval()``
-mode, never wrapped in DDP and never handed to an optimizer, so it has no gradient buffer
-and no optimizer state. Run it under ``torch.no_grad()``.
+* :func:`build_teacher_replica`: built by the student's
+  :class:`~vigos_megatron.models.builder.QwenVLBuilder` (same TP/PP layout, so each rank holds the same
+  shard of every tensor as its student, vision tower included on the first stage); its parameters are
+  copied from the student's *current local shards* (call it before the first optimizer step).
+* :func:`load_teacher`: a separate checkpoint (HF or Megatron), of the student's size or another, built
+  by its own builder with the student's TP and pipeline stages (its layers split per stage by
+  :func:`vigos_megatron.config.teacher.stage_layers`); its vision tower is its own.
+
+Either way it is frozen: ``requires_grad=False`` on every parameter, ``eval()`` mode, never wrapped in
+DDP and never handed to an optimizer, so it has no gradient buffer and no optimizer state (in the model
+dtype: bf16 on GPU, no fp32 copy). Run it under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vigos_megatron.models.builder import param_bytes, param_count
+from vigos_megatron.models.builder import QwenVLBuilder, param_bytes, param_count
 
 
 @dataclass
-class TeacherReplica:
+class FrozenTeacher:
     """Frozen model chunks (one per pipeline stage of this rank) and their memory."""
 
     chunks: list
@@ -42,7 +46,7 @@ class TeacherReplica:
     def report(self, group=None) -> str:
         total = self.total_param_bytes(group)
         return (
-            f"teacher replica: {self.local_param_count:,} params, {self.local_param_bytes / 2**20:.3f} MiB on this rank, "
+            f"frozen teacher: {self.local_param_count:,} params, {self.local_param_bytes / 2**20:.3f} MiB on this rank, "
             f"{total / 2**20:.3f} MiB over the model-parallel group"
         )
 
@@ -55,7 +59,7 @@ def freeze_(chunks: list) -> None:
             p.grad = None
 
 
-def build_teacher_replica(builder, student_chunks: list) -> TeacherReplica:
+def build_teacher_replica(builder: QwenVLBuilder, student_chunks: list) -> FrozenTeacher:
     """Build chunks with ``builder``'s layout and copy the student's local shards into them."""
     teacher = builder.build(init_weights=False)
     if len(teacher) != len(student_chunks):
@@ -74,8 +78,33 @@ def build_teacher_replica(builder, student_chunks: list) -> TeacherReplica:
                 if t.shape != s.shape:
                     raise ValueError(f"teacher/student shard shape differs for {name}: {tuple(t.shape)} vs {tuple(s.shape)}")
                 t.copy_(s.detach())
-    freeze_(teacher)
-    return TeacherReplica(chunks=teacher, local_param_bytes=param_bytes(teacher), local_param_count=param_count(teacher))
+    return _frozen(teacher)
+
+
+def load_teacher(hf_dir, weights, *, pipeline_layers: list[int], tensor_model_parallel_size: int,
+                 pipeline_model_parallel_size: int, dtype: torch.dtype, transformer_impl: str) -> FrozenTeacher:
+    """A teacher of its own: the model described by ``hf_dir`` (its ``config.json``) with ``pipeline_layers``
+    language-model layers per stage, loaded from ``weights`` (the HF directory itself, or a Megatron
+    checkpoint directory of ``tools/convert_hf_to_megatron.py``) and frozen. Parallel state must be
+    initialised with the student's TP and PP."""
+    from pathlib import Path
+
+    builder = QwenVLBuilder.from_hf(hf_dir, tensor_model_parallel_size=tensor_model_parallel_size,
+                                   pipeline_model_parallel_size=pipeline_model_parallel_size, dtype=dtype,
+                                   transformer_impl=transformer_impl, pipeline_layers=pipeline_layers)
+    chunks = builder.build(init_weights=False)
+    if Path(weights).resolve() == Path(hf_dir).resolve():
+        builder.load_hf_weights(chunks, hf_dir)
+    else:
+        from vigos_megatron.convert.megatron_checkpoint import load_model_checkpoint, resolve_checkpoint
+
+        load_model_checkpoint(chunks, resolve_checkpoint(weights))
+    return _frozen(chunks)
+
+
+def _frozen(chunks: list) -> FrozenTeacher:
+    freeze_(chunks)
+    return FrozenTeacher(chunks=chunks, local_param_bytes=param_bytes(chunks), local_param_count=param_count(chunks))
 
 
 def _unwrap(m):

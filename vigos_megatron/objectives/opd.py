@@ -4,7 +4,7 @@
 One student and one teacher row per rollout, both the student's context followed by the whole
 completion; every completion token is scored (reverse KL, no clip unless configured), a token mean
 over the global batch. With the default teacher (a frozen copy of the initial student) the two rows
-are equal and the loss is exactly 0: set ``model.teacher_hf_path`` to a separate teacher checkpoint.
+are equal and the loss is exactly 0: set ``model.teacher.hf_path`` to a separate teacher checkpoint.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ and without the image; ``L = eta * (l_std + gamma * l_vis + lambda * l_lp)`` on 
 
 Rows per rollout: two student slots (``I,x`` and ``x``) and two teacher slots. The teacher reads
 the privileged OPSD contexts (``opsd`` / ``opsd_text``, self-distillation setting (b)) or, with a
-separate teacher checkpoint (``model.teacher_hf_path``, setting (a)), the student's own contexts.
+separate teacher checkpoint (``model.teacher``, settings (a) and (c)), the student's own contexts.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class VGSLossConfig:
 
 def teacher_contexts(cfg) -> tuple[str, str]:
     """The teacher's (image, text-only) contexts under ``cfg``."""
-    return ("student", "student_text") if cfg.model.teacher_hf_path else ("opsd", "opsd_text")
+    return ("student", "student_text") if cfg.model.teacher.separate else ("opsd", "opsd_text")
 
 
 class VGS(Objective):

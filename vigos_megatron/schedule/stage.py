@@ -2,24 +2,28 @@
 
 Layout (``../shared/DESIGN-NOTES.md``, :class:`~vigos_megatron.schedule.batch.StreamBatch`): a
 micro-batch of ``B`` rollouts has ``K`` slots of ``B`` rows each, the ``Ks`` student slots
-(trainable) first, then the teacher contexts; slot ``c`` runs at its own length ``S_c``.
-Between pipeline stages the stream travels as one tensor ``[T, 1, H]``, ``T = B * sum_c S_c``
-(megatron's p2p shape ``(seq_length, micro_batch_size, hidden_size)``: the schedule is called
-with ``seq_length=T, micro_batch_size=1``), the slots' ``[S_c, B, H]`` hidden states flattened
-and concatenated in slot order:
+(trainable) first, then the teacher contexts; slot ``c`` runs at its own length ``S_c``. The teacher
+may have another width than the student (``H_t`` vs ``H_s``, a teacher of its own, ``model.teacher``)
+and another number of layers on this stage; the stages are the student's.
+
+Between pipeline stages the stream travels as ONE flat tensor ``[E, 1, 1]`` (megatron's p2p sends one
+3-D tensor per direction, its shape sent ahead: ``variable_seq_lengths``), the slots' ``[S_c, B, H_c]``
+hidden states flattened and concatenated in slot order, ``H_c = H_s`` for a student slot and ``H_t``
+for a teacher slot: ``E = B * (H_s * sum_{c < Ks} S_c + H_t * sum_{c >= Ks} S_c)``.
 
 * the student chunk runs on its slots' parts of ``x`` (gradients flow back into them);
 * the teacher chunk runs on its slots' parts, detached, under ``torch.no_grad()`` (the
   gradient sent back to the previous stage holds exact zeros there);
-* each slot is one language-model call on ``[S_c, B, H]``;
-* the stage returns the slots' outputs concatenated: the stream ``[T, 1, H]`` on every stage
-  but the last; on the last, at the positions a loss reads (slot order, student first;
-  ``batch.tokens`` index them), the final hidden states ``[N, H]`` (``from_hidden``: the loss
-  applies the output weights chunk by chunk, :mod:`vigos_megatron.losses.hidden_kl`) or the
-  vocabulary-sharded logits ``[N, V/tp]``. :meth:`StudentTeacherStage.scored_rows` turns that
-  output into what the loss reads (with the student's and the teacher's output weight shards
-  ``[V/tp, H]``, tied or not: the tensors the output layers would use, so the student's weight
-  gradient reaches its ``main_grad`` through autograd and DDP as on the logits path).
+* each slot is one language-model call on ``[S_c, B, H_c]``;
+* on every stage but the last the stage returns the stream ``[E, 1, 1]``; on the last it returns, at
+  the positions a loss reads (slot order, student first; ``batch.tokens`` index them), the pair
+  ``(student rows, teacher rows)``: final hidden states ``[N_s, H_s]`` and ``[N_t, H_t]``
+  (``from_hidden``: the loss applies each model's output weight chunk by chunk,
+  :mod:`vigos_megatron.losses.hidden_kl`) or vocabulary-sharded logits ``[N_s, V/tp]`` and
+  ``[N_t, V/tp]``. :meth:`StudentTeacherStage.scored_rows` turns the pair into what the loss reads
+  (with the student's and the teacher's output weight shards ``[V/tp, H_s]`` / ``[V/tp, H_t]``, tied or
+  not: the tensors the output layers would use, so the student's weight gradient reaches its
+  ``main_grad`` through autograd and DDP as on the logits path).
 
 Megatron DDP wraps the whole stage: DDP allocates gradient buffers only for parameters with
 ``requires_grad``, i.e. the student's; the teacher has none, gets no ``.grad`` and must never
@@ -48,8 +52,8 @@ class StudentTeacherStage(MegatronModule):
     Args:
         student: the student's model chunk for this stage (``Qwen25VLModel`` from
             :meth:`~vigos_megatron.models.builder.QwenVLBuilder.build`), not DDP-wrapped.
-        teacher: the teacher replica's chunk for the same stage
-            (:func:`~vigos_megatron.models.teacher.build_teacher_replica`); it is frozen again here.
+        teacher: the frozen teacher's chunk for the same stage (:mod:`vigos_megatron.models.teacher`: the
+            replica, or a model of its own, of another width and depth); it is frozen again here.
         share_vision: the student's image rows reuse the teacher's vision-tower features. Only
             valid when the student's tower is frozen and identical to the teacher's (the teacher
             is the replica of the initial student and ``model.freeze_vision`` is on); then the
@@ -61,8 +65,8 @@ class StudentTeacherStage(MegatronModule):
             :mod:`vigos_megatron.models.output_logits`); ``False``: logits in the model's dtype.
 
     ``forward(batch)`` takes a :class:`~vigos_megatron.schedule.batch.StreamBatch` and returns
-    the stream ``[T, 1, H]`` (intermediate stages) or, on the last stage, the hidden states
-    ``[N, H]`` or the logits ``[N, V/tp]`` at the loss positions.
+    the stream ``[E, 1, 1]`` (intermediate stages) or, on the last stage, the pair of student and
+    teacher rows (hidden states or logits) at the loss positions.
     Each model's chunk runs through :mod:`vigos_megatron.models.stage_forward` (the same modules
     as ``Qwen25VLModel.forward``, with one vision-tower pass per image and the selected logits).
     """
@@ -76,6 +80,8 @@ class StudentTeacherStage(MegatronModule):
         self.student = student
         self.teacher = teacher
         freeze_([teacher])
+        #: the stream's width of a student slot and of a teacher slot
+        self.widths = (student.config.hidden_size, teacher.config.hidden_size)
         self.model_type = student.model_type
         self.pre_process = student.pre_process
         self.post_process = student.post_process
@@ -95,7 +101,7 @@ class StudentTeacherStage(MegatronModule):
         return self.student.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Keep what the previous stage sent: ``[S, R, H]`` (``None`` / ``[None]`` on the first stage)."""
+        """Keep what the previous stage sent: ``[E, 1, 1]`` (``None`` / ``[None]`` on the first stage)."""
         if isinstance(input_tensor, (list, tuple)):
             if len(input_tensor) != 1:
                 raise ValueError(f"StudentTeacherStage receives one tensor per micro-batch, got {len(input_tensor)}")
@@ -106,9 +112,11 @@ class StudentTeacherStage(MegatronModule):
         """The last stage's ``output`` as the loss reads it (:mod:`vigos_megatron.losses.scored_rows`)."""
         from vigos_megatron.losses.scored_rows import HiddenOutput, LogitsOutput
 
+        student_rows, teacher_rows = output
         if not self.from_hidden:
-            return LogitsOutput(output)
-        return HiddenOutput(output, _output_weight(self.student), output, _output_weight(self.teacher))
+            return LogitsOutput(torch.cat([student_rows, teacher_rows]))
+        return HiddenOutput(student_rows, _output_weight(self.student), teacher_rows, _output_weight(self.teacher),
+                            teacher_offset=student_rows.shape[0])
 
     def train(self, mode: bool = True):
         """Train/eval the student; the teacher always stays in eval mode."""
@@ -147,7 +155,7 @@ class StudentTeacherStage(MegatronModule):
     def _run_slots(self, model, rows, slots: range, batch, xs: list, feats: dict | None) -> list[torch.Tensor]:
         """``model`` on each of its slots (``B`` rows of ``S_c`` tokens; slots with ``S_c = 0`` skipped).
 
-        Returns per slot ``[S_c * B, 1, H]`` hidden states (flattened ``[S_c, B, H]``) or, on the last
+        Returns per slot the flattened ``[S_c, B, H]`` hidden states ``[S_c * B * H]`` or, on the last
         stage, the ``[N_c, H]`` final hidden states (``from_hidden``) or ``[N_c, V/tp]`` logits at the
         slot's selected positions.
         """
@@ -174,21 +182,20 @@ class StudentTeacherStage(MegatronModule):
                 outs.append(out)
             else:
                 _check(out, (s_c, B), f"slot {c} hidden states")
-                outs.append(out.reshape(s_c * B, 1, out.shape[-1]))
+                outs.append(out.reshape(-1))  # [S_c * B * H]
         return outs
 
-    def forward(self, batch) -> torch.Tensor:
+    def forward(self, batch):
         """Student slots through the student chunk, teacher slots through the teacher chunk (no grad).
 
-        Returns the stream ``[T, 1, H]`` on intermediate stages; on the last stage the hidden states
-        ``[N, H]`` or logits ``[N, V/tp]`` at the selected positions (every slot's, in slot order:
-        student first).
+        Returns the stream ``[E, 1, 1]`` on intermediate stages; on the last stage the pair
+        ``(student rows, teacher rows)`` of hidden states ``[N_s, H_s]`` / ``[N_t, H_t]`` or logits
+        ``[N_s, V/tp]`` / ``[N_t, V/tp]`` at the selected positions (each in slot order).
         """
-        ks, T, B = batch.student_slots, batch.stream_length, batch.rollouts
-        n_slots = len(batch.slot_lengths)
+        ks = batch.student_slots
         x = self._input_tensor
         self._input_tensor = None
-        xs = [None] * n_slots
+        xs = [None] * len(batch.slot_lengths)
         s_feats = t_feats = None
         if self.pre_process:
             if x is not None:
@@ -197,20 +204,31 @@ class StudentTeacherStage(MegatronModule):
         else:
             if x is None:
                 raise RuntimeError("a non-first pipeline stage got no input tensor (set_input_tensor not called)")
-            if x.dim() != 3 or tuple(x.shape[:2]) != (T, 1):
-                raise ValueError(f"received stream {tuple(x.shape)}, expected [T={T}, 1, H]")
-            parts = torch.split(x[:, 0], [B * s for s in batch.slot_lengths])
-            # slot c's rows [S_c, B, H]; the teacher's are cut off the student's graph
-            # (an unused slot, S_c = 0, is an empty [0, B, H]: the hidden size is explicit for it)
-            H = x.shape[-1]
-            xs = [p.view(s, B, H) if c < ks else p.detach().view(s, B, H)
-                  for c, (p, s) in enumerate(zip(parts, batch.slot_lengths))]
+            xs = self._split_stream(x, batch)
         outs = self._run_slots(self.student, batch.student, range(0, ks), batch, xs, s_feats)
         with torch.no_grad():
-            outs += self._run_slots(self.teacher, batch.teacher, range(ks, n_slots), batch, xs, t_feats)
-        # last stage: [N, H] or [N, V/tp] at the loss positions; otherwise the stream [T, 1, H], a fresh
-        # tensor (megatron frees the sent output's storage: it must not be a view)
-        return torch.cat(outs)
+            t_outs = self._run_slots(self.teacher, batch.teacher, range(ks, len(batch.slot_lengths)), batch, xs,
+                                     t_feats)
+        if self.post_process:
+            return _cat_rows(outs), _cat_rows(t_outs)
+        # a fresh tensor, not a view (megatron frees the sent output's storage)
+        return torch.cat([o.view(-1, 1, 1) for o in outs + t_outs])
+
+    def _split_stream(self, x: torch.Tensor, batch) -> list[torch.Tensor]:
+        """The received stream ``[E, 1, 1]`` as slot ``c``'s rows ``[S_c, B, H_c]``; the teacher's are cut off
+        the student's graph (an unused slot, ``S_c = 0``, is an empty ``[0, B, H_c]``)."""
+        B, ks = batch.rollouts, batch.student_slots
+        widths = [self.widths[c >= ks] for c in range(len(batch.slot_lengths))]
+        sizes = [B * s * h for s, h in zip(batch.slot_lengths, widths)]
+        if x.dim() != 3 or tuple(x.shape) != (sum(sizes), 1, 1):
+            raise ValueError(f"received stream {tuple(x.shape)}, expected [E={sum(sizes)}, 1, 1]")
+        parts = torch.split(x.view(-1), sizes)
+        return [p.view(s, B, h) if c < ks else p.detach().view(s, B, h)
+                for c, (p, s, h) in enumerate(zip(parts, batch.slot_lengths, widths))]
+
+
+def _cat_rows(outs: list[torch.Tensor]) -> torch.Tensor:
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _check(t: torch.Tensor, lead: tuple, what: str) -> None:

@@ -190,8 +190,18 @@ def write_tiny_processor(out_dir) -> Path:
     return out
 
 
-def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
-    """The tiny ``Qwen2_5_VLConfig``; ``overrides`` are top-level config keyword arguments."""
+#: a teacher of another width, depth and head count than the tiny student (same vocabulary,
+#: tokenizer and vision patching): ``write_tiny_checkpoint(..., text_size=TEACHER_TEXT_SIZE)``
+TEACHER_TEXT_SIZE = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2)
+
+def tiny_hf_config(tie_word_embeddings: bool = False, *, text_size: dict | None = None, **overrides):
+    """The tiny ``Qwen2_5_VLConfig``; ``overrides`` are top-level config keyword arguments.
+
+    ``text_size`` overrides text-config sizes (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads): a model of another size with the same vocabulary,
+    tokenizer and image processing (the vision tower projects to the text width).
+    """
     from transformers import Qwen2_5_VLConfig
 
     ids = special_token_ids()
@@ -212,6 +222,7 @@ def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
         tie_word_embeddings=tie_word_embeddings,
         use_sliding_window=False,
     )
+    text.update(text_size or {})
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -222,7 +233,7 @@ def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
         spatial_merge_size=2,
         temporal_patch_size=2,
         window_size=56,
-        out_hidden_size=64,
+        out_hidden_size=text["hidden_size"],
         fullatt_block_indexes=[1],
         tokens_per_second=2,
     )
@@ -278,11 +289,13 @@ def write_random_checkpoint(out_dir, config, model_class, write_processor, *, ge
     return out
 
 
-def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb: bool = True, seed: int = 0) -> Path:
+def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb: bool = True, seed: int = 0,
+                          text_size: dict | None = None) -> Path:
     """Write a tiny random HF Qwen2.5-VL checkpoint (safetensors fp32 + config + tokenizer + processor)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return write_random_checkpoint(out_dir, tiny_hf_config(tie_word_embeddings=tie_word_embeddings),
+    config = tiny_hf_config(tie_word_embeddings=tie_word_embeddings, text_size=text_size)
+    return write_random_checkpoint(out_dir, config,
                                    Qwen2_5_VLForConditionalGeneration, write_tiny_processor,
                                    generator="vigos_megatron.testing.tiny_qwen", perturb=perturb, seed=seed)
 

@@ -79,8 +79,18 @@ def write_tiny_processor(out_dir) -> Path:
     return out
 
 
-def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
-    """The tiny ``Qwen3VLConfig``; ``overrides`` are top-level config keyword arguments."""
+#: a teacher of another width, depth and head count than the tiny student (same vocabulary,
+#: tokenizer and vision patching): ``write_tiny_checkpoint(..., text_size=TEACHER_TEXT_SIZE)``
+TEACHER_TEXT_SIZE = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=6, num_attention_heads=6,
+                         num_key_value_heads=2)
+
+def tiny_hf_config(tie_word_embeddings: bool = False, *, text_size: dict | None = None, **overrides):
+    """The tiny ``Qwen3VLConfig``; ``overrides`` are top-level config keyword arguments.
+
+    ``text_size`` overrides text-config sizes (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads): a model of another size with the same vocabulary,
+    tokenizer and image processing (the vision tower projects to the text width).
+    """
     from transformers import Qwen3VLConfig
 
     ids = token_ids()
@@ -103,6 +113,7 @@ def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=tie_word_embeddings,
     )
+    text.update(text_size or {})
     vision = dict(
         depth=3,
         hidden_size=32,
@@ -112,7 +123,7 @@ def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
         patch_size=16,
         spatial_merge_size=2,
         temporal_patch_size=2,
-        out_hidden_size=64,
+        out_hidden_size=text["hidden_size"],
         num_position_embeddings=64,
         deepstack_visual_indexes=[0, 1],
         hidden_act="gelu_pytorch_tanh",
@@ -131,11 +142,13 @@ def tiny_hf_config(tie_word_embeddings: bool = False, **overrides):
     return Qwen3VLConfig(**kwargs)
 
 
-def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb: bool = True, seed: int = 0) -> Path:
+def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, perturb: bool = True, seed: int = 0,
+                          text_size: dict | None = None) -> Path:
     """Write a tiny random HF Qwen3-VL checkpoint (safetensors fp32 + config + tokenizer + processor)."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    return write_random_checkpoint(out_dir, tiny_hf_config(tie_word_embeddings=tie_word_embeddings),
+    config = tiny_hf_config(tie_word_embeddings=tie_word_embeddings, text_size=text_size)
+    return write_random_checkpoint(out_dir, config,
                                    Qwen3VLForConditionalGeneration, write_tiny_processor,
                                    generator="vigos_megatron.testing.tiny_qwen3_vl", perturb=perturb, seed=seed)
 

@@ -309,7 +309,8 @@ def run_settings(cfg, layout) -> dict:
             objective[f"loss.{loss.objective}.{k}"] = v
     m = cfg.model
     model = {"model.initial_weights": _weights_identity(m.init_checkpoint or m.hf_path),
-             "model.teacher_hf_path": _weights_identity(m.teacher_hf_path), "model.dtype": m.dtype,
+             "model.teacher": _weights_identity(m.teacher.init_checkpoint or m.teacher.hf_path),
+             "model.dtype": m.dtype,
              "model.freeze_vision": m.freeze_vision}
     lc, cc = cfg.data.loader, cfg.data.context
     shards = Path(lc.shards_dir) if lc.shards_dir else None

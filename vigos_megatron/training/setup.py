@@ -6,7 +6,8 @@ Order matters (the teacher is a copy of the INITIAL student, never of a resumed 
    a run / ``iter_*`` directory of ``tools/convert_hf_to_megatron.py``, else the HF directory
    ``model.hf_path``);
 2. the teacher: a frozen replica of those shards (bf16 on GPU, no fp32 copy, no gradient
-   buffer, no optimizer state), or the separate checkpoint ``model.teacher_hf_path``;
+   buffer, no optimizer state), or a checkpoint of its own (``model.teacher``, of any size that
+   :func:`vigos_megatron.config.teacher.check_pair` accepts, split over the student's stages);
 3. :class:`~vigos_megatron.schedule.stage.StudentTeacherStage` wraps both (sharing the teacher's
    vision-tower features with the student when ``model.freeze_vision`` keeps the student's tower
    equal to the teacher's), megatron DDP wraps the stage (buffers for the student's trainable
@@ -69,13 +70,32 @@ def load_initial_weights(builder, chunks: list, model_cfg) -> None:
         builder.load_hf_weights(chunks, model_cfg.hf_path)
 
 
+def build_teacher(cfg: "PretrainConfig", builder: "QwenVLBuilder", student: list, student_hf: Path, *,
+                  dtype: torch.dtype):
+    """The frozen teacher of ``cfg.model.teacher`` (a :class:`~vigos_megatron.models.teacher.FrozenTeacher`):
+    the replica of ``student`` (its initial weights), or a checkpoint of its own checked against the
+    student's files ``student_hf``."""
+    from vigos_megatron.config.teacher import check_pair, teacher_hf_dir
+    from vigos_megatron.models.teacher import build_teacher_replica, load_teacher
+
+    tc = cfg.model.teacher
+    if not tc.separate:
+        return build_teacher_replica(builder, student)
+    hf_dir = teacher_hf_dir(tc)
+    option = "model.teacher.hf_path" if tc.hf_path else "model.teacher.init_checkpoint"
+    counts = check_pair(student_hf, hf_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                        pipeline_layers=tc.pipeline_layers, option=option)
+    return load_teacher(hf_dir, tc.init_checkpoint or hf_dir, pipeline_layers=counts,
+                        tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
+                        dtype=dtype, transformer_impl=cfg.model.transformer_impl)
+
+
 def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_config) -> TrainingModels:
     """``cfg``: :class:`~vigos_megatron.config.train.PretrainConfig`; parallel state must be initialised."""
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
     from vigos_megatron.models.builder import QwenVLBuilder
     from vigos_megatron.models.family import family_of
-    from vigos_megatron.models.teacher import build_teacher_replica, freeze_
     from vigos_megatron.schedule.stage import StudentTeacherStage
 
     hf_files = initial_hf_files(cfg.model)
@@ -85,17 +105,13 @@ def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_conf
     )
     student = builder.build(init_weights=False)
     load_initial_weights(builder, student, cfg.model)
-    if cfg.model.teacher_hf_path:
-        teacher = builder.build_from_hf(cfg.model.teacher_hf_path)
-        freeze_(teacher)
-    else:
-        teacher = build_teacher_replica(builder, student).chunks
+    teacher = build_teacher(cfg, builder, student, hf_files, dtype=dtype).chunks
     if cfg.model.recompute == "full" and student[0].pre_process:
         family_of(student[0]).recompute_vision(student[0])
     if cfg.model.freeze_vision and student[0].pre_process:
         student[0].freeze(freeze_language_model=False, freeze_vision_model=True, freeze_vision_projection=True)
     # a frozen student tower that is still the teacher's: one vision-tower pass per image serves both
-    share_vision = bool(cfg.model.freeze_vision and not cfg.model.teacher_hf_path)
+    share_vision = bool(cfg.model.freeze_vision and not cfg.model.teacher.separate)
     stage = StudentTeacherStage(student[0], teacher[0], share_vision=share_vision, from_hidden=cfg.loss.from_hidden,
                                 fp32_logits=cfg.loss.logits_dtype == "float32")
     config = stage.config
