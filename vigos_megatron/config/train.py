@@ -139,6 +139,10 @@ class LoggingConfig:
         require_at_least(self, 0, "dump_rollouts")
 
 
+#: ``tiny.teacher`` choices
+TINY_TEACHERS = ("", "larger")
+
+
 @dataclass
 class TinyDemoConfig:
     """The embedded default: a tiny Qwen2.5-VL (or Qwen3-VL) taught the completion format and synthetic
@@ -159,11 +163,16 @@ class TinyDemoConfig:
     check_prompts: int = 16
     #: ... and needs at least this fraction of valid completions
     min_valid_rate: float = 0.7
+    #: "larger": a teacher of its own beside the student (hidden 96 vs 64, more layers and heads; the
+    #: same tokenizer), given the student's warm start, written with the assets and used as
+    #: ``model.teacher.hf_path``; "": the teacher is the replica of the student (or ``model.teacher``)
+    teacher: str = ""
 
     def validate(self) -> None:
         from vigos_megatron.models.family import supported_model_types
 
         require_one_of(self, "family", supported_model_types())
+        require_one_of(self, "teacher", TINY_TEACHERS)
         require_at_least(self, 1, "samples")
         require_at_least(self, 0, "format_prior_steps")
         if self.format_prior_max_steps < self.format_prior_steps:
@@ -189,6 +198,12 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tiny: TinyDemoConfig = field(default_factory=TinyDemoConfig)
 
+    @property
+    def own_teacher(self) -> bool:
+        """The teacher is a checkpoint of its own (``model.teacher``, or the demo's ``tiny.teacher``), not the
+        replica of the initial student."""
+        return self.model.teacher.separate or bool(self.tiny.enabled and self.tiny.teacher)
+
     def validate(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir: must be set (checkpoints, metrics and logs go there)")
@@ -203,6 +218,8 @@ class PretrainConfig:
         missing = [c for c in needed if c not in self.data.context.contexts]
         if missing:
             raise ConfigError(f"data.context.contexts: objective {self.loss.objective!r} needs the contexts {missing}")
+        if self.tiny.teacher and self.model.teacher.separate:
+            raise ConfigError("tiny.teacher: the demo writes its own teacher; unset model.teacher or tiny.teacher")
         if not self.tiny.enabled:
             if not (self.model.hf_path or self.model.init_checkpoint):
                 raise ConfigError("model.hf_path: set it (or model.init_checkpoint, or tiny.enabled=true)")

@@ -46,7 +46,7 @@ class VGSLossConfig:
 
 def teacher_contexts(cfg) -> tuple[str, str]:
     """The teacher's (image, text-only) contexts under ``cfg``."""
-    return ("student", "student_text") if cfg.model.teacher.separate else ("opsd", "opsd_text")
+    return ("student", "student_text") if cfg.own_teacher else ("opsd", "opsd_text")
 
 
 class VGS(Objective):

@@ -18,7 +18,12 @@ and ``t`` the trainable part of ``n`` (the vision tower is left out when it is f
 * gradient buffer ``4 t`` (megatron DDP with ``grad_reduce_in_fp32``) or ``2 t``;
 * optimizer states ``12 t / dp`` with the distributed optimizer (fp32 main weights + Adam's two
   moments, sharded over data parallelism; ``12 t`` without it or at DP = 1);
-* teacher parameters ``2 n`` (bf16 replica of the same shards; no gradients, no optimizer state).
+* teacher parameters ``2 n`` (bf16 replica of the same shards; no gradients, no optimizer state),
+  or, for a teacher of its own (``teacher=``, another width and depth), ``2 n_t`` with ``n_t`` its
+  parameters on this rank: its ``1/tp`` shard of the layers this stage holds
+  (:func:`vigos_megatron.config.teacher.stage_layers`), its embedding, output layer and vision tower
+  as for the student. Where the teacher differs, every teacher term below takes the teacher's
+  sizes (``H_t``, its heads and vision tower).
 
 **Training phase** (scoring + update of one micro-batch stream; ``B`` rollouts per micro-batch,
 ``Ks`` student rows and ``Kt`` teacher rows per rollout, all padded to ``S = prompt +
@@ -59,7 +64,7 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   on two tiny shapes at TP 1. An image of ``T`` LM tokens has ``4 T`` patches.
 * Qwen3-VL deepstack features (first stage): ``len(deepstack_visual_indexes)`` bf16 ``[T, H]``
   tensors per student image row, kept as inputs of the first layers' recomputation.
-* received pipeline tensors ``2 S R H`` per micro-batch in flight on stages > 0 (the whole stream,
+* received pipeline tensors ``2 S (R_s H + R_t H_t)`` per micro-batch in flight on stages > 0 (the whole stream,
   teacher rows included, counted at the full prompt length: an upper bound, since each slot
   travels at its own length); sent outputs are deallocated (``deallocate_pipeline_outputs``).
 * the loss (last stage) reads ``C`` student and ``C`` teacher rows per rollout for ViGOS/OPSD
@@ -284,11 +289,14 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def loss_bytes(w: Workload, h: int, v_local: int, rows_s: int, rows_t: int) -> dict[str, int]:
-    """The last stage's loss terms (module doc): ``rows_s`` student and ``rows_t`` teacher rows scored."""
+def loss_bytes(w: Workload, h: int, v_local: int, rows_s: int, rows_t: int, h_t: int | None = None) -> dict[str, int]:
+    """The last stage's loss terms (module doc): ``rows_s`` student and ``rows_t`` teacher rows scored
+    (the teacher's hidden size ``h_t``, default ``h``)."""
     weight_grad = {"output-weight gradient (bf16)": 2 * v_local * h}
+    h_t = h if h_t is None else h_t
     if w.loss_from_hidden and w.logits_at_loss_positions_only:
-        return {"hidden states at the loss positions (bf16) + student grad": (rows_s + rows_t) * h * 2 + rows_s * h * 6,
+        return {"hidden states at the loss positions (bf16) + student grad": (rows_s * h + rows_t * h_t) * 2
+                + rows_s * h * 6,
                 **weight_grad,
                 "KL tiles from hidden states (fp32)": min(8 * w.loss_chunk_bytes, 8 * 4 * v_local * (rows_s + rows_t))}
     return {**logits_bytes(rows_s, rows_t, v_local, w.logits_dtype),
@@ -296,13 +304,32 @@ def loss_bytes(w: Workload, h: int, v_local: int, rows_s: int, rows_t: int) -> d
             "KL chunk temporaries (fp32)": min(4 * w.loss_chunk_bytes, 4 * 4 * v_local * (rows_s + rows_t))}
 
 
+def teacher_layers(m: ModelShape, t: ModelShape, tp: int, pp: int) -> list[int]:
+    """The teacher ``t``'s layers per stage beside the student ``m`` (:func:`~vigos_megatron.config.teacher.stage_layers`),
+    refusing (:class:`LayoutError`) a teacher of another vocabulary or family, or whose heads ``tp`` does not divide."""
+    from vigos_megatron.config.teacher import stage_layers
+
+    if (t.vocab_size, t.vision.pixel_unit, type(t.vision)) != (m.vocab_size, m.vision.pixel_unit, type(m.vision)):
+        raise LayoutError(f"teacher: {t.name or 'the teacher'} differs from the student {m.name} in vocabulary or family")
+    for what, n in (("num_attention_heads", t.num_attention_heads), ("num_key_value_heads", t.num_key_value_heads)):
+        if n % tp:
+            raise LayoutError(f"parallel.tp: {tp} does not divide the teacher's {what}={n}")
+    try:
+        counts = stage_layers(t.num_layers, pp)
+    except ValueError as e:
+        raise LayoutError(str(e)) from None
+    t.vision.check_layout(tp, 1, counts[0])  # TP divides its ViT heads; its deepstack layers on the first stage
+    return counts
+
+
 def estimate_memory(model, *, tp: int, pp: int, dp: int, workload: Workload | None = None,
-                    **workload_fields) -> MemoryEstimate:
+                    teacher=None, **workload_fields) -> MemoryEstimate:
     """Per-GPU memory of ``model`` at ``tp x pp x dp`` (see the module docstring for every term).
 
     Args:
         model: a :class:`ModelShape`, a ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig``, a ``config.json``
             dict, a HF directory or a known model name ("qwen3_vl_8b", "qwen2_5_vl_7b", "7b").
+        teacher: a teacher of its own (anything ``model`` accepts); None: the replica of the student.
         tp, pp, dp: tensor, pipeline and data parallel sizes.
         workload: the step's shape; ``workload_fields`` (``prompt_tokens=``, ``completion_tokens=``,
             ``micro_batch_size=``, ``recompute=``, ...) replace single fields of it.
@@ -322,7 +349,9 @@ def estimate_memory(model, *, tp: int, pp: int, dp: int, workload: Workload | No
     if per_rank % w.micro_batch_size:
         raise LayoutError(f"train.micro_batch_size: {w.micro_batch_size} does not divide the {per_rank} "
                           f"prompts per data-parallel rank")
-    stages = [_stage(m, w, tp, pp, dp, s, per_rank) for s in range(pp)]
+    t = m if teacher is None else as_model_shape(teacher)
+    t_layers = [m.num_layers // pp] * pp if teacher is None else teacher_layers(m, t, tp, pp)
+    stages = [_stage(m, w, tp, pp, dp, s, per_rank, t, t_layers[s]) for s in range(pp)]
     peaks = tuple(sum(st.values()) + max(sum(tr.values()), sum(ro.values())) for st, tr, ro, _ in stages)
     worst = max(range(pp), key=lambda s: peaks[s])
     static, train, rollout, params = stages[worst]
@@ -362,7 +391,8 @@ def stage_activation_bytes(model, *, tp: int, pp: int, stage: int, rows: int, se
     return total
 
 
-def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_rank: int):
+def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_rank: int, t: ModelShape,
+           t_layers: int):
     first, last = s == 0, s == pp - 1
     lang, vision = m.stage_params(tp, pp, s)
     n = lang + vision
@@ -372,7 +402,7 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
         "student parameters (bf16)": 2 * n,
         f"gradient buffer ({'fp32' if w.grad_reduce_in_fp32 else 'bf16'})": (4 if w.grad_reduce_in_fp32 else 2) * trainable,
         f"optimizer states (fp32 main + Adam m, v; /{shard})": -(-12 * trainable // shard),
-        "teacher parameters (bf16, frozen)": 2 * n,
+        "teacher parameters (bf16, frozen)": 2 * sum(t.stage_params(tp, pp, s, layers=t_layers)),
     }
 
     # ---- training phase
@@ -405,19 +435,20 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
         train[f"deepstack features ({n_deep} x image tokens x H, bf16)"] = (
             in_flight * mb * img_s * n_deep * w.image_tokens * h * 2)
     if not first:
-        train["received pipeline stream tensors"] = in_flight * 2 * seq * rows * h
+        train["received pipeline stream tensors"] = in_flight * 2 * seq * (ns * h + nt * t.hidden_size)
     if last:
-        train.update(loss_bytes(w, h, v_local, n_logit_s, n_logit_t))
+        train.update(loss_bytes(w, h, v_local, n_logit_s, n_logit_t, t.hidden_size))
     transients = {
-        "teacher rows, one layer (no grad)": nt * seq * m.forward_bytes_per_token(tp)
-        + (nt * (4 * m.num_attention_heads // tp) * seq * seq + seq * seq if w.layer_spec == "local" else 0),
+        "teacher rows, one layer (no grad)": nt * seq * t.forward_bytes_per_token(tp)
+        + (nt * (4 * t.num_attention_heads // tp) * seq * seq + seq * seq if w.layer_spec == "local" else 0),
     }
     if w.recompute == "full":
         transients["one student layer recomputed in backward"] = (
             m.layer_bytes_per_token(tp, w.layer_spec) * tok_s + m.layer_extra_bytes(ns, seq, tp, w.layer_spec))
     if first:
         transients["teacher vision tower (no grad) + image embeddings"] = mb * (
-            patches * vis.forward_bytes_per_patch(tp) + img_t * (1 + n_deep) * w.image_tokens * h * 2)
+            patches * t.vision.forward_bytes_per_patch(tp)
+            + img_t * (1 + t.vision.deepstack_layers) * w.image_tokens * t.hidden_size * 2)
         if w.vision_recompute and not w.freeze_vision:
             transients["one student vision block recomputed"] = mb * img_s * patches * vis.block_bytes_per_patch(tp)
     key = max(transients, key=transients.get)
@@ -442,11 +473,12 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
     return static, train, rollout, (lang, vision)
 
 
-def estimate_for_config(cfg, world_size: int, model=None, **workload_fields) -> MemoryEstimate:
+def estimate_for_config(cfg, world_size: int, model=None, teacher=None, **workload_fields) -> MemoryEstimate:
     """The estimate of a :class:`~vigos_megatron.config.train.PretrainConfig` on ``world_size`` GPUs.
 
     ``model``: the shape to plan for; default the ``config.json`` under ``model.hf_path`` /
-    ``model.init_checkpoint``. The layout is checked with
+    ``model.init_checkpoint``; ``teacher``: the teacher's (default: ``model.teacher``'s ``config.json``
+    when it names a checkpoint of its own, else the replica). The layout is checked with
     :func:`~vigos_megatron.config.train.validate_layout` first.
     """
     from vigos_megatron.config.train import _hf_config_json, validate_layout
@@ -458,7 +490,11 @@ def estimate_for_config(cfg, world_size: int, model=None, **workload_fields) -> 
             raise LayoutError("model: no config.json under model.hf_path / model.init_checkpoint; pass model= "
                               "(a known name such as 'qwen3_vl_8b' or a HF config)")
         model = raw
-    return estimate_memory(model, tp=layout.tp, pp=layout.pp, dp=layout.dp,
+    if teacher is None and cfg.model.teacher.separate:
+        from vigos_megatron.config.teacher import read_config, teacher_hf_dir
+
+        teacher = read_config("model.teacher", teacher_hf_dir(cfg.model.teacher))
+    return estimate_memory(model, tp=layout.tp, pp=layout.pp, dp=layout.dp, teacher=teacher,
                            workload=Workload.from_config(cfg, model, **workload_fields))
 
 
@@ -469,9 +505,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(model, world_size: int, workload: Workload | None = None, *, max_tp: int = 8):
-    """Every ``(tp, pp, dp)`` with ``tp * pp * dp = world_size`` the model and the batch accept (TP <= ``max_tp``)."""
+def candidate_layouts(model, world_size: int, workload: Workload | None = None, *, max_tp: int = 8, teacher=None):
+    """Every ``(tp, pp, dp)`` with ``tp * pp * dp = world_size`` the model (and a ``teacher`` of its own) and the
+    batch accept (TP <= ``max_tp``)."""
     m = as_model_shape(model)
+    t = None if teacher is None else as_model_shape(teacher)
     w = workload or Workload()
     out = []
     for tp in _divisors(world_size):
@@ -481,6 +519,8 @@ def candidate_layouts(model, world_size: int, workload: Workload | None = None, 
             dp = world_size // (tp * pp)
             try:
                 m.check_layout(tp, pp)
+                if t is not None:
+                    teacher_layers(m, t, tp, pp)
             except LayoutError:
                 continue
             if w.global_batch_size % dp or (w.global_batch_size // dp) % w.micro_batch_size:
@@ -491,7 +531,7 @@ def candidate_layouts(model, world_size: int, workload: Workload | None = None, 
 
 def choose_layout(model, world_size: int, workload: Workload | None = None, *, max_tp: int = 8,
                   tune_rollout_batch: bool = False, gpu_memory_gib: float = GPU_80GB_GIB,
-                  reserve_gib: float = DEFAULT_RESERVE_GIB) -> MemoryEstimate | None:
+                  reserve_gib: float = DEFAULT_RESERVE_GIB, teacher=None) -> MemoryEstimate | None:
     """The preferred layout on ``world_size`` GPUs that fits, or None.
 
     Preference: the smallest model-parallel group ``tp * pp`` (the most data parallelism), then
@@ -501,10 +541,11 @@ def choose_layout(model, world_size: int, workload: Workload | None = None, *, m
     """
     w = workload or Workload()
     fitting = []
-    for tp, pp, dp in candidate_layouts(model, world_size, w, max_tp=max_tp):
+    for tp, pp, dp in candidate_layouts(model, world_size, w, max_tp=max_tp, teacher=teacher):
         batch = min(w.rollout_batch_size, w.global_batch_size // dp)
         while batch >= 1:
-            est = estimate_memory(model, tp=tp, pp=pp, dp=dp, workload=dataclasses.replace(w, rollout_batch_size=batch))
+            est = estimate_memory(model, tp=tp, pp=pp, dp=dp, teacher=teacher,
+                                  workload=dataclasses.replace(w, rollout_batch_size=batch))
             if est.fits(gpu_memory_gib, reserve_gib):
                 fitting.append(est)
                 break

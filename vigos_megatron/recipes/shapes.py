@@ -255,13 +255,16 @@ class ModelShape:
         qkv_bias = 0 if self.qk_norm else q
         return 2 * h + 2 * self.head_dim * self.qk_norm + (q * h + qkv_bias + h * attn_out + 3 * f * h) // tp
 
-    def stage_params(self, tp: int, pp: int, stage: int) -> tuple[int, int]:
-        """``(language, vision)`` parameters on one rank of pipeline stage ``stage``."""
-        self.check_layout(tp, pp)
+    def stage_params(self, tp: int, pp: int, stage: int, layers: int | None = None) -> tuple[int, int]:
+        """``(language, vision)`` parameters on one rank of pipeline stage ``stage``, which holds ``layers``
+        language-model layers (default: an even split, which :meth:`check_layout` requires)."""
+        if layers is None:
+            self.check_layout(tp, pp)
+            layers = self.num_layers // pp
         if not 0 <= stage < pp:
             raise LayoutError(f"stage {stage} outside [0, {pp})")
         h, v = self.hidden_size, self.vocab_size // tp
-        lang = self.num_layers // pp * self.layer_params(tp)
+        lang = layers * self.layer_params(tp)
         if stage == 0:
             lang += v * h  # word embeddings
         if stage == pp - 1:

@@ -50,6 +50,8 @@ class TrainingModels:
     model: list
     #: HF config / tokenizer / processor files of the initial checkpoint (copied into every save)
     hf_files: Path
+    #: one line describing the teacher (what it is, its size, its memory on this rank)
+    teacher_line: str = ""
 
 
 def initial_hf_files(model_cfg) -> Path:
@@ -105,7 +107,8 @@ def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_conf
     )
     student = builder.build(init_weights=False)
     load_initial_weights(builder, student, cfg.model)
-    teacher = build_teacher(cfg, builder, student, hf_files, dtype=dtype).chunks
+    frozen = build_teacher(cfg, builder, student, hf_files, dtype=dtype)
+    teacher = frozen.chunks
     if cfg.model.recompute == "full" and student[0].pre_process:
         family_of(student[0]).recompute_vision(student[0])
     if cfg.model.freeze_vision and student[0].pre_process:
@@ -118,7 +121,14 @@ def build_training_models(cfg: "PretrainConfig", *, dtype: torch.dtype, ddp_conf
     config.calculate_per_token_loss = True  # the objectives fold their normalisation into the loss
     config.finalize_model_grads_func = finalize_model_grads
     model = [DistributedDataParallel(config, ddp_config, stage)]
-    return TrainingModels(builder=builder, student=student, teacher=teacher, model=model, hf_files=hf_files)
+    tc = cfg.model.teacher
+    what = f"{tc.init_checkpoint or tc.hf_path}" if tc.separate else "the replica of the initial student"
+    text = teacher[0].config
+    line = (f"[vigos] teacher: {what}; hidden {text.hidden_size}, {text.num_layers} layers, "
+            f"{text.num_attention_heads} heads; {frozen.local_param_count:,} parameters "
+            f"({frozen.local_param_bytes / 2**20:.1f} MiB) on this rank, frozen: no gradient buffer, no optimizer state")
+    return TrainingModels(builder=builder, student=student, teacher=teacher, model=model, hf_files=hf_files,
+                          teacher_line=line)
 
 
 # --------------------------------------------------------------------------- a launch's run context
@@ -213,6 +223,7 @@ def build_run(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> tuple[Ru
     check_resume_settings(selection, settings, allow_changes=ck.allow_changes, log=log)
     dtype = cfg.model.torch_dtype(use_cuda())
     models = build_training_models(cfg, dtype=dtype, ddp_config=ddp_config(cfg.optimizer, dp_size=layout.dp))
+    log(models.teacher_line)
     optimizer, scheduler = build_optimizer(cfg.optimizer, models.model, total_steps=cfg.train.steps, dp_size=layout.dp)
     state = resume_training(selection, run_dir=cfg.run_dir, on_corrupt=ck.on_corrupt, log=log,
                             student_chunks=models.student, model=models.model, optimizer=optimizer,

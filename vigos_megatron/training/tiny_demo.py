@@ -6,6 +6,7 @@ shards from a cache entry (never from ``run_dir``, which ``make demo`` removes):
 
     <cache>/tiny/<key>/hf/          the checkpoint (``write_tiny_checkpoint``, fixed seed), taught the
                                     completion format (:mod:`vigos_megatron.testing.format_prior`)
+    <cache>/tiny/<key>/teacher_hf/  ``tiny.teacher: larger`` only: a teacher of another size, same warm start
     <cache>/tiny/<key>/shards/      ``tiny.samples`` synthetic Vision-SR1-47K rows as WebDataset shards
     <cache>/tiny/<key>/report.json  warm-start steps and loss, the self-check's valid rate
 
@@ -122,7 +123,8 @@ def asset_key(spec: dict) -> str:
 
 
 def asset_paths(entry: Path) -> dict[str, Path]:
-    return {"hf": entry / "hf", "parquet": entry / "parquet", "shards": entry / "shards", "report": entry / READY}
+    return {"hf": entry / "hf", "teacher": entry / "teacher_hf", "parquet": entry / "parquet",
+            "shards": entry / "shards", "report": entry / READY}
 
 
 def ensure_tiny_assets(cfg: "PretrainConfig", *, log=print) -> dict[str, Path]:
@@ -171,6 +173,8 @@ def with_tiny_paths(cfg: "PretrainConfig") -> "PretrainConfig":
     """``cfg`` (a :class:`~vigos_megatron.config.train.PretrainConfig`) pointed at its asset cache entry."""
     paths = asset_paths(cache_root() / "tiny" / asset_key(asset_spec(cfg)))
     model = dataclasses.replace(cfg.model, hf_path=str(paths["hf"]))
+    if cfg.tiny.teacher:
+        model = dataclasses.replace(model, teacher=dataclasses.replace(model.teacher, hf_path=str(paths["teacher"])))
     loader = dataclasses.replace(cfg.data.loader, shards_dir=str(paths["shards"]))
     context = dataclasses.replace(cfg.data.context, processor_path=str(paths["hf"]))
     data = dataclasses.replace(cfg.data, loader=loader, context=context)
@@ -194,14 +198,17 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def write_tiny_assets(out_dir, *, samples: int, seed: int, family: str = "qwen2_5_vl") -> dict[str, Path]:
-    """The random checkpoint of ``family`` and ``samples`` synthetic shard samples under ``out_dir`` (no warm start)."""
+def write_tiny_assets(out_dir, *, samples: int, seed: int, family: str = "qwen2_5_vl",
+                      teacher: str = "") -> dict[str, Path]:
+    """The random checkpoint of ``family`` and ``samples`` synthetic shard samples under ``out_dir`` (no warm
+    start); with ``teacher="larger"`` also a teacher of another size (the writer's ``TEACHER_TEXT_SIZE``,
+    seed ``seed + 1``)."""
     import importlib
 
     from vigos_megatron.data.synthetic import image_bytes, typical_rows, write_parquet
     from vigos_megatron.data.webdataset_writer import convert
 
-    write_tiny_checkpoint = importlib.import_module(TINY_WRITERS[family]).write_tiny_checkpoint
+    writer = importlib.import_module(TINY_WRITERS[family])
 
     paths = asset_paths(Path(out_dir))
     rows = typical_rows(samples, width=TINY_IMAGE_SIZE[0], height=TINY_IMAGE_SIZE[1], prefix="tiny", seed=seed)
@@ -210,7 +217,9 @@ def write_tiny_assets(out_dir, *, samples: int, seed: int, family: str = "qwen2_
     parquet = write_parquet(paths["parquet"] / "tiny.parquet", rows)
     convert([str(parquet)], str(paths["shards"]), samples_per_shard=max(1, samples // 4), progress=None)
     with _no_progress_bars():
-        write_tiny_checkpoint(paths["hf"], seed=seed)
+        writer.write_tiny_checkpoint(paths["hf"], seed=seed)
+        if teacher:
+            writer.write_tiny_checkpoint(paths["teacher"], seed=seed + 1, text_size=writer.TEACHER_TEXT_SIZE)
     return paths
 
 
@@ -238,8 +247,8 @@ def build(spec: dict, out_dir: Path, *, log=print) -> dict:
 
     t = spec["tiny"]
     log(f"[vigos] tiny assets: {t['samples']} synthetic samples -> shards; random {t['family']} checkpoint "
-        f"(seed {t['seed']})")
-    paths = write_tiny_assets(out_dir, samples=t["samples"], seed=t["seed"], family=t["family"])
+        f"(seed {t['seed']})" + (f" and a {t['teacher']} teacher (seed {t['seed'] + 1})" if t["teacher"] else ""))
+    paths = write_tiny_assets(out_dir, samples=t["samples"], seed=t["seed"], family=t["family"], teacher=t["teacher"])
     report: dict = {"format_prior_steps": 0, "checks": []}
     if t["format_prior_steps"] > 0:
         samples = _encoded_samples(paths, spec, t["seed"])
@@ -264,6 +273,11 @@ def build(spec: dict, out_dir: Path, *, log=print) -> dict:
                     raise SystemExit(1)
         report["format_prior_steps"] = prior.steps
         report["valid_rate"] = rate
+        if t["teacher"]:  # the teacher gets the student's warm start (its rollouts are not checked)
+            with _no_progress_bars():
+                teacher = FormatPrior(paths["teacher"], samples, seed=t["seed"] + 1)
+                report["teacher_loss"] = teacher.train(prior.steps, log=lambda m: log(f"[vigos] tiny teacher: {m}"))
+                teacher.save()
     shutil.rmtree(paths["parquet"], ignore_errors=True)
     paths["report"].write_text(json.dumps(report, indent=1))
     return report
