@@ -196,28 +196,39 @@ def _close(a: float, b: float, rel: float = 1e-5, floor: float = 1e-6) -> bool:
 def vgs_launch():
     from vigos_megatron.testing.distributed import run_torchrun
 
-    def run(nproc: int, run_dir: Path, *overrides: str) -> str:
+    def run(layout: str, run_dir: Path, *overrides: str) -> str:
+        """``layout``: a key of :data:`LAYOUTS`."""
+        nproc, ov = LAYOUTS[layout]
         return run_torchrun(ENTRY, nproc, "--config", ROOT / "conf" / "tiny_vgs_teacher_cpu.yaml", f"run_dir={run_dir}",
-                            *overrides, timeout=900)
+                            *ov, *overrides, timeout=900)
 
     return run
 
 
 LAYOUTS = {"tp1": (1, ["parallel.tp=1"]), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
            "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "dp2": (2, ["parallel.tp=1"])}
+VGS_KEYS = ("loss", "term/l_std", "term/l_vis", "term/l_lp", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def vgs_straight(vgs_launch, tmp_path_factory):
+    """VGS with the larger teacher at PP=2 (its 3 layers split [2, 1]), 4 straight steps: the PP2 point of the
+    first-step parity and the reference of the resume test."""
+    run = tmp_path_factory.mktemp("vgs") / "straight"
+    vgs_launch("pp2", run, "train.steps=4")
+    return _metrics(run)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective,layouts,keys", [
-    ("vgs", ("tp1", "tp2", "pp2", "tp2xpp2", "dp2"), ("loss", "term/l_std", "term/l_vis", "term/l_lp", "grad_norm")),
+    ("vgs", ("tp1", "tp2", "tp2xpp2", "dp2"), VGS_KEYS),
     ("opd", ("tp1", "tp2xpp2", "dp2"), ("loss", "term/std", "grad_norm")),
     ("vigos", ("tp1", "tp2xpp2", "dp2"), ("loss", "term/perception", "term/reasoning", "grad_norm")),
 ])
-def test_larger_teacher_first_step_parity(vgs_launch, tmp_path, objective, layouts, keys):
-    first = {}
+def test_larger_teacher_first_step_parity(vgs_launch, vgs_straight, tmp_path, objective, layouts, keys):
+    first = {"pp2": vgs_straight[0]} if objective == "vgs" else {}
     for name in layouts:
-        nproc, ov = LAYOUTS[name]
-        vgs_launch(nproc, tmp_path / name, "train.steps=1", f"loss.objective={objective}", *ov)
+        vgs_launch(name, tmp_path / name, "train.steps=1", f"loss.objective={objective}")
         first[name] = _metrics(tmp_path / name)[0]
     ref = first["tp1"]
     print(objective, {n: {k: m.get(k) for k in keys} for n, m in first.items()})
@@ -230,16 +241,15 @@ def test_larger_teacher_first_step_parity(vgs_launch, tmp_path, objective, layou
 
 
 @pytest.mark.slow
-def test_larger_teacher_resumes_exactly(vgs_launch, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    vgs_launch(2, straight, "train.steps=4", "parallel.tp=1", "parallel.pp=2")
-    vgs_launch(2, split, "train.steps=4", "train.exit_after=2", "parallel.tp=1", "parallel.pp=2")
-    out = vgs_launch(2, split, "train.steps=4", "parallel.tp=1", "parallel.pp=2")
+def test_larger_teacher_resumes_exactly(vgs_launch, vgs_straight, tmp_path):
+    split = tmp_path / "split"
+    vgs_launch("pp2", split, "train.steps=4", "train.exit_after=2")
+    out = vgs_launch("pp2", split, "train.steps=4")
     assert "resuming at step 2" in out
-    a, b = _metrics(straight), _metrics(split)
+    b = _metrics(split)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        for key in ("loss", "term/l_std", "term/l_vis", "grad_norm", "completion_tokens"):
+    for x, y in zip(vgs_straight, b):
+        for key in (*VGS_KEYS, "completion_tokens"):
             assert x[key] == y[key], (x["step"], key, x[key], y[key])
 
 
@@ -250,8 +260,7 @@ def test_vgs_is_exactly_zero_with_the_students_own_checkpoint_as_teacher(tiny_de
     rounding of ``log q* = log p_S(x) + log q_T(I,x) - log q_T(x)``, as in the loss-level test; the same step
     with the larger teacher has a loss ~1e-2 and a gradient norm ~1e-1)."""
     run = tmp_path / "own"
-    vgs_launch(2, run, "train.steps=1", "tiny.teacher=", f"model.teacher.hf_path={tiny_demo_assets['hf']}",
-               "parallel.tp=1", "parallel.pp=2")
+    vgs_launch("pp2", run, "train.steps=1", "tiny.teacher=", f"model.teacher.hf_path={tiny_demo_assets['hf']}")
     m = _metrics(run)[0]
     print({k: m[k] for k in ("loss", "term/l_std", "term/l_vis", "term/l_lp", "grad_norm")})
     assert max(abs(m[k]) for k in ("loss", "term/l_std", "term/l_vis", "term/l_lp")) < 1e-6 and m["grad_norm"] < 1e-5, m
