@@ -415,7 +415,6 @@ def _stage(m: ModelShape, w: Workload, tp: int, pp: int, dp: int, s: int, per_ra
     mb = w.micro_batch_size
     seq = w.seq_length
     ns, nt = ks * mb, kt * mb
-    rows = ns + nt
     tok_s = ns * seq
     in_flight = min(pp - s, per_rank // mb)
     patches = w.image_tokens * m.vision.patches_per_token
