@@ -294,11 +294,13 @@ def _compare(res: dict, ref: dict, layout: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,teacher,tp,pp", [("_tied", "_tied", 1, 2), ("", "_larger", 1, 2), ("", "_larger", 2, 1),
-                                                ("", "_larger", 2, 2)],
-                         ids=["pp2-tied", "pp2-larger-teacher", "tp2-larger-teacher", "tp2xpp2-larger-teacher"])
+                                                ("", "_larger", 2, 2), ("_qwen3", "_larger_qwen3", 1, 2)],
+                         ids=["pp2-tied", "pp2-larger-teacher", "tp2-larger-teacher", "tp2xpp2-larger-teacher",
+                              "qwen3-vl-pp2-larger-teacher"])
 def test_pipeline_layouts_match_pp1(torchrun, tiny, pp1_reference, kind, teacher, tp, pp):
     """``larger-teacher``: the teacher (hidden 96, 3 layers, 6 heads) runs inside the student's schedule
-    (its layers split [2, 1] over PP=2), the stream carrying both widths."""
+    (its layers split [2, 1] over PP=2), the stream carrying both widths; on Qwen3-VL (6 layers, [3, 3]) its
+    deepstack features enter its first-stage layers."""
     ref = pp1_reference(kind, teacher)
     out = tiny["base"] / f"result{kind}{teacher}_tp{tp}_pp{pp}.pt"
     t0 = time.perf_counter()
