@@ -127,7 +127,7 @@ def test_command_line_refuses_another_vocabulary_in_one_line(tiny_demo_assets, p
     hf, shards = tiny_demo_assets["hf"], tiny_demo_assets["shards"]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(ENTRY), "--config", str(ROOT / "conf/tiny_vgs_teacher_cpu.yaml"),
-                        f"run_dir={tmp_path / 'run'}", "tiny.enabled=false", "tiny.teacher=", f"model.hf_path={hf}",
+                        f"run_dir={tmp_path / 'run'}", "tiny.enabled=false", "tiny.teacher=none", f"model.hf_path={hf}",
                         f"model.teacher.hf_path={pair['other_vocab']}", f"data.loader.shards_dir={shards}",
                         f"data.context.processor_path={hf}", "parallel.tp=1"],
                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
@@ -260,7 +260,7 @@ def test_vgs_is_exactly_zero_with_the_students_own_checkpoint_as_teacher(tiny_de
     rounding of ``log q* = log p_S(x) + log q_T(I,x) - log q_T(x)``, as in the loss-level test; the same step
     with the larger teacher has a loss ~1e-2 and a gradient norm ~1e-1)."""
     run = tmp_path / "own"
-    vgs_launch("pp2", run, "train.steps=1", "tiny.teacher=", f"model.teacher.hf_path={tiny_demo_assets['hf']}")
+    vgs_launch("pp2", run, "train.steps=1", "tiny.teacher=none", f"model.teacher.hf_path={tiny_demo_assets['hf']}")
     m = _metrics(run)[0]
     print({k: m[k] for k in ("loss", "term/l_std", "term/l_vis", "term/l_lp", "grad_norm")})
     assert max(abs(m[k]) for k in ("loss", "term/l_std", "term/l_vis", "term/l_lp")) < 1e-6 and m["grad_norm"] < 1e-5, m

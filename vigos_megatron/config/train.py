@@ -140,7 +140,7 @@ class LoggingConfig:
 
 
 #: ``tiny.teacher`` choices
-TINY_TEACHERS = ("", "larger")
+TINY_TEACHERS = ("none", "larger")
 
 
 @dataclass
@@ -165,8 +165,8 @@ class TinyDemoConfig:
     min_valid_rate: float = 0.7
     #: "larger": a teacher of its own beside the student (hidden 96 vs 64, more layers and heads; the
     #: same tokenizer), given the student's warm start, written with the assets and used as
-    #: ``model.teacher.hf_path``; "": the teacher is the replica of the student (or ``model.teacher``)
-    teacher: str = ""
+    #: ``model.teacher.hf_path``; "none": the teacher is the replica of the student (or ``model.teacher``)
+    teacher: str = "none"
 
     def validate(self) -> None:
         from vigos_megatron.models.family import supported_model_types
@@ -202,7 +202,7 @@ class PretrainConfig:
     def own_teacher(self) -> bool:
         """The teacher is a checkpoint of its own (``model.teacher``, or the demo's ``tiny.teacher``), not the
         replica of the initial student."""
-        return self.model.teacher.separate or bool(self.tiny.enabled and self.tiny.teacher)
+        return self.model.teacher.separate or (self.tiny.enabled and self.tiny.teacher != "none")
 
     def validate(self) -> None:
         if not self.run_dir:
@@ -218,7 +218,7 @@ class PretrainConfig:
         missing = [c for c in needed if c not in self.data.context.contexts]
         if missing:
             raise ConfigError(f"data.context.contexts: objective {self.loss.objective!r} needs the contexts {missing}")
-        if self.tiny.teacher and self.model.teacher.separate:
+        if self.tiny.teacher != "none" and self.model.teacher.separate:
             raise ConfigError("tiny.teacher: the demo writes its own teacher; unset model.teacher or tiny.teacher")
         if not self.tiny.enabled:
             if not (self.model.hf_path or self.model.init_checkpoint):
@@ -269,8 +269,12 @@ def _student_hf_dir(cfg: PretrainConfig) -> Path | None:
     """The student's HF directory when it exists already (not the tiny demo's, written at launch)."""
     if cfg.model.init_checkpoint:
         from vigos_megatron.convert.megatron_checkpoint import hf_dir_of, resolve_checkpoint
+        from vigos_megatron.models.hf_checkpoint import CheckpointError
 
-        return hf_dir_of(resolve_checkpoint(cfg.model.init_checkpoint))
+        try:
+            return hf_dir_of(resolve_checkpoint(cfg.model.init_checkpoint))
+        except CheckpointError:  # reported by the path checks, naming the option
+            return None
     return Path(cfg.model.hf_path) if cfg.model.hf_path and Path(cfg.model.hf_path).is_dir() else None
 
 

@@ -173,7 +173,7 @@ def with_tiny_paths(cfg: "PretrainConfig") -> "PretrainConfig":
     """``cfg`` (a :class:`~vigos_megatron.config.train.PretrainConfig`) pointed at its asset cache entry."""
     paths = asset_paths(cache_root() / "tiny" / asset_key(asset_spec(cfg)))
     model = dataclasses.replace(cfg.model, hf_path=str(paths["hf"]))
-    if cfg.tiny.teacher:
+    if cfg.tiny.teacher != "none":
         model = dataclasses.replace(model, teacher=dataclasses.replace(model.teacher, hf_path=str(paths["teacher"])))
     loader = dataclasses.replace(cfg.data.loader, shards_dir=str(paths["shards"]))
     context = dataclasses.replace(cfg.data.context, processor_path=str(paths["hf"]))
@@ -199,7 +199,7 @@ def _no_progress_bars():
 
 
 def write_tiny_assets(out_dir, *, samples: int, seed: int, family: str = "qwen2_5_vl",
-                      teacher: str = "") -> dict[str, Path]:
+                      teacher: str = "none") -> dict[str, Path]:
     """The random checkpoint of ``family`` and ``samples`` synthetic shard samples under ``out_dir`` (no warm
     start); with ``teacher="larger"`` also a teacher of another size (the writer's ``TEACHER_TEXT_SIZE``,
     seed ``seed + 1``)."""
@@ -218,7 +218,7 @@ def write_tiny_assets(out_dir, *, samples: int, seed: int, family: str = "qwen2_
     convert([str(parquet)], str(paths["shards"]), samples_per_shard=max(1, samples // 4), progress=None)
     with _no_progress_bars():
         writer.write_tiny_checkpoint(paths["hf"], seed=seed)
-        if teacher:
+        if teacher != "none":
             writer.write_tiny_checkpoint(paths["teacher"], seed=seed + 1, text_size=writer.TEACHER_TEXT_SIZE)
     return paths
 
@@ -247,7 +247,7 @@ def build(spec: dict, out_dir: Path, *, log=print) -> dict:
 
     t = spec["tiny"]
     log(f"[vigos] tiny assets: {t['samples']} synthetic samples -> shards; random {t['family']} checkpoint "
-        f"(seed {t['seed']})" + (f" and a {t['teacher']} teacher (seed {t['seed'] + 1})" if t["teacher"] else ""))
+        f"(seed {t['seed']})" + (f" and a {t['teacher']} teacher (seed {t['seed'] + 1})" if t["teacher"] != "none" else ""))
     paths = write_tiny_assets(out_dir, samples=t["samples"], seed=t["seed"], family=t["family"], teacher=t["teacher"])
     report: dict = {"format_prior_steps": 0, "checks": []}
     if t["format_prior_steps"] > 0:
@@ -273,7 +273,7 @@ def build(spec: dict, out_dir: Path, *, log=print) -> dict:
                     raise SystemExit(1)
         report["format_prior_steps"] = prior.steps
         report["valid_rate"] = rate
-        if t["teacher"]:  # the teacher gets the student's warm start (its rollouts are not checked)
+        if t["teacher"] != "none":  # the teacher gets the student's warm start (its rollouts are not checked)
             with _no_progress_bars():
                 teacher = FormatPrior(paths["teacher"], samples, seed=t["seed"] + 1)
                 report["teacher_loss"] = teacher.train(prior.steps, log=lambda m: log(f"[vigos] tiny teacher: {m}"))
