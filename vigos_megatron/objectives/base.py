@@ -42,6 +42,8 @@ class Objective:
     #: the terms a healthy step has tokens for (a fallback term may be empty)
     expected_terms: ClassVar[tuple[str, ...]]
     rows: ClassVar[StreamRows]
+    #: the completion formats (the prompt template's ``format``) this objective can train on; None: any
+    completion_formats: ClassVar[tuple[str, ...] | None] = None
 
     def contexts(self, cfg: "PretrainConfig") -> tuple[str, ...]:
         """The data contexts (``data.context.contexts``) this objective reads under ``cfg``."""

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vigos_megatron.errors import ConfigError, require_at_least, require_positive
+from vigos_megatron.errors import ConfigError, require_at_least, require_one_of, require_positive
+
+#: ``loss.vgs.reduction``: ``token`` = mean over every completion token of the global batch (TRL's, the
+#: paper's experiments); ``sequence`` = mean over each trajectory's tokens, then over the global batch's
+#: trajectories (the paper's equations, ``1/|tau| sum_t``)
+REDUCTIONS = ("token", "sequence")
 from vigos_megatron.objectives.base import Objective, StreamRows
 
 
@@ -32,6 +37,8 @@ class VGSLossConfig:
     temperature: float = 1.0
     #: off unless configured (<= 0 disables)
     clip: float = 0.0
+    #: how the per-token loss is averaged over the global batch (:data:`REDUCTIONS`)
+    reduction: str = "token"
 
     def validate(self) -> None:
         for name in ("lp_quantile", "adaptive_low_quantile", "adaptive_high_quantile"):
@@ -42,6 +49,7 @@ class VGSLossConfig:
             raise ConfigError("adaptive_low_quantile: must be <= adaptive_high_quantile")
         require_positive(self, "temperature")
         require_at_least(self, 0, "eta", "gamma", "lambda_lp")
+        require_one_of(self, "reduction", REDUCTIONS)
 
 
 def teacher_contexts(cfg) -> tuple[str, str]:
@@ -72,9 +80,14 @@ class VGS(Objective):
         return pack_vgs(group, pad_id=pad_id, multiple=multiple)
 
     def build_loss(self, settings, tokens, *, chunk_bytes, impl, dp_group, tp_group):
-        from vigos_megatron.losses.objectives import VGSLoss
+        from vigos_megatron.losses.objectives import VGSLoss, global_trajectory_counts
+        from vigos_megatron.runtime import compute_device
 
-        return VGSLoss(settings, tp_group=tp_group, chunk_bytes=chunk_bytes, impl=impl)
+        counts = None
+        if settings.reduction == "sequence":
+            # counted on the backend's device: the DP all-reduce runs on NCCL where CUDA is used
+            counts = global_trajectory_counts([t.trajectory.to(compute_device()) for t in tokens], dp_group=dp_group)
+        return VGSLoss(settings, global_counts=counts, tp_group=tp_group, chunk_bytes=chunk_bytes, impl=impl)
 
 
 OBJECTIVE = VGS()

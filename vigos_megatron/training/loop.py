@@ -56,6 +56,8 @@ class Run:
     log: Callable[[str], None]
     rank0: bool
     device: object
+    #: the completion parser of the prompt template's format (:func:`~vigos_megatron.rollout.formats.completion_parser`)
+    parse: Callable
 
     def say(self, line: str) -> None:
         if self.rank0:
@@ -89,7 +91,8 @@ def run_step(run: Run, ps, step: int, samples: list[dict], t0: float, *, last: i
 
     cfg, ctx = run.cfg, run.ctx
     ensure_params_gathered(ctx.models.model)  # rollouts read the post-step weights
-    rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step - 1, tokenizer=ctx.tokenizer)
+    rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step - 1, tokenizer=ctx.tokenizer,
+                                 parse=run.parse)
     t1 = time.perf_counter()
     inputs = build_step_inputs(rollouts, cfg, hf_config=ctx.models.builder.hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
                                dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group())
@@ -169,6 +172,8 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
     from megatron.core import parallel_state as ps
 
     from vigos_megatron import objectives
+    from vigos_megatron.data.prompts import load_templates
+    from vigos_megatron.rollout.formats import completion_parser
     from vigos_megatron.runtime import compute_device
     from vigos_megatron.training.checkpoint import start_checkpoint_writer
     from vigos_megatron.training.signals import StopNow, StopSignal
@@ -184,6 +189,7 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
             objective = objectives.get(cfg.loss.objective)
             logs_here = is_metrics_rank(ps)
             run = Run(cfg=cfg, ctx=ctx, log=log, rank0=rank0, device=compute_device(),
+                      parse=completion_parser(load_templates(cfg.data.context.prompts_path).format),
                       writer=MetricsWriter(cfg.run_dir, enabled=logs_here, tensorboard=cfg.logging.tensorboard,
                                            resume_step=start),
                       rollout_log=RolloutLog(cfg.run_dir, count=cfg.logging.dump_rollouts, enabled=logs_here,
