@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "evaluate.py"
+VGS_PROMPTS = ROOT / "conf" / "prompts" / "vgs.yaml"
 GEN_ARGS = ["--samples", "2", "--max-new-tokens", "10", "--min-pixels", "3136", "--max-pixels", "12544"]
 
 
@@ -84,6 +85,16 @@ def test_metrics_on_known_grades_equal_hand_computed_values(ev):
     assert v["questions"] == 2 and v["prompts"] == 6 and v["evaluated"] == 6
 
 
+def test_greedy_metrics_on_known_grades(ev):
+    std = ev.Benchmark("std", [ev.Item("std", f"q{i}", "?", "a", "a", 0, ("file", "x")) for i in range(4)])
+    grades = {("std", "q0", 0): [True], ("std", "q1", 0): [False], ("std", "q2", 0): [True]}  # q3 not evaluated
+    assert ev.greedy_metrics(std, grades) == {"acc@1": pytest.approx(2 / 3)}
+    assert ev.greedy_metrics(std, {}) == {}
+    vilp = ev.Benchmark("vilp", [ev.Item("vilp", "v0", "?", "a", "a", i, ("file", "x")) for i in range(3)], vilp=True)
+    res = {("vilp", "v0", 0): [True], ("vilp", "v0", 1): [False], ("vilp", "v0", 2): [True]}
+    assert ev.greedy_metrics(vilp, res) == {"score": 0.5, "prior": 1.0, "avg": pytest.approx(2 / 3)}
+
+
 def test_benchmark_files_shapes_and_errors(ev, assets, tmp_path):
     std, = ev.load_jsonl(assets["standard"])
     assert std.name == "standard" and not std.vilp and len(std.items) == 3
@@ -132,6 +143,18 @@ def test_prefill_is_on_by_default_and_switchable(ev, assets):
     assert tok.decode(b).endswith("<|im_start|>assistant\n") and a[: b.numel()].tolist() == b.tolist()
 
 
+def test_the_vgs_template_gives_the_papers_prompt(ev, assets):
+    from vigos_megatron.data.synthetic import image_bytes
+
+    args = ev.parse_args(["--checkpoint", "x", "--data", "y", "--output", "z", "--prompts", str(VGS_PROMPTS)])
+    enc = ev.encoder_for(args, assets["hf"])
+    text = enc.processor.tokenizer.decode(enc("k", {"problem": "How many?", "answer": "3"}, image_bytes(56, 56))["contexts"]["student"])
+    assert text.startswith("<|im_start|>system\nA conversation between user and assistant.")
+    assert "<reason></reason>tags. The final answer MUST BE put in \\boxed{}.<|im_end|>" in text
+    assert text.endswith("<|vision_end|>How many?<|im_end|>\n<|im_start|>assistant\n")  # no prefill
+    assert enc.templates.format == "vgs"
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -171,6 +194,26 @@ def test_evaluate_end_to_end_tp1(ev, assets, torchrun):
                    "--data", assets["shards"], "--limit", 2, "--output", out, *GEN_ARGS)
     assert "[evaluate] wrote" in log and "data-parallel rank 0: 7/7 prompts" in log
     check_run(ev, out, assets)
+
+
+def test_greedy_acc_at_1_beside_the_sampled_metrics_with_the_vgs_template(ev, assets, torchrun, tmp_path):
+    """``--greedy`` adds one argmax completion per prompt: the same prompt twice (two sampling ids) gives
+    the same greedy completion; ``acc@1`` is their mean grade; the report names the template's format."""
+    row = {"question": "How many circles?", "image": str(assets["standard"].parent / "img" / "0.png"), "answer": "3"}
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text("".join(json.dumps({**row, "id": i}) + "\n" for i in ("a", "b")))
+    out = tmp_path / "out"
+    log = run_tool(torchrun, 1, "--checkpoint", assets["hf"], "--data", twice, "--output", out, "--greedy",
+                   "--prompts", VGS_PROMPTS, *GEN_ARGS)
+    assert "greedy acc@1" in log
+    report = json.loads((out / "report.json").read_text())
+    records = [json.loads(l) for l in (out / "per_question.jsonl").read_text().splitlines()]
+    assert report["format"] == "vgs" and report["prefill"] == "" and report["sampling"]["greedy"] is False
+    a, b = (r["greedy"] for r in records)
+    assert a["completion"] == b["completion"] and a["tokens"] == b["tokens"] and isinstance(a["valid"], bool)
+    assert (a["extracted"], a["correct"]) == ev.score_sample(a["completion"], "3")
+    m = report["benchmarks"]["twice"]
+    assert m["greedy"] == {"acc@1": float(a["correct"])} and "pass@2" in m and "avg@2" in m
 
 
 @pytest.mark.slow

@@ -259,14 +259,16 @@ class VGSLoss:
     the difference of their hidden states).
     """
 
-    def __init__(self, cfg, *, global_counts: Tensor | None = None, tp_group=None,
+    def __init__(self, cfg, *, global_counts: Tensor | None = None, std_weight: float = 1.0, tp_group=None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
         """``cfg``: :class:`~vigos_megatron.objectives.vgs.VGSLossConfig`; ``global_counts``: ``(N, M)`` of
-        :func:`global_trajectory_counts`, needed by ``reduction: sequence``."""
+        :func:`global_trajectory_counts`, needed by ``reduction: sequence``; ``std_weight``: the factor of
+        ``l_std`` (1; 0 in the eta diagnostics' ``l_vis`` probe)."""
         if cfg.reduction == "sequence" and global_counts is None:
             raise ValueError("VGSLoss: reduction 'sequence' needs global_counts (global_trajectory_counts)")
         self.cfg = cfg
         self.global_counts = global_counts
+        self.std_weight = std_weight
         self.tp_group = tp_group
         self.chunk_bytes = chunk_bytes
         self.impl = impl
@@ -310,9 +312,10 @@ class VGSLoss:
         l_lp = self._kl(rows.student(sx[selected]), rows.teacher(tx[selected]))
         if c.reduction == "sequence":
             w = sequence_token_weights(tokens.trajectory.to(dev), self.global_counts).to(l_std.dtype)
-            loss = c.eta * ((w * (l_std + gamma_t * l_vis)).sum() + c.lambda_lp * (w[selected] * l_lp).sum())
+            loss = c.eta * ((w * (self.std_weight * l_std + gamma_t * l_vis)).sum()
+                            + c.lambda_lp * (w[selected] * l_lp).sum())
         else:
-            loss = c.eta * ((l_std + gamma_t * l_vis).sum() + c.lambda_lp * l_lp.sum())
+            loss = c.eta * ((self.std_weight * l_std + gamma_t * l_vis).sum() + c.lambda_lp * l_lp.sum())
         report = {
             "vgs/l_std": _pair(l_std.detach().sum(), n, dev),
             "vgs/l_vis": _pair(l_vis.detach().sum(), n, dev),

@@ -64,6 +64,16 @@ class Objective:
         micro-batches, e.g. ``[b.tokens for b in batches]``)."""
         raise NotImplementedError
 
+    def gradient_probes(self, settings: Any, step: int, tokens: list, *, chunk_bytes: int, impl: str, dp_group,
+                        tp_group) -> dict:
+        """``{name: loss callable}`` whose gradient norms step ``step`` logs (extra backward passes over the
+        step's micro-batches, nothing applied; arguments as :meth:`build_loss`). None by default."""
+        return {}
+
+    def probe_metrics(self, settings: Any, norms: dict) -> dict:
+        """Metrics from ``{name: gradient norm}`` of :meth:`gradient_probes`."""
+        return {}
+
 
 class SegmentedObjective(Objective):
     """An objective whose loss is :class:`~vigos_megatron.losses.objectives.SegmentedDistillationLoss`:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch.distributed as dist
 
+from vigos_megatron import objectives
 from vigos_megatron.collectives import reduce_int
 from vigos_megatron.training.metrics import (
     MetricsWriter,
@@ -36,9 +37,9 @@ from vigos_megatron.training.metrics import (
 )
 from vigos_megatron.training.rollout_log import RolloutLog
 from vigos_megatron.training.rollouts import generate_rollouts
-from vigos_megatron.training.scoring import build_step_inputs
+from vigos_megatron.training.scoring import build_gradient_probes, build_step_inputs
 from vigos_megatron.training.setup import RunContext, build_run
-from vigos_megatron.training.update import NonFiniteStep, train_step
+from vigos_megatron.training.update import NonFiniteStep, probe_gradient_norms, train_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from vigos_megatron.config.train import Layout, PretrainConfig
@@ -94,8 +95,11 @@ def run_step(run: Run, ps, step: int, samples: list[dict], t0: float, *, last: i
     rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step - 1, tokenizer=ctx.tokenizer,
                                  parse=run.parse)
     t1 = time.perf_counter()
+    groups = {"dp_group": ps.get_data_parallel_group(), "tp_group": ps.get_tensor_model_parallel_group()}
     inputs = build_step_inputs(rollouts, cfg, hf_config=ctx.models.builder.hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
-                               dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group())
+                               **groups)
+    probes = build_gradient_probes(cfg, inputs.batches, step, **groups)
+    norms = probe_gradient_norms(ctx.models.model, ctx.optimizer, inputs.batches, probes)
     result = train_step(ctx.models.model, ctx.optimizer, ctx.scheduler, inputs.batches, inputs.loss_fn,
                         on_nonfinite=cfg.train.on_nonfinite)
     run.rollout_log.write(step, rollouts, inputs.assembled)
@@ -104,6 +108,8 @@ def run_step(run: Run, ps, step: int, samples: list[dict], t0: float, *, last: i
     stats = rollout_stats(rollouts, ps.get_data_parallel_group(), run.device)
     metrics = step_metrics(result, stats, rollout_s=t1 - t0, update_s=t2 - t1, step_s=t2 - t0,
                            dropped=dropped_total(run, ps), generation=ctx.engine.last_stats)
+    objective = objectives.get(cfg.loss.objective)
+    metrics.update(objective.probe_metrics(getattr(cfg.loss, objective.name), norms))
     run.writer.log(step, metrics)
     if step % cfg.logging.progress_interval == 0 or step == last:
         run.say(format_progress(step, cfg.train.steps, progress_fields(metrics)))
@@ -171,7 +177,6 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
     steps of this launch, or SIGTERM / SIGINT (then it saves and returns). Returns the :class:`Outcome`."""
     from megatron.core import parallel_state as ps
 
-    from vigos_megatron import objectives
     from vigos_megatron.data.prompts import load_templates
     from vigos_megatron.rollout.formats import completion_parser
     from vigos_megatron.runtime import compute_device
