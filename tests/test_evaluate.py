@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "evaluate.py"
 VGS_PROMPTS = ROOT / "conf" / "prompts" / "vgs.yaml"
-GEN_ARGS = ["--samples", "2", "--max-new-tokens", "10", "--min-pixels", "3136", "--max-pixels", "12544"]
+GEN_ARGS = ["--samples", "2", "--greedy", "--max-new-tokens", "10", "--min-pixels", "3136", "--max-pixels", "12544"]
 
 
 @pytest.fixture(scope="module")
@@ -171,20 +171,23 @@ def check_run(ev, out: Path, assets):
     assert b["standard"]["samples_per_prompt"] == 2 and "pass@2" in b["standard"] and "avg@2" in b["standard"]
     assert report["sampling"]["temperature"] == 1.0 and report["sampling"]["top_p"] == 0.9
     assert report["sampling"]["top_k"] == 20 and report["sampling"]["seed"] == 42 and report["prefill"] == "<description>"
+    assert report["format"] == "vigos" and not report["sampling"]["greedy"]
     assert len(records) == 2 + 3 + 2 and [r["index"] for r in records] == list(range(7))  # --limit 2 questions
-    results = {}
+    results, greedy = {}, {}
     for r in records:
         k = 1 if r["benchmark"] == "vilp" else 2
         assert [s["sample_id"] for s in r["samples"]] == [r["index"] * 2 + j for j in range(k)]
-        for s in r["samples"]:
-            assert 1 <= s["tokens"] <= 10 and s["finish_reason"] in ("stop", "length")
+        for s in r["samples"] + [r["greedy"]]:
+            assert 1 <= s["tokens"] <= 10 and s["finish_reason"] in ("stop", "length") and isinstance(s["valid"], bool)
             assert (s["extracted"], s["correct"]) == ev.score_sample(s["completion"], r["answer"])
         results[(r["benchmark"], r["question_id"], r["image_index"])] = [s["correct"] for s in r["samples"]]
+        greedy[(r["benchmark"], r["question_id"], r["image_index"])] = [r["greedy"]["correct"]]
     benches = ev.load_benchmarks([str(assets["standard"]), str(assets["vilp"]), str(assets["shards"])], limit=2)
     for bench in benches:
         k = 1 if bench.vilp else 2
-        expect = {"vilp": bench.vilp, **ev.aggregate(bench, results, k)}
-        assert b[bench.name] == pytest.approx(expect), bench.name
+        got = dict(b[bench.name])
+        assert got.pop("greedy") == pytest.approx(ev.greedy_metrics(bench, greedy)), bench.name
+        assert got == pytest.approx({"vilp": bench.vilp, **ev.aggregate(bench, results, k)}), bench.name
     return report, records
 
 
@@ -192,28 +195,8 @@ def test_evaluate_end_to_end_tp1(ev, assets, torchrun):
     out = assets["root"] / "out_tp1"
     log = run_tool(torchrun, 1, "--checkpoint", assets["hf"], "--data", assets["standard"], "--data", assets["vilp"],
                    "--data", assets["shards"], "--limit", 2, "--output", out, *GEN_ARGS)
-    assert "[evaluate] wrote" in log and "data-parallel rank 0: 7/7 prompts" in log
+    assert "[evaluate] wrote" in log and "data-parallel rank 0: 7/7 prompts" in log and "greedy acc@1" in log
     check_run(ev, out, assets)
-
-
-def test_greedy_acc_at_1_beside_the_sampled_metrics_with_the_vgs_template(ev, assets, torchrun, tmp_path):
-    """``--greedy`` adds one argmax completion per prompt: the same prompt twice (two sampling ids) gives
-    the same greedy completion; ``acc@1`` is their mean grade; the report names the template's format."""
-    row = {"question": "How many circles?", "image": str(assets["standard"].parent / "img" / "0.png"), "answer": "3"}
-    twice = tmp_path / "twice.jsonl"
-    twice.write_text("".join(json.dumps({**row, "id": i}) + "\n" for i in ("a", "b")))
-    out = tmp_path / "out"
-    log = run_tool(torchrun, 1, "--checkpoint", assets["hf"], "--data", twice, "--output", out, "--greedy",
-                   "--prompts", VGS_PROMPTS, *GEN_ARGS)
-    assert "greedy acc@1" in log
-    report = json.loads((out / "report.json").read_text())
-    records = [json.loads(l) for l in (out / "per_question.jsonl").read_text().splitlines()]
-    assert report["format"] == "vgs" and report["prefill"] == "" and report["sampling"]["greedy"] is False
-    a, b = (r["greedy"] for r in records)
-    assert a["completion"] == b["completion"] and a["tokens"] == b["tokens"] and isinstance(a["valid"], bool)
-    assert (a["extracted"], a["correct"]) == ev.score_sample(a["completion"], "3")
-    m = report["benchmarks"]["twice"]
-    assert m["greedy"] == {"acc@1": float(a["correct"])} and "pass@2" in m and "avg@2" in m
 
 
 @pytest.mark.slow

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from vigos_megatron.errors import ConfigError, require_at_least, require_one_of, require_positive
+from vigos_megatron.objectives.base import Objective, StreamRows
 
 #: ``loss.vgs.reduction``: ``token`` = mean over every completion token of the global batch (TRL's, the
 #: paper's experiments); ``sequence`` = mean over each trajectory's tokens, then over the global batch's
 #: trajectories (the paper's equations, ``1/|tau| sum_t``)
 REDUCTIONS = ("token", "sequence")
-from vigos_megatron.objectives.base import Objective, StreamRows
 
 
 @dataclass
