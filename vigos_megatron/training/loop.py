@@ -4,10 +4,13 @@ One iteration (``step`` counts optimizer steps; step 1 is the first update), :fu
 
 1. draw this data-parallel rank's prompts from the streaming loader;
 2. **generate**: rollouts from the student's current weights (the Megatron-native engine; with
-   the distributed optimizer the parameter all-gather is completed first);
+   the distributed optimizer the parameter all-gather is completed first), parsed in the prompt
+   template's completion format (:mod:`vigos_megatron.rollout.formats`);
 3. **score**: the rows the objective needs, packed micro-batches, its loss (:mod:`.scoring`);
 4. **update**: ONE megatron schedule call over the micro-batches, the frozen teacher inside the
-   student's pipeline stages, then the optimizer step (student parameters only);
+   student's pipeline stages, then the optimizer step (student parameters only); on the steps the
+   objective probes (``loss.vgs.eta_diagnostics_interval``) its probe losses' gradient norms come
+   first, from extra schedule calls that leave the update unchanged (:func:`.update.probe_gradient_norms`);
 5. log one line of metrics (and of ``rollouts.jsonl``), save a checkpoint when due (interval, end
    of launch, SIGTERM).
 
