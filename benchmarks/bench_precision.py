@@ -115,6 +115,7 @@ def rank_main(config: str, overrides: list[str], *, per_parameter: bool, batch: 
 
     quiet_library_logs(int(os.environ.get("RANK", "0")))
     from vigos_megatron.testing.precision import step_gradients
+    from vigos_megatron.rollout import parse_completion
     from vigos_megatron.training.rollouts import generate_rollouts
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,7 +144,8 @@ def rank_main(config: str, overrides: list[str], *, per_parameter: bool, batch: 
                 for _ in range(batch):  # the loader's batch number ``batch`` (0: the first step's)
                     next(batches)
                 samples = next(batches)["samples"]
-                rollouts = generate_rollouts(ctx.engine, samples, vcfg.sampling, step=0, tokenizer=ctx.tokenizer)
+                rollouts = generate_rollouts(ctx.engine, samples, vcfg.sampling, step=0, tokenizer=ctx.tokenizer,
+                                             parse=parse_completion)
                 del ctx
             results[name] = step_gradients(vcfg, layout, rollouts, ps)
         print_tables(results, ps, per_parameter=per_parameter)

@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "evaluate.py"
-GEN_ARGS = ["--samples", "2", "--max-new-tokens", "10", "--min-pixels", "3136", "--max-pixels", "12544"]
+VGS_PROMPTS = ROOT / "conf" / "prompts" / "vgs.yaml"
+GEN_ARGS = ["--samples", "2", "--greedy", "--max-new-tokens", "10", "--min-pixels", "3136", "--max-pixels", "12544"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,16 @@ def test_metrics_on_known_grades_equal_hand_computed_values(ev):
     assert v["questions"] == 2 and v["prompts"] == 6 and v["evaluated"] == 6
 
 
+def test_greedy_metrics_on_known_grades(ev):
+    std = ev.Benchmark("std", [ev.Item("std", f"q{i}", "?", "a", "a", 0, ("file", "x")) for i in range(4)])
+    grades = {("std", "q0", 0): [True], ("std", "q1", 0): [False], ("std", "q2", 0): [True]}  # q3 not evaluated
+    assert ev.greedy_metrics(std, grades) == {"acc@1": pytest.approx(2 / 3)}
+    assert ev.greedy_metrics(std, {}) == {}
+    vilp = ev.Benchmark("vilp", [ev.Item("vilp", "v0", "?", "a", "a", i, ("file", "x")) for i in range(3)], vilp=True)
+    res = {("vilp", "v0", 0): [True], ("vilp", "v0", 1): [False], ("vilp", "v0", 2): [True]}
+    assert ev.greedy_metrics(vilp, res) == {"score": 0.5, "prior": 1.0, "avg": pytest.approx(2 / 3)}
+
+
 def test_benchmark_files_shapes_and_errors(ev, assets, tmp_path):
     std, = ev.load_jsonl(assets["standard"])
     assert std.name == "standard" and not std.vilp and len(std.items) == 3
@@ -132,6 +143,18 @@ def test_prefill_is_on_by_default_and_switchable(ev, assets):
     assert tok.decode(b).endswith("<|im_start|>assistant\n") and a[: b.numel()].tolist() == b.tolist()
 
 
+def test_the_vgs_template_gives_the_papers_prompt(ev, assets):
+    from vigos_megatron.data.synthetic import image_bytes
+
+    args = ev.parse_args(["--checkpoint", "x", "--data", "y", "--output", "z", "--prompts", str(VGS_PROMPTS)])
+    enc = ev.encoder_for(args, assets["hf"])
+    text = enc.processor.tokenizer.decode(enc("k", {"problem": "How many?", "answer": "3"}, image_bytes(56, 56))["contexts"]["student"])
+    assert text.startswith("<|im_start|>system\nA conversation between user and assistant.")
+    assert "<reason></reason>tags. The final answer MUST BE put in \\boxed{}.<|im_end|>" in text
+    assert text.endswith("<|vision_end|>How many?<|im_end|>\n<|im_start|>assistant\n")  # no prefill
+    assert enc.templates.format == "vgs"
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -148,20 +171,23 @@ def check_run(ev, out: Path, assets):
     assert b["standard"]["samples_per_prompt"] == 2 and "pass@2" in b["standard"] and "avg@2" in b["standard"]
     assert report["sampling"]["temperature"] == 1.0 and report["sampling"]["top_p"] == 0.9
     assert report["sampling"]["top_k"] == 20 and report["sampling"]["seed"] == 42 and report["prefill"] == "<description>"
+    assert report["format"] == "vigos" and not report["sampling"]["greedy"]
     assert len(records) == 2 + 3 + 2 and [r["index"] for r in records] == list(range(7))  # --limit 2 questions
-    results = {}
+    results, greedy = {}, {}
     for r in records:
         k = 1 if r["benchmark"] == "vilp" else 2
         assert [s["sample_id"] for s in r["samples"]] == [r["index"] * 2 + j for j in range(k)]
-        for s in r["samples"]:
-            assert 1 <= s["tokens"] <= 10 and s["finish_reason"] in ("stop", "length")
+        for s in r["samples"] + [r["greedy"]]:
+            assert 1 <= s["tokens"] <= 10 and s["finish_reason"] in ("stop", "length") and isinstance(s["valid"], bool)
             assert (s["extracted"], s["correct"]) == ev.score_sample(s["completion"], r["answer"])
         results[(r["benchmark"], r["question_id"], r["image_index"])] = [s["correct"] for s in r["samples"]]
+        greedy[(r["benchmark"], r["question_id"], r["image_index"])] = [r["greedy"]["correct"]]
     benches = ev.load_benchmarks([str(assets["standard"]), str(assets["vilp"]), str(assets["shards"])], limit=2)
     for bench in benches:
         k = 1 if bench.vilp else 2
-        expect = {"vilp": bench.vilp, **ev.aggregate(bench, results, k)}
-        assert b[bench.name] == pytest.approx(expect), bench.name
+        got = dict(b[bench.name])
+        assert got.pop("greedy") == pytest.approx(ev.greedy_metrics(bench, greedy)), bench.name
+        assert got == pytest.approx({"vilp": bench.vilp, **ev.aggregate(bench, results, k)}), bench.name
     return report, records
 
 
@@ -169,7 +195,7 @@ def test_evaluate_end_to_end_tp1(ev, assets, torchrun):
     out = assets["root"] / "out_tp1"
     log = run_tool(torchrun, 1, "--checkpoint", assets["hf"], "--data", assets["standard"], "--data", assets["vilp"],
                    "--data", assets["shards"], "--limit", 2, "--output", out, *GEN_ARGS)
-    assert "[evaluate] wrote" in log and "data-parallel rank 0: 7/7 prompts" in log
+    assert "[evaluate] wrote" in log and "data-parallel rank 0: 7/7 prompts" in log and "greedy acc@1" in log
     check_run(ev, out, assets)
 
 

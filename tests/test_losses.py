@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vigos_megatron import objectives
+from vigos_megatron.errors import ConfigError
 from vigos_megatron.losses.objectives import (
     DistillTokens,
     SegmentedDistillationLoss,
@@ -229,9 +230,8 @@ def _vgs_layout(n=6, seed=0, teacher_equals_student=False, same_contexts=False):
     return out, toks
 
 
-def _vgs_reference(out, toks, cfg):
-    x = out.detach().double().requires_grad_()
-    f = x.reshape(-1, V)
+def _vgs_token_losses(f, toks, cfg):
+    """Float64 ``[n]``: ``l_std + gamma_t * l_vis + lambda * l_lp`` per token of one micro-batch (rows ``f``)."""
     T = cfg.temperature
     zsi, zsx, zti, ztx = f[toks.student_image_index], f[toks.student_text_index], f[toks.teacher_image_index].detach(), f[toks.teacher_text_index].detach()
     lsm = lambda z: torch.log_softmax(z / T, -1)  # noqa: E731
@@ -247,7 +247,12 @@ def _vgs_reference(out, toks, cfg):
         gamma = torch.where(vds > hi, cfg.gamma, torch.where(vds > lo, cfg.gamma / 2, 0.0))
     else:
         gamma = cfg.gamma
-    loss = cfg.eta * (l_std + gamma * l_vis + cfg.lambda_lp * l_lp).mean()
+    return l_std + gamma * l_vis + cfg.lambda_lp * l_lp
+
+
+def _vgs_reference(out, toks, cfg):
+    x = out.detach().double().requires_grad_()
+    loss = cfg.eta * _vgs_token_losses(x.reshape(-1, V), toks, cfg).mean()
     loss.backward()
     return float(loss), x.grad
 
@@ -264,6 +269,41 @@ def test_vgs_matches_float64(adaptive, detach):
     assert abs(float(loss / n) - ref) <= 1e-5 * (1 + abs(ref))
     assert rel_norm_err(out.grad, ref_grad) < 1e-4
     assert int(report["vgs/lp_selected_fraction"][0]) == 3  # 10 tokens above the 0.7 quantile
+
+
+def test_vgs_sequence_reduction_matches_a_hand_written_reference():
+    """Two micro-batches of trajectories of unequal lengths, run as megatron does (losses summed, one
+    division by the summed num_tokens): the per-trajectory mean, then the mean over trajectories."""
+    cfg = VGSLossConfig(reduction="sequence", lambda_lp=0.5, adaptive_gamma=True)
+    lengths = ([3, 7], [5, 1, 2])
+    outs, toks = [], []
+    for seed, ls in enumerate(lengths):
+        out, t = _vgs_layout(n=sum(ls), seed=seed)
+        t.trajectory = torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls))
+        outs.append(out.requires_grad_())
+        toks.append(t)
+    fn = objectives.get("vgs").build_loss(cfg, toks, chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None)
+    results = [fn(t, o) for t, o in zip(toks, outs)]
+    total = sum(r[0] for r in results) / sum(int(r[1]) for r in results)
+    total.backward()
+
+    xs = [o.detach().double().requires_grad_() for o in outs]
+    per_trajectory = []
+    for x, t in zip(xs, toks):
+        per_token = _vgs_token_losses(x.reshape(-1, V), t, cfg)
+        per_trajectory += [chunk.mean() for chunk in per_token.split(torch.bincount(t.trajectory).tolist())]
+    ref = cfg.eta * torch.stack(per_trajectory).mean()
+    ref.backward()
+    assert abs(float(total) - float(ref)) <= 1e-5 * abs(float(ref))
+    for o, x in zip(outs, xs):
+        assert rel_norm_err(o.grad, x.grad) < 1e-4
+    # the token mean differs on these unequal lengths (the reduction is not a no-op)
+    token_ref = cfg.eta * torch.cat([_vgs_token_losses(x.reshape(-1, V), t, cfg) for x, t in zip(xs, toks)]).mean()
+    assert abs(float(token_ref) - float(ref)) > 1e-3 * abs(float(ref))
+    with pytest.raises(ValueError, match="reduction 'sequence' needs global_counts"):
+        VGSLoss(cfg)
+    with pytest.raises(ConfigError, match="reduction: must be one of"):
+        VGSLossConfig(reduction="trajectory").validate()
 
 
 def test_vgs_zero_when_teacher_is_student_and_contexts_equal():

@@ -314,9 +314,11 @@ def test_opsd_and_vgs_assembly(tok, tb):
     R = mb.input_ids.shape[0]
     assert mb.num_student_rows == 4 and R == 8
     t = mb.tokens
-    for a, b, c, d in zip(t.student_image_index, t.student_text_index, t.teacher_image_index, t.teacher_text_index):
+    for a, b, c, d, traj in zip(t.student_image_index, t.student_text_index, t.teacher_image_index,
+                                t.teacher_text_index, t.trajectory):
         toks = {int(mb.input_ids[r, p + 1]) for r, p in (_row_pos(int(i), mb) for i in (a, b, c, d))}
         assert len(toks) == 1  # all four rows score the same completion token
+        assert _row_pos(int(a), mb)[0] % 2 == int(traj)  # the token's rollout (reduction: sequence)
     assert not bool(mb.row_has_image[2:4].any()) and bool(mb.row_has_image[:2].all())
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a Qwen2.5-VL or Qwen3-VL checkpoint on benchmarks with the model card's protocol (Pass@k, Avg@k, ViLP).
+"""Evaluate a Qwen2.5-VL or Qwen3-VL checkpoint on benchmarks with the model card's protocol (Pass@k, Avg@k, ViLP)
+and, with ``--greedy``, the VGS paper's Acc@1 (greedy decoding).
 
     torchrun --nproc_per_node N tools/evaluate.py --checkpoint CKPT --data BENCH [--data BENCH ...] \\
-        --output OUT_DIR [--tp T] [--pp P] [--samples 5] [--no-prefill] [--limit Q]
+        --output OUT_DIR [--tp T] [--pp P] [--samples 5] [--greedy] [--prompts TEMPLATE] [--no-prefill] [--limit Q]
 
 ``CKPT``: a Hugging Face directory (``config.json`` + safetensors) or a Megatron checkpoint (a run
 directory or one ``iter_*`` directory written by ``tools/convert_hf_to_megatron.py`` or by
@@ -26,16 +27,22 @@ Other benchmarks: ``--samples`` (k, default 5) answers per prompt, Pass@k (the u
 estimator; with n = k samples, "any correct") and Avg@k (mean accuracy), both averaged over prompts.
 
 Protocol (model card): temperature 1.0, top-p 0.9, top-k 20, seed 42, at most 4,096 new tokens;
-the student prompt of ``conf/prompts/vigos.yaml`` with the assistant turn pre-filled with
-``<description>`` as in training (``--no-prefill``: the model card snippet's plain prompt). The
-answer is the content of the LAST ``\\boxed{...}`` (brace-matched; none: wrong), graded by
-:func:`vigos_megatron.evaluation.grade` against the normalised reference answer. Sample ``j``
+the student prompt of the template ``--prompts``: ``conf/prompts/vigos.yaml`` (default, ViGOS: the
+assistant turn pre-filled with ``<description>`` as in training; ``--no-prefill``: the model card
+snippet's plain prompt) or ``conf/prompts/vgs.yaml`` (the VGS paper's appendix B.4 system message, no
+prefill). The answer is the content of the LAST ``\\boxed{...}`` (brace-matched; none: wrong), graded by
+:func:`vigos_megatron.evaluation.grade` against the normalised reference answer; each completion's
+``valid`` is the template format's parser (:mod:`vigos_megatron.rollout.formats`). Sample ``j``
 of prompt ``i`` (numbered over all benchmarks in order) has sampling id ``i * k_max + j``, so
 the completions do not depend on the layout or the batching.
 
+``--greedy`` adds one greedy (argmax) completion per prompt beside the sampled ones: ``acc@1``, its
+mean accuracy over the prompts (ViLP-shaped benchmarks: its Score / Prior / avg), under ``greedy``
+in each benchmark's metrics; the VGS paper's Acc@16 is ``avg@16`` of ``--samples 16``.
+
 Outputs in ``--output``: ``report.json`` (settings and the metrics of every benchmark) and
 ``per_question.jsonl`` (every prompt: question, reference, each sample's completion, extracted
-answer and grade). Prompts that cannot be evaluated (an image that does not decode, a prompt over
+answer, grade and validity; ``greedy``: the greedy completion, likewise). Prompts that cannot be evaluated (an image that does not decode, a prompt over
 ``--max-prompt-tokens``) are listed in the report and left out of the metrics.
 """
 
@@ -202,6 +209,15 @@ def score_sample(completion: str, answer: str) -> tuple[str | None, bool]:
 
 
 
+def greedy_metrics(benchmark: Benchmark, results: dict) -> dict:
+    """Metrics of one greedy completion per prompt (``results`` as :func:`aggregate`'s, one grade each):
+    ``acc@1`` (standard) or ViLP's ``score`` / ``prior`` / ``avg``; empty when nothing was evaluated."""
+    m = aggregate(benchmark, results, 1)
+    if benchmark.vilp:
+        return {key: m[key] for key in ("score", "prior", "avg") if key in m}
+    return {"acc@1": m["avg@1"]} if "avg@1" in m else {}
+
+
 def aggregate(benchmark: Benchmark, results: dict, k: int) -> dict:
     """Metrics of one benchmark from ``results[(benchmark, question_id, image_index)] = [bool, ...]``.
 
@@ -245,6 +261,8 @@ def parse_args(argv=None):
                          "else sdpa on a GPU, local on the CPU)")
     ap.add_argument("--samples", type=int, default=5, help="k: answers per prompt (Pass@k / Avg@k)")
     ap.add_argument("--vilp-samples", type=int, default=1, help="answers per prompt on ViLP-shaped benchmarks")
+    ap.add_argument("--greedy", action="store_true",
+                    help="also one greedy completion per prompt: Acc@1 (the VGS paper's) beside the sampled metrics")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--top-k", type=int, default=20)
@@ -252,7 +270,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=4096)
     ap.add_argument("--max-batch-size", type=int, default=32, help="prompts decoded together")
     ap.add_argument("--no-prefill", action="store_true", help="do not pre-fill <description> (model card snippet)")
-    ap.add_argument("--prompts", default=str(REPO / "conf" / "prompts" / "vigos.yaml"), help="prompt templates")
+    ap.add_argument("--prompts", default=str(REPO / "conf" / "prompts" / "vigos.yaml"),
+                    help="prompt templates: conf/prompts/vigos.yaml (ViGOS) or conf/prompts/vgs.yaml (VGS)")
     ap.add_argument("--min-pixels", type=int, default=None,
                     help="image pixel floor (default 4 merged patches: 4 * 28**2 for Qwen2.5-VL, 4 * 32**2 for Qwen3-VL)")
     ap.add_argument("--max-pixels", type=int, default=None,
@@ -262,11 +281,13 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def sampling_config(args):
+def sampling_config(args, *, greedy: bool = False):
+    """The sampled protocol's :class:`~vigos_megatron.config.sampling.SamplingConfig`, or (``greedy``) the
+    same with argmax decoding."""
     from vigos_megatron.config.sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         max_new_tokens=args.max_new_tokens, greedy=False, seed=args.seed,
+                         max_new_tokens=args.max_new_tokens, greedy=greedy, seed=args.seed,
                          max_batch_size=args.max_batch_size)
     cfg.validate()
     return cfg
@@ -317,6 +338,7 @@ def run(args) -> int:
     from vigos_megatron.data.loader import DropSample, ShardSource
     from vigos_megatron.models.builder import ModelBuildError, QwenVLBuilder
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
+    from vigos_megatron.rollout.formats import completion_parser
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -368,38 +390,43 @@ def run(args) -> int:
     engine = MegatronRolloutEngine(chunks, hf_config=builder.hf_config, stop_token_ids=stops, pad_token_id=int(pad))
     encoder = encoder_for(args, hf_dir)
     prefill = encoder.templates.prefill("student")
+    parse = completion_parser(encoder.templates.format)
+    greedy = sampling_config(args, greedy=True) if args.greedy else None
     sources = {i.image_ref[1]: ShardSource(i.image_ref[1]) for i in items if i.image_ref[0] == "shard"}
 
     mine = [n for n in range(len(items)) if n % dp == dp_rank]
     say(f"[evaluate] {hf_dir if megatron_ckpt is None else megatron_ckpt}: tp={args.tp} pp={args.pp} dp={dp}, "
         f"{runtime.describe()}; {len(items)} prompts in {len(benchmarks)} benchmark(s), "
-        f"prefill {prefill!r}, sampling T={sampling.temperature} top-p={sampling.top_p} top-k={sampling.top_k} "
-        f"seed={sampling.seed}")
+        f"format {encoder.templates.format}, prefill {prefill!r}, sampling T={sampling.temperature} "
+        f"top-p={sampling.top_p} top-k={sampling.top_k} seed={sampling.seed}" + (" and greedy" if greedy else ""))
     records, skipped = [], []
     queue: list[tuple[int, dict]] = []
     t0 = time.time()
     done = 0
 
+    def prompt(s, sample_id):
+        return RolloutPrompt(input_ids=s["contexts"]["student"], pixel_values=s["pixel_values"],
+                             image_grid_thw=s["image_grid_thw"], sample_id=sample_id)
+
+    def scored(c, answer, **fields):
+        text = tokenizer.decode(c.token_ids.tolist(), skip_special_tokens=True)
+        extracted, correct = score_sample(text, answer)
+        return {**fields, "completion": text, "finish_reason": c.finish_reason, "tokens": c.length,
+                "extracted": extracted, "correct": correct, "valid": parse(c.token_ids, tokenizer).valid}
+
     def flush():
         nonlocal done
-        prompts = [RolloutPrompt(input_ids=s["contexts"]["student"], pixel_values=s["pixel_values"],
-                                 image_grid_thw=s["image_grid_thw"], sample_id=n * k_max + j)
-                   for n, s in queue for j in range(k_of[items[n].benchmark])]
-        outs = engine.generate(prompts, sampling, step=0)
-        pos = 0
+        outs = iter(engine.generate([prompt(s, n * k_max + j) for n, s in queue for j in range(k_of[items[n].benchmark])],
+                                    sampling, step=0))
+        argmax = iter(engine.generate([prompt(s, n) for n, s in queue], greedy, step=0) if greedy else ())
         for n, s in queue:
-            it, samples = items[n], []
-            for j in range(k_of[it.benchmark]):
-                c = outs[pos]
-                pos += 1
-                text = tokenizer.decode(c.token_ids.tolist(), skip_special_tokens=True)
-                extracted, correct = score_sample(text, it.answer)
-                samples.append({"sample_id": n * k_max + j, "completion": text, "finish_reason": c.finish_reason,
-                                "tokens": c.length, "extracted": extracted, "correct": correct})
+            it = items[n]
+            samples = [scored(next(outs), it.answer, sample_id=n * k_max + j) for j in range(k_of[it.benchmark])]
             records.append({"index": n, "benchmark": it.benchmark, "question_id": it.question_id,
                             "image_index": it.image_index, "question": it.question, "answer": it.answer,
                             "answer_raw": it.answer_raw, "prompt_tokens": int(s["contexts"]["student"].numel()),
-                            "prefill": prefill, "samples": samples})
+                            "prefill": prefill, "samples": samples,
+                            **({"greedy": scored(next(argmax), it.answer)} if greedy else {})})
         done += len(queue)
         queue.clear()
         say(f"[evaluate] data-parallel rank 0: {done}/{len(mine)} prompts, {time.time() - t0:.1f}s")
@@ -430,12 +457,17 @@ def run(args) -> int:
         all_skipped = sorted((s for g in gathered for s in g[1]), key=lambda s: s["index"])
         results = {(r["benchmark"], r["question_id"], r["image_index"]): [s["correct"] for s in r["samples"]]
                    for r in all_records}
+        greedy_results = {(r["benchmark"], r["question_id"], r["image_index"]): [r["greedy"]["correct"]]
+                          for r in all_records if "greedy" in r}
         report = {
             "checkpoint": str(args.checkpoint),
             "layout": {"tp": args.tp, "pp": args.pp, "dp": dp},
             "sampling": dataclasses.asdict(sampling),
+            "format": encoder.templates.format,
             "prefill": prefill,
-            "benchmarks": {b.name: {"vilp": b.vilp, **aggregate(b, results, k_of[b.name])} for b in benchmarks},
+            "benchmarks": {b.name: {"vilp": b.vilp, **aggregate(b, results, k_of[b.name]),
+                                    **({"greedy": greedy_metrics(b, greedy_results)} if greedy else {})}
+                           for b in benchmarks},
             "skipped": all_skipped,
         }
         out = Path(args.output)
@@ -447,6 +479,7 @@ def run(args) -> int:
         for name, m in report["benchmarks"].items():
             shown = [(key, v) for key, v in m.items()
                      if key in ("score", "prior", "avg") or key.startswith(("pass@", "avg@"))]
+            shown += [(f"greedy {key}", v) for key, v in m.get("greedy", {}).items()]
             metrics = ", ".join(f"{key} {v:.4f}" for key, v in shown if v is not None)
             say(f"[evaluate] {name}: {m['evaluated']}/{m['prompts']} prompts; {metrics}")
         say(f"[evaluate] wrote {out / 'report.json'} and {out / 'per_question.jsonl'}"

@@ -147,6 +147,7 @@ def main():
     from vigos_megatron.rollout.segments import stop_token_ids
     from vigos_megatron.training.setup import build_run
     from vigos_megatron.training.optimizer import ensure_params_gathered
+    from vigos_megatron.rollout import parse_completion
     from vigos_megatron.training.rollouts import generate_rollouts
     from vigos_megatron.training.scoring import build_step_inputs
     from vigos_megatron.training.tiny_demo import prepare_tiny_run
@@ -177,7 +178,8 @@ def main():
     # step 0's rollouts, from the initial weights (exactly the loop's pre-generation path)
     ensure_params_gathered(ctx.models.model)
     with PrefillLogits(student[0]) as cap:
-        rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=0, tokenizer=ctx.tokenizer)
+        rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=0, tokenizer=ctx.tokenizer,
+                                     parse=parse_completion)
     logits_before = cap.logits
     with PrefillLogits(reference[0]) as cap:
         ref_out = ref_engine.generate([_prompt(s) for s in samples], cfg.sampling, step=0)
@@ -205,7 +207,8 @@ def main():
         after_guard = snapshot(params)
         state_before = gather_state(ctx.models.model)
         with PrefillLogits(student[0]) as cap:
-            rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step, tokenizer=ctx.tokenizer)
+            rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step, tokenizer=ctx.tokenizer,
+                                         parse=parse_completion)
         logits_after = cap.logits
         engine_gathered = gather_state(ctx.models.model) != state_before
 

@@ -45,6 +45,7 @@ def config(run_dir: Path, *overrides: str):
 def compare(run_dir: Path, ps) -> dict:
     """The GPU configuration's step against the fp32 one on this rank's identical rollouts."""
     from vigos_megatron.testing.precision import grad_errors, step_gradients
+    from vigos_megatron.rollout import parse_completion
     from vigos_megatron.training.rollouts import generate_rollouts
     from vigos_megatron.training.setup import build_run
 
@@ -52,7 +53,8 @@ def compare(run_dir: Path, ps) -> dict:
     gpu_cfg, _ = config(run_dir, *GPU_CONFIG)
     ctx, _ = build_run(ref_cfg, layout)
     samples = next(iter(ctx.loader))["samples"]
-    rollouts = generate_rollouts(ctx.engine, samples, ref_cfg.sampling, step=0, tokenizer=ctx.tokenizer)
+    rollouts = generate_rollouts(ctx.engine, samples, ref_cfg.sampling, step=0, tokenizer=ctx.tokenizer,
+                                 parse=parse_completion)
     optimizer_kinds = {"fp32": type(ctx.optimizer.chained_optimizers[0]).__name__}
     del ctx
     ref = step_gradients(ref_cfg, layout, rollouts, ps)

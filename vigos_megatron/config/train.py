@@ -214,15 +214,37 @@ class PretrainConfig:
                               f"train.global_batch_size={self.train.global_batch_size}")
         from vigos_megatron import objectives
 
-        needed = objectives.get(self.loss.objective).contexts(self)
+        objective = objectives.get(self.loss.objective)
+        needed = objective.contexts(self)
         missing = [c for c in needed if c not in self.data.context.contexts]
         if missing:
             raise ConfigError(f"data.context.contexts: objective {self.loss.objective!r} needs the contexts {missing}")
         if self.tiny.teacher != "none" and self.model.teacher.separate:
             raise ConfigError("tiny.teacher: the demo writes its own teacher; unset model.teacher or tiny.teacher")
+        _check_prompt_template(self, objective)
         if not self.tiny.enabled:
             if not (self.model.hf_path or self.model.init_checkpoint):
                 raise ConfigError("model.hf_path: set it (or model.init_checkpoint, or tiny.enabled=true)")
+
+
+def _check_prompt_template(cfg: PretrainConfig, objective) -> None:
+    """The template at ``data.context.prompts_path`` defines every ``data.context.contexts`` and asks for
+    a completion format the objective trains on (a missing file is :func:`~vigos_megatron.config.paths.check_paths`'s)."""
+    from vigos_megatron.data.prompts import load_templates
+
+    path = cfg.data.context.prompts_path
+    if not Path(path).is_file():
+        return
+    templates = load_templates(path)
+    if objective.completion_formats is not None and templates.format not in objective.completion_formats:
+        raise ConfigError(f"loss.objective: {objective.name!r} needs completions in the "
+                          f"{'/'.join(objective.completion_formats)} format (its segments), but "
+                          f"data.context.prompts_path={path} asks for the {templates.format!r} format; "
+                          f"choose another objective or a {objective.completion_formats[0]!r} template")
+    undefined = [c for c in cfg.data.context.contexts if c not in templates.contexts]
+    if undefined:
+        raise ConfigError(f"data.context.contexts: {undefined} are not defined by data.context.prompts_path={path} "
+                          f"(it defines {sorted(templates.contexts)})")
 
 
 def _validate_data_paths(cfg) -> None:

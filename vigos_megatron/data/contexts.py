@@ -14,8 +14,8 @@ student_text   no       student prompt (VGS ``x``)                              
 opsd_text      no       OPSD privileged prompt (VGS ``x, answer``)              ``<description>``
 =============  =======  ======================================================  ===============
 
-Each context is rendered through the tokenizer's chat template (which adds Qwen's default
-system message) with ``add_generation_prompt=True``, then the prefill is appended and the
+Each context is rendered through the tokenizer's chat template (with the template's ``system``
+message, or the chat template's default one) with ``add_generation_prompt=True``, then the prefill is appended and the
 whole string is tokenised once. These are PREFIXES: the student's completion tokens are
 appended after the rollout. The single ``<|image_pad|>`` of an image context is expanded to
 ``t*h*w / merge**2`` copies, exactly as the processor does. The image is decoded, resized and
@@ -103,8 +103,9 @@ class ContextEncoder:
             content.append({"type": "image"})
         if text is not None:
             content.append({"type": "text", "text": text})
+        system = [] if tpl.system is None else [{"role": "system", "content": tpl.system}]
         rendered = self.processor.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            system + [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         return rendered + self.templates.prefill(name, with_description=with_desc)
 

@@ -1,8 +1,12 @@
-"""Prompt templates of the ViGOS contexts, loaded from YAML (``conf/prompts/vigos.yaml``).
+"""Prompt templates of the training contexts, loaded from YAML (``conf/prompts/vigos.yaml``,
+``conf/prompts/vgs.yaml``).
 
-A template file has ``reference_block: {present, missing}`` and ``contexts: {name: spec}``
+A template file has ``format`` (the completion format its prompts ask for, which selects the
+completion parser: :data:`TEMPLATE_FORMATS`, :mod:`vigos_megatron.rollout.formats`; default
+``vigos``), ``reference_block: {present, missing}`` and ``contexts: {name: spec}``
 where a spec has ``image`` (bool: the image comes first in the user turn), ``text`` (str or
 null: the user text after the image), ``prefill`` (str: the start of the assistant turn),
+``system`` (str or null: the system message; null: the chat template's default),
 optionally ``prefill_with_description`` / ``text_with_description`` (used by the reasoning
 context when ``reasoning_teacher_sees_description`` is on) and ``inherit`` (copy another
 context, then override). Only the placeholders ``{problem}`` and ``{reference_block}`` (and
@@ -18,7 +22,9 @@ from pathlib import Path
 
 from vigos_megatron.config.loader import ConfigError
 
-_FIELDS = {"image", "text", "prefill", "prefill_with_description", "text_with_description", "inherit"}
+_FIELDS = {"image", "text", "prefill", "system", "prefill_with_description", "text_with_description", "inherit"}
+#: completion formats a template may ask for: ``vigos`` (<description>, <think>, box), ``vgs`` (<reason>, box)
+TEMPLATE_FORMATS = ("vigos", "vgs")
 _PLACEHOLDER = re.compile(r"\{(problem|reference_block|answer)\}")
 
 
@@ -28,6 +34,7 @@ class ContextTemplate:
     image: bool
     text: str | None
     prefill: str
+    system: str | None = None
     prefill_with_description: str | None = None
     text_with_description: str | None = None
 
@@ -37,6 +44,8 @@ class PromptTemplates:
     contexts: dict
     answer_present: str
     answer_missing: str
+    #: the completion format the prompts ask for (one of :data:`TEMPLATE_FORMATS`)
+    format: str = "vigos"
 
     def reference_block(self, answer: str) -> str:
         """The reference-answer sentence: ``present`` with the answer, or ``missing`` when it is empty."""
@@ -84,6 +93,9 @@ def load_templates(path: str | Path) -> PromptTemplates:
         raise ConfigError(f"{p}: reference_block needs string fields 'present' and 'missing'")
     if "{answer}" not in block["present"]:
         raise ConfigError(f"{p}: reference_block.present must contain {{answer}}")
+    fmt = raw.get("format", "vigos")
+    if fmt not in TEMPLATE_FORMATS:
+        raise ConfigError(f"{p}: format: must be one of {', '.join(TEMPLATE_FORMATS)}, got {fmt!r}")
     specs = raw["contexts"]
 
     def resolve(name: str, seen: tuple = ()) -> dict:
@@ -106,14 +118,15 @@ def load_templates(path: str | Path) -> PromptTemplates:
             raise ConfigError(f"{where}.image: must be true or false")
         if not isinstance(spec.get("prefill"), str):
             raise ConfigError(f"{where}.prefill: must be a string")
-        for f in ("text", "text_with_description", "prefill_with_description"):
+        for f in ("text", "system", "text_with_description", "prefill_with_description"):
             if spec.get(f) is not None and not isinstance(spec[f], str):
                 raise ConfigError(f"{where}.{f}: must be a string or null")
         if spec.get("text") is None and not spec["image"]:
             raise ConfigError(f"{where}: a context needs an image or a text")
         contexts[name] = ContextTemplate(
-            name=name, image=spec["image"], text=spec.get("text"), prefill=spec["prefill"],
+            name=name, image=spec["image"], text=spec.get("text"), prefill=spec["prefill"], system=spec.get("system"),
             prefill_with_description=spec.get("prefill_with_description"),
             text_with_description=spec.get("text_with_description"),
         )
-    return PromptTemplates(contexts=contexts, answer_present=block["present"], answer_missing=block["missing"])
+    return PromptTemplates(contexts=contexts, answer_present=block["present"], answer_missing=block["missing"],
+                           format=fmt)

@@ -99,15 +99,19 @@ class VGSTokens:
     ``student_image_index``/``student_text_index``: the student's predictions with the
     image (``I,x``) and without it (``x``); ``teacher_image_index``/``teacher_text_index``
     the teacher's. All index the last stage's output flattened over its leading dimensions.
+    ``trajectory``: the rollout of each token within the micro-batch (0..B-1; needed by
+    ``reduction: sequence``, None otherwise allowed).
     """
 
     student_image_index: Tensor
     student_text_index: Tensor
     teacher_image_index: Tensor
     teacher_text_index: Tensor
+    trajectory: Tensor | None = None
 
     def __post_init__(self):
-        _check_token_indices(self, ("student_image_index", "student_text_index", "teacher_image_index", "teacher_text_index"))
+        names = ("student_image_index", "student_text_index", "teacher_image_index", "teacher_text_index")
+        _check_token_indices(self, names + (("trajectory",) if self.trajectory is not None else ()))
 
 
 def check_schedule_config(config) -> None:
@@ -131,6 +135,30 @@ def global_segment_counts(segments_per_microbatch: Sequence[Tensor], num_segment
         if seg.numel():
             counts += torch.bincount(seg, minlength=num_segments)[:num_segments].to(torch.float64)
     return all_reduce(counts, dp_group)
+
+
+def global_trajectory_counts(trajectories_per_microbatch: Sequence[Tensor], dp_group=None) -> Tensor:
+    """``float64 [2]``: ``(N, M)``, the completion tokens and the trajectories (rollouts with at least
+    one token) over all micro-batches and DP ranks, from the ``VGSTokens.trajectory`` tensors of this
+    rank's micro-batches. One all-reduce over ``dp_group`` (``None``: no data parallelism)."""
+    device = trajectories_per_microbatch[0].device if trajectories_per_microbatch else torch.device("cpu")
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for t in trajectories_per_microbatch:
+        counts[0] += t.numel()
+        counts[1] += torch.unique(t).numel()
+    return all_reduce(counts, dp_group)
+
+
+def sequence_token_weights(trajectory: Tensor, global_counts: Tensor) -> Tensor:
+    """``float64 [n]``: ``w_t = N / (M * |tau(t)|)`` for the tokens of one micro-batch.
+
+    ``trajectory``: int64 ``[n]``, each token's rollout (all of a rollout's tokens are in one
+    micro-batch); ``global_counts``: ``(N, M)`` of :func:`global_trajectory_counts`. Megatron divides
+    the summed loss once by ``N``, so ``sum_t w_t l_t / N = 1/M sum_tau 1/|tau| sum_{t in tau} l_t``.
+    """
+    length = torch.bincount(trajectory)[trajectory].to(torch.float64)
+    n_tokens, n_trajectories = global_counts.to(device=trajectory.device, dtype=torch.float64)
+    return n_tokens / (n_trajectories * length)
 
 
 def _pair(a, b, device) -> Tensor:
@@ -221,16 +249,26 @@ class VGSLoss:
         L     = eta * mean_t (l_std + gamma_t * l_vis + lambda * l_lp)
 
     ``Q_p`` is the quantile over the micro-batch's completion tokens (known on the last
-    stage). The mean is over all completion tokens of the global batch (megatron's
-    per-token normalisation; ``num_tokens`` = ``n``). ``p_S(.|x)`` inside ``q*`` is detached
+    stage). ``reduction: token``: ``mean_t`` is over all completion tokens of the global batch
+    (megatron's per-token normalisation; ``num_tokens`` = ``n``); ``reduction: sequence``: each
+    token is weighted by :func:`sequence_token_weights` (``global_counts`` = ``(N, M)``), so that
+    ``mean_t`` becomes the mean over trajectories of each trajectory's token mean. The reported
+    ``vgs/*`` terms are token means either way. ``p_S(.|x)`` inside ``q*`` is detached
     unless ``detach_text_student_in_target=False``. ``q*`` is never materialised: the KL
     sums the three rows chunk by chunk (from hidden states: the two teacher rows are one GEMM on
     the difference of their hidden states).
     """
 
-    def __init__(self, cfg, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
-        """``cfg``: :class:`~vigos_megatron.objectives.vgs.VGSLossConfig`."""
+    def __init__(self, cfg, *, global_counts: Tensor | None = None, std_weight: float = 1.0, tp_group=None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
+        """``cfg``: :class:`~vigos_megatron.objectives.vgs.VGSLossConfig`; ``global_counts``: ``(N, M)`` of
+        :func:`global_trajectory_counts`, needed by ``reduction: sequence``; ``std_weight``: the factor of
+        ``l_std`` (1; 0 in the eta diagnostics' ``l_vis`` probe)."""
+        if cfg.reduction == "sequence" and global_counts is None:
+            raise ValueError("VGSLoss: reduction 'sequence' needs global_counts (global_trajectory_counts)")
         self.cfg = cfg
+        self.global_counts = global_counts
+        self.std_weight = std_weight
         self.tp_group = tp_group
         self.chunk_bytes = chunk_bytes
         self.impl = impl
@@ -272,7 +310,12 @@ class VGSLoss:
         else:
             selected = torch.zeros(0, dtype=torch.int64, device=dev)
         l_lp = self._kl(rows.student(sx[selected]), rows.teacher(tx[selected]))
-        loss = c.eta * ((l_std + gamma_t * l_vis).sum() + c.lambda_lp * l_lp.sum())
+        if c.reduction == "sequence":
+            w = sequence_token_weights(tokens.trajectory.to(dev), self.global_counts).to(l_std.dtype)
+            loss = c.eta * ((w * (self.std_weight * l_std + gamma_t * l_vis)).sum()
+                            + c.lambda_lp * (w[selected] * l_lp).sum())
+        else:
+            loss = c.eta * ((self.std_weight * l_std + gamma_t * l_vis).sum() + c.lambda_lp * l_lp.sum())
         report = {
             "vgs/l_std": _pair(l_std.detach().sum(), n, dev),
             "vgs/l_vis": _pair(l_vis.detach().sum(), n, dev),

@@ -42,6 +42,8 @@ class Objective:
     #: the terms a healthy step has tokens for (a fallback term may be empty)
     expected_terms: ClassVar[tuple[str, ...]]
     rows: ClassVar[StreamRows]
+    #: the completion formats (the prompt template's ``format``) this objective can train on; None: any
+    completion_formats: ClassVar[tuple[str, ...] | None] = None
 
     def contexts(self, cfg: "PretrainConfig") -> tuple[str, ...]:
         """The data contexts (``data.context.contexts``) this objective reads under ``cfg``."""
@@ -61,6 +63,16 @@ class Objective:
         (``settings``: this objective's ``loss.<name>``; ``tokens``: the loss tokens of this rank's
         micro-batches, e.g. ``[b.tokens for b in batches]``)."""
         raise NotImplementedError
+
+    def gradient_probes(self, settings: Any, step: int, tokens: list, *, chunk_bytes: int, impl: str, dp_group,
+                        tp_group) -> dict:
+        """``{name: loss callable}`` whose gradient norms step ``step`` logs (extra backward passes over the
+        step's micro-batches, nothing applied; arguments as :meth:`build_loss`). None by default."""
+        return {}
+
+    def probe_metrics(self, settings: Any, norms: dict) -> dict:
+        """Metrics from ``{name: gradient norm}`` of :meth:`gradient_probes`."""
+        return {}
 
 
 class SegmentedObjective(Objective):

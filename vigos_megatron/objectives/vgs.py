@@ -8,10 +8,15 @@ separate teacher checkpoint (``model.teacher``, settings (a) and (c)), the stude
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from vigos_megatron.errors import ConfigError, require_at_least, require_positive
+from vigos_megatron.errors import ConfigError, require_at_least, require_one_of, require_positive
 from vigos_megatron.objectives.base import Objective, StreamRows
+
+#: ``loss.vgs.reduction``: ``token`` = mean over every completion token of the global batch (TRL's, the
+#: paper's experiments); ``sequence`` = mean over each trajectory's tokens, then over the global batch's
+#: trajectories (the paper's equations, ``1/|tau| sum_t``)
+REDUCTIONS = ("token", "sequence")
 
 
 @dataclass
@@ -32,6 +37,11 @@ class VGSLossConfig:
     temperature: float = 1.0
     #: off unless configured (<= 0 disables)
     clip: float = 0.0
+    #: how the per-token loss is averaged over the global batch (:data:`REDUCTIONS`)
+    reduction: str = "token"
+    #: every K steps (0: off) log ||grad l_std||, ||grad l_vis||, their cosine and the implied eta
+    #: (:func:`eta_diagnostics`); three extra forward+backward passes over that step's micro-batches
+    eta_diagnostics_interval: int = 0
 
     def validate(self) -> None:
         for name in ("lp_quantile", "adaptive_low_quantile", "adaptive_high_quantile"):
@@ -42,6 +52,27 @@ class VGSLossConfig:
             raise ConfigError("adaptive_low_quantile: must be <= adaptive_high_quantile")
         require_positive(self, "temperature")
         require_at_least(self, 0, "eta", "gamma", "lambda_lp")
+        require_one_of(self, "reduction", REDUCTIONS)
+        require_at_least(self, 0, "eta_diagnostics_interval")
+
+
+#: the gradient probes of the eta diagnostics: ``(l_std factor, gamma)`` of a loss ``l_std * a + gamma * l_vis``
+#: (eta 1, lambda 0, constant gamma; the configured reduction and target detachment)
+ETA_PROBES = {"std": (1.0, 0.0), "vis": (0.0, 1.0), "std+vis": (1.0, 1.0)}
+
+
+def eta_diagnostics(norms: dict, gamma: float) -> dict:
+    """Paper Eq. 15 from the probes' gradient norms ``a = ||g_std||``, ``b = ||g_vis||``, ``s = ||g_std + g_vis||``.
+
+    ``g_std . g_vis = (s^2 - a^2 - b^2) / 2``; ``cosine = dot / (a b)``;
+    ``eta = a / ||g_std + gamma g_vis|| = a / sqrt(a^2 + 2 gamma dot + gamma^2 b^2)`` (nan where a norm is 0).
+    """
+    a, b, s = norms["std"], norms["vis"], norms["std+vis"]
+    dot = (s * s - a * a - b * b) / 2
+    combined = max(a * a + 2 * gamma * dot + gamma * gamma * b * b, 0.0) ** 0.5
+    nan = float("nan")
+    return {"vgs/grad_norm_std": a, "vgs/grad_norm_vis": b, "vgs/grad_cosine": dot / (a * b) if a * b > 0 else nan,
+            "vgs/implied_eta": a / combined if combined > 0 else nan}
 
 
 def teacher_contexts(cfg) -> tuple[str, str]:
@@ -71,10 +102,28 @@ class VGS(Objective):
 
         return pack_vgs(group, pad_id=pad_id, multiple=multiple)
 
-    def build_loss(self, settings, tokens, *, chunk_bytes, impl, dp_group, tp_group):
-        from vigos_megatron.losses.objectives import VGSLoss
+    def build_loss(self, settings, tokens, *, chunk_bytes, impl, dp_group, tp_group, std_weight=1.0):
+        from vigos_megatron.losses.objectives import VGSLoss, global_trajectory_counts
+        from vigos_megatron.runtime import compute_device
 
-        return VGSLoss(settings, tp_group=tp_group, chunk_bytes=chunk_bytes, impl=impl)
+        counts = None
+        if settings.reduction == "sequence":
+            # counted on the backend's device: the DP all-reduce runs on NCCL where CUDA is used
+            counts = global_trajectory_counts([t.trajectory.to(compute_device()) for t in tokens], dp_group=dp_group)
+        return VGSLoss(settings, global_counts=counts, std_weight=std_weight, tp_group=tp_group,
+                       chunk_bytes=chunk_bytes, impl=impl)
+
+    def gradient_probes(self, settings, step, tokens, *, chunk_bytes, impl, dp_group, tp_group):
+        k = settings.eta_diagnostics_interval
+        if not k or step % k:
+            return {}
+        return {name: self.build_loss(replace(settings, eta=1.0, gamma=gamma, lambda_lp=0.0, adaptive_gamma=False),
+                                      tokens, chunk_bytes=chunk_bytes, impl=impl, dp_group=dp_group,
+                                      tp_group=tp_group, std_weight=std)
+                for name, (std, gamma) in ETA_PROBES.items()}
+
+    def probe_metrics(self, settings, norms):
+        return eta_diagnostics(norms, settings.gamma) if norms else {}
 
 
 OBJECTIVE = VGS()

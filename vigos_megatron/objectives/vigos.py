@@ -62,6 +62,8 @@ class ViGOS(SegmentedObjective):
     terms = ("perception", "reasoning", "reference")
     expected_terms = ("perception", "reasoning")
     rows = StreamRows(stream=(1, 2), image=(1, 2), logits=(1, 1))
+    #: the perception and reasoning teachers score the <description> and <think> segments
+    completion_formats = ("vigos",)
 
     def contexts(self, cfg):
         return ("student", "perception", "reasoning", "reference")

@@ -259,6 +259,50 @@ def _as_id_list(token_ids) -> tuple[list[int], torch.device]:
     return [int(i) for i in token_ids], torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class CompletionBytes:
+    """A completion's exact bytes, token by token (what every format's parser reads).
+
+    ``text`` is the concatenation of the tokens' bytes; token ``i`` covers bytes
+    ``[starts[i], ends[i])``. ``box`` is ``(index of the last \\boxed{, its closing brace)`` or
+    None (absent or unclosed), ``answer`` its stripped content (:func:`extract_boxed`'s rule).
+    """
+
+    ids: list[int]
+    device: torch.device
+    token_bytes: TokenBytes
+    text: bytes
+    starts: list[int]
+    ends: list[int]
+    box: tuple[int, int] | None
+    answer: str | None
+
+    def has_real(self, span: tuple[int, int]) -> bool:
+        """Whether token span ``[a, b)`` holds a real (non-special) token."""
+        special = self.token_bytes.special_ids
+        return any(self.ids[i] not in special for i in range(*span))
+
+    def invalid(self, reason: str) -> "CompletionSegments":
+        return CompletionSegments(num_tokens=len(self.ids), valid=False, reason=reason, answer=self.answer,
+                                  device=self.device)
+
+
+def completion_bytes(token_ids, tokenizer) -> CompletionBytes:
+    """The :class:`CompletionBytes` of ``token_ids`` (as :func:`parse_completion` takes them)."""
+    ids, device = _as_id_list(token_ids)
+    token_bytes = token_bytes_for(tokenizer)
+    pieces = token_bytes(ids)
+    starts, ends, total = [], [], 0
+    for p in pieces:
+        starts.append(total)
+        total += len(p)
+        ends.append(total)
+    text = b"".join(pieces)
+    box = _last_box(text)
+    answer = None if box is None else text[box[0] + len(BOX_OPEN) : box[1]].decode("utf-8", errors="replace").strip()
+    return CompletionBytes(ids, device, token_bytes, text, starts, ends, box, answer)
+
+
 def parse_completion(token_ids, tokenizer) -> CompletionSegments:
     """Validity, segment spans, masks and answer of one completion (module docstring's rules).
 
@@ -273,22 +317,8 @@ def parse_completion(token_ids, tokenizer) -> CompletionSegments:
     Returns:
         :class:`CompletionSegments` with ``num_tokens == n``.
     """
-    ids, device = _as_id_list(token_ids)
-    token_bytes = token_bytes_for(tokenizer)
-    pieces = token_bytes(ids)
-    starts, ends, total = [], [], 0
-    for p in pieces:
-        starts.append(total)
-        total += len(p)
-        ends.append(total)
-    text = b"".join(pieces)
-    n = len(pieces)
-    box = _last_box(text)
-    answer = None if box is None else text[box[0] + len(BOX_OPEN) : box[1]].decode("utf-8", errors="replace").strip()
-
-    def invalid(reason):
-        return CompletionSegments(num_tokens=n, valid=False, reason=reason, answer=answer, device=device)
-
+    cb = completion_bytes(token_ids, tokenizer)
+    text, starts, ends, box, invalid, has_real = cb.text, cb.starts, cb.ends, cb.box, cb.invalid, cb.has_real
     p1 = text.find(DESCRIPTION_CLOSE)
     if p1 < 0:
         return invalid("no </description>")
@@ -309,11 +339,6 @@ def parse_completion(token_ids, tokenizer) -> CompletionSegments:
     # tokens with a byte in [think_end, close]: from the first ending after think_end
     # (``>The`` included) to the one holding the closing brace (``}.`` included)
     rea = (bisect.bisect_right(ends, think_end), bisect.bisect_right(ends, close) + 1)
-    special = token_bytes.special_ids
-
-    def has_real(span):
-        return any(ids[i] not in special for i in range(*span))
-
     if not has_real(desc):
         return invalid("empty description")
     if rea[0] >= rea[1] or not has_real(rea):
@@ -321,7 +346,7 @@ def parse_completion(token_ids, tokenizer) -> CompletionSegments:
     if desc[1] > rea[0]:
         return invalid("one token spans both the description and the reasoning")
     return CompletionSegments(
-        num_tokens=n, valid=True, reason="", description=desc, reasoning=rea, answer=answer, device=device,
+        num_tokens=len(cb.ids), valid=True, reason="", description=desc, reasoning=rea, answer=cb.answer, device=cb.device,
         reasoning_lead=text[starts[rea[0]]:think_end],
     )
 

@@ -293,11 +293,14 @@ def pack_vgs(rollouts: list[AssembledRollout], *, pad_id: int, multiple: int = 6
     fields, lengths = _pack(rollouts, pad_id, multiple)
     where = _LossPositions(lengths)
     refs: list[list[int]] = [[], [], [], []]
+    trajectory: list[int] = []
     for b, r in enumerate(rollouts):
         n = r.completion_tokens
+        trajectory += [b] * n
         for c, row in enumerate(r.student_slots + r.teacher_slots):
             prefix = row.ids.numel() - n
             refs[c] += [where.ref(c, b, prefix - 1 + j) for j in range(n)]
     positions, index = where.finish()
-    tokens = VGSTokens(*(index[torch.tensor(x, dtype=torch.long)] for x in refs))
+    tokens = VGSTokens(*(index[torch.tensor(x, dtype=torch.long)] for x in refs),
+                       trajectory=torch.tensor(trajectory, dtype=torch.long))
     return MicroBatchStream(**fields, positions=positions, tokens=tokens)

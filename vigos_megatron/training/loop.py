@@ -4,10 +4,13 @@ One iteration (``step`` counts optimizer steps; step 1 is the first update), :fu
 
 1. draw this data-parallel rank's prompts from the streaming loader;
 2. **generate**: rollouts from the student's current weights (the Megatron-native engine; with
-   the distributed optimizer the parameter all-gather is completed first);
+   the distributed optimizer the parameter all-gather is completed first), parsed in the prompt
+   template's completion format (:mod:`vigos_megatron.rollout.formats`);
 3. **score**: the rows the objective needs, packed micro-batches, its loss (:mod:`.scoring`);
 4. **update**: ONE megatron schedule call over the micro-batches, the frozen teacher inside the
-   student's pipeline stages, then the optimizer step (student parameters only);
+   student's pipeline stages, then the optimizer step (student parameters only); on the steps the
+   objective probes (``loss.vgs.eta_diagnostics_interval``) its probe losses' gradient norms come
+   first, from extra schedule calls that leave the update unchanged (:func:`.update.probe_gradient_norms`);
 5. log one line of metrics (and of ``rollouts.jsonl``), save a checkpoint when due (interval, end
    of launch, SIGTERM).
 
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch.distributed as dist
 
+from vigos_megatron import objectives
 from vigos_megatron.collectives import reduce_int
 from vigos_megatron.training.metrics import (
     MetricsWriter,
@@ -36,9 +40,9 @@ from vigos_megatron.training.metrics import (
 )
 from vigos_megatron.training.rollout_log import RolloutLog
 from vigos_megatron.training.rollouts import generate_rollouts
-from vigos_megatron.training.scoring import build_step_inputs
+from vigos_megatron.training.scoring import build_gradient_probes, build_step_inputs
 from vigos_megatron.training.setup import RunContext, build_run
-from vigos_megatron.training.update import NonFiniteStep, train_step
+from vigos_megatron.training.update import NonFiniteStep, probe_gradient_norms, train_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from vigos_megatron.config.train import Layout, PretrainConfig
@@ -56,6 +60,8 @@ class Run:
     log: Callable[[str], None]
     rank0: bool
     device: object
+    #: the completion parser of the prompt template's format (:func:`~vigos_megatron.rollout.formats.completion_parser`)
+    parse: Callable
 
     def say(self, line: str) -> None:
         if self.rank0:
@@ -89,10 +95,14 @@ def run_step(run: Run, ps, step: int, samples: list[dict], t0: float, *, last: i
 
     cfg, ctx = run.cfg, run.ctx
     ensure_params_gathered(ctx.models.model)  # rollouts read the post-step weights
-    rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step - 1, tokenizer=ctx.tokenizer)
+    rollouts = generate_rollouts(ctx.engine, samples, cfg.sampling, step=step - 1, tokenizer=ctx.tokenizer,
+                                 parse=run.parse)
     t1 = time.perf_counter()
+    groups = {"dp_group": ps.get_data_parallel_group(), "tp_group": ps.get_tensor_model_parallel_group()}
     inputs = build_step_inputs(rollouts, cfg, hf_config=ctx.models.builder.hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
-                               dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group())
+                               **groups)
+    probes = build_gradient_probes(cfg, inputs.batches, step, **groups)
+    norms = probe_gradient_norms(ctx.models.model, ctx.optimizer, inputs.batches, probes)
     result = train_step(ctx.models.model, ctx.optimizer, ctx.scheduler, inputs.batches, inputs.loss_fn,
                         on_nonfinite=cfg.train.on_nonfinite)
     run.rollout_log.write(step, rollouts, inputs.assembled)
@@ -101,6 +111,8 @@ def run_step(run: Run, ps, step: int, samples: list[dict], t0: float, *, last: i
     stats = rollout_stats(rollouts, ps.get_data_parallel_group(), run.device)
     metrics = step_metrics(result, stats, rollout_s=t1 - t0, update_s=t2 - t1, step_s=t2 - t0,
                            dropped=dropped_total(run, ps), generation=ctx.engine.last_stats)
+    objective = objectives.get(cfg.loss.objective)
+    metrics.update(objective.probe_metrics(getattr(cfg.loss, objective.name), norms))
     run.writer.log(step, metrics)
     if step % cfg.logging.progress_interval == 0 or step == last:
         run.say(format_progress(step, cfg.train.steps, progress_fields(metrics)))
@@ -168,7 +180,8 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
     steps of this launch, or SIGTERM / SIGINT (then it saves and returns). Returns the :class:`Outcome`."""
     from megatron.core import parallel_state as ps
 
-    from vigos_megatron import objectives
+    from vigos_megatron.data.prompts import load_templates
+    from vigos_megatron.rollout.formats import completion_parser
     from vigos_megatron.runtime import compute_device
     from vigos_megatron.training.checkpoint import start_checkpoint_writer
     from vigos_megatron.training.signals import StopNow, StopSignal
@@ -184,6 +197,7 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
             objective = objectives.get(cfg.loss.objective)
             logs_here = is_metrics_rank(ps)
             run = Run(cfg=cfg, ctx=ctx, log=log, rank0=rank0, device=compute_device(),
+                      parse=completion_parser(load_templates(cfg.data.context.prompts_path).format),
                       writer=MetricsWriter(cfg.run_dir, enabled=logs_here, tensorboard=cfg.logging.tensorboard,
                                            resume_step=start),
                       rollout_log=RolloutLog(cfg.run_dir, count=cfg.logging.dump_rollouts, enabled=logs_here,

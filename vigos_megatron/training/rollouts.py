@@ -9,6 +9,7 @@ the completions do not depend on the layout and a resumed run draws the same one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import Tensor
 
@@ -23,7 +24,7 @@ class Rollout:
         sample: the loader's sample (``ContextEncoder`` output plus ``position``, ``key``...).
         completion: int64 ``[n]`` generated ids (CPU), EOS included when generated.
         finish_reason: ``"stop"`` or ``"length"``.
-        segments: :func:`~vigos_megatron.rollout.parse_completion` of ``completion``.
+        segments: ``completion`` parsed in the prompt template's format (:mod:`vigos_megatron.rollout.formats`).
         correct: the boxed answer grades equal to the sample's reference answer.
     """
 
@@ -34,10 +35,11 @@ class Rollout:
     correct: bool
 
 
-def generate_rollouts(engine, samples: list[dict], sampling, *, step: int, tokenizer) -> list[Rollout]:
-    """Sample one completion per sample with the student's current weights, then parse and grade it."""
+def generate_rollouts(engine, samples: list[dict], sampling, *, step: int, tokenizer,
+                      parse: Callable[..., CompletionSegments]) -> list[Rollout]:
+    """Sample one completion per sample with the student's current weights, then parse it with ``parse``
+    (:func:`~vigos_megatron.rollout.formats.completion_parser` of the template's format) and grade it."""
     from vigos_megatron.evaluation import grade
-    from vigos_megatron.rollout import parse_completion
     from vigos_megatron.rollout.engine import RolloutPrompt
 
     prompts = [
@@ -48,7 +50,7 @@ def generate_rollouts(engine, samples: list[dict], sampling, *, step: int, token
     completions = engine.generate(prompts, sampling, step=step) if prompts else []
     out = []
     for s, c in zip(samples, completions):
-        seg = parse_completion(c.token_ids, tokenizer)
+        seg = parse(c.token_ids, tokenizer)
         correct = seg.answer is not None and grade(seg.answer, s.get("answer") or "")
         out.append(Rollout(sample=s, completion=c.token_ids, finish_reason=c.finish_reason, segments=seg,
                            correct=bool(correct)))

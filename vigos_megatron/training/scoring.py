@@ -70,3 +70,14 @@ def build_step_inputs(rollouts: list[Rollout], cfg: "PretrainConfig", *, hf_conf
                                 chunk_bytes=cfg.loss.chunk_bytes,
                                 impl=cfg.loss.impl, dp_group=dp_group, tp_group=tp_group)
     return StepInputs(batches=batches, loss_fn=ReportedLoss(loss), assembled=rolled)
+
+
+def build_gradient_probes(cfg: "PretrainConfig", batches: list, step: int, *, dp_group, tp_group) -> dict:
+    """The objective's gradient probes of step ``step`` over ``batches`` (``{}`` when none is due;
+    :meth:`~vigos_megatron.objectives.base.Objective.gradient_probes`)."""
+    from vigos_megatron import objectives
+
+    objective = objectives.get(cfg.loss.objective)
+    return objective.gradient_probes(getattr(cfg.loss, objective.name), step, [b.tokens for b in batches],
+                                     chunk_bytes=cfg.loss.chunk_bytes, impl=cfg.loss.impl, dp_group=dp_group,
+                                     tp_group=tp_group)

@@ -88,6 +88,19 @@ def compute_gradients(model: list, optimizer, batches: list, loss_fn) -> StepGra
                          grad_norm=float(optimizer.get_grad_norm()), lr=float(optimizer.param_groups[0]["lr"]))
 
 
+def probe_gradient_norms(model: list, optimizer, batches: list, probes: dict) -> dict:
+    """``{name: global gradient norm}`` of each probe loss (``{name: loss callable}``) over ``batches``.
+
+    One schedule call per probe (forward+backward of student and teacher), its gradient finalised
+    like the step's own (reduced over data-parallel ranks, divided by the global token count) and its
+    norm taken over every model-parallel shard by the optimizer; nothing is applied. The step's own
+    :func:`compute_gradients` starts from zeroed buffers afterwards, so its update is unchanged.
+    """
+    from vigos_megatron.schedule.forward_step import ReportedLoss
+
+    return {name: compute_gradients(model, optimizer, batches, ReportedLoss(fn)).grad_norm for name, fn in probes.items()}
+
+
 def train_step(model: list, optimizer, scheduler, batches: list, loss_fn, *, on_nonfinite: str = "skip") -> UpdateResult:
     """Forward+backward of student and teacher over ``batches`` in one schedule call, then the update.
 
