@@ -256,7 +256,12 @@ def context_pixel_bounds(cfg: PretrainConfig, raw: dict | None = None) -> tuple[
     if not (raw or {}).get("vision_config"):
         raise ConfigError("model.hf_path: no readable config.json with a vision_config (data.context's pixel "
                           "bounds are in the model's unit)")
-    return cfg.data.context.pixel_bounds(pixel_unit_of(raw["vision_config"]))
+    try:
+        unit = pixel_unit_of(raw["vision_config"])
+    except KeyError as e:
+        raise ConfigError(f"model.hf_path: config.json's vision_config has no {e} (needed for data.context's "
+                          "pixel bounds)") from None
+    return cfg.data.context.pixel_bounds(unit)
 
 
 def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
