@@ -195,6 +195,20 @@ def test_config_files_and_errors(tmp_path):
         load_templates(bad)
 
 
+def test_pixel_bounds_are_in_the_model_family_unit():
+    from vigos_megatron.config.data import ContextConfig
+
+    # 0: qwen-vl-utils' defaults of 4 and 16,384 image tokens, in the family's unit (Qwen2.5-VL 28, Qwen3-VL 32)
+    assert ContextConfig().pixel_bounds(28) == (4 * 28 * 28, 16384 * 28 * 28)
+    assert ContextConfig().pixel_bounds(32) == (4 * 32 * 32, 16384 * 32 * 32)
+    assert ContextConfig(min_pixels=900, max_pixels=1000).pixel_bounds(28) == (900, 1000)
+    # 1,000 pixels are more than one 28 x 28 token, less than one 32 x 32 token
+    with pytest.raises(ConfigError, match=r"^data.context.max_pixels: 1000 is below one image token .*32 x 32 = 1024"):
+        ContextConfig(max_pixels=1000).pixel_bounds(32)
+    with pytest.raises(ConfigError, match=r"^data.context.max_pixels: 2048 is below min_pixels 4096 \(2 < 4 image tokens"):
+        ContextConfig(max_pixels=2048).pixel_bounds(32)
+
+
 def test_placeholders_are_substituted_once(processor_dir):
     enc = _encoder(processor_dir, contexts=("reference",))
     t = enc.templates.render_text("reference", problem="Solve {answer} and \\boxed{x} {reference_block}", answer="7")

@@ -1,10 +1,11 @@
-"""The GPU lane: the model, one in-schedule ViGOS step and the losses on a CUDA device.
+"""The GPU lane: the model, one in-schedule ViGOS step and the losses on a CUDA device, the model
+and the step on each family (tiny Qwen2.5-VL; tiny Qwen3-VL with deepstack).
 
 Every test here is marked ``gpu`` and skipped where no CUDA device is in use (conftest).
 ``make test-gpu`` runs the whole suite on a GPU machine: these plus every CPU test (the
 multi-rank cases force CPU + gloo, see ``vigos_megatron.testing.distributed``).
 
-bf16 tolerances: a bf16 forward of the tiny Qwen2.5-VL differs from fp32 by the storage
+bf16 tolerances: a bf16 forward of the tiny models differs from fp32 by the storage
 rounding of every activation (~2^-8 relative per op), so values are compared by relative norm
 error, and the step's loss / gradient against the CPU fp32 result of the same step.
 """
@@ -34,25 +35,41 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from vigos_megatron.testing.tiny_qwen import write_tiny_checkpoint
+#: ``tiny.family`` -> the module writing its tiny random checkpoint
+WRITERS = {"qwen2_5_vl": "vigos_megatron.testing.tiny_qwen", "qwen3_vl": "vigos_megatron.testing.tiny_qwen3_vl"}
 
-    base = tmp_path_factory.mktemp("gpu")
-    return {"base": base, "student": write_tiny_checkpoint(base / "student", seed=0),
+
+@pytest.fixture(scope="module", params=sorted(WRITERS))
+def tiny(tmp_path_factory, request):
+    import importlib
+
+    write_tiny_checkpoint = importlib.import_module(WRITERS[request.param]).write_tiny_checkpoint
+    base = tmp_path_factory.mktemp(f"gpu_{request.param}")
+    return {"base": base, "family": request.param, "student": write_tiny_checkpoint(base / "student", seed=0),
             "teacher": write_tiny_checkpoint(base / "teacher", seed=3)}
 
 
-def test_model_on_cuda_bf16_matches_hf_on_the_same_device(tiny):
-    from model_parallel import make_batch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def _image_text_batch(tiny) -> dict:
+    """Image+text prompts for HF (two images; Qwen3-VL's of two sizes, right-padded) and their real positions."""
+    if tiny["family"] == "qwen3_vl":
+        from vigos_megatron.testing.tiny_qwen3_vl import image_text_batch
 
-    from vigos_megatron.models.forward import chunk_forward
-    from vigos_megatron.startup import local_model_parallel
-    from vigos_megatron.models.builder import QwenVLBuilder
-    from vigos_megatron.runtime import model_device
+        batch = image_text_batch(tiny["student"])
+        return batch, batch["attention_mask"].bool()
+    from model_parallel import make_batch
 
     batch = make_batch(tiny["student"])
+    return batch, torch.ones(batch["input_ids"].shape, dtype=torch.bool)
+
+
+def test_model_on_cuda_bf16_matches_hf_on_the_same_device(tiny):
+    from vigos_megatron.models.builder import QwenVLBuilder, load_hf_config
+    from vigos_megatron.models.family import family_for_config
+    from vigos_megatron.models.forward import chunk_forward
+    from vigos_megatron.runtime import model_device
+    from vigos_megatron.startup import local_model_parallel
+
+    batch, real = _image_text_batch(tiny)
     with local_model_parallel():
         builder = QwenVLBuilder.from_hf(tiny["student"], dtype=torch.bfloat16)
         model = builder.build_from_hf(tiny["student"])[0].eval()
@@ -60,14 +77,16 @@ def test_model_on_cuda_bf16_matches_hf_on_the_same_device(tiny):
         assert dev.type == "cuda" and all(p.dtype == torch.bfloat16 for p in model.parameters())
         with torch.no_grad():
             out = chunk_forward(model, {k: batch[k] for k in ("input_ids", "pixel_values", "image_grid_thw")})
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny["student"], dtype=torch.bfloat16,
-                                                            attn_implementation="sdpa").to(dev).eval()
+    hf_class = family_for_config(load_hf_config(tiny["student"])).hf_model_class()
+    hf = hf_class.from_pretrained(tiny["student"], dtype=torch.bfloat16, attn_implementation="sdpa").to(dev).eval()
     with torch.no_grad():
         ref = hf(**{k: v.to(dev) for k, v in batch.items()}).logits
+    assert out.device == ref.device and out.shape == ref.shape
+    real = real.to(dev)
+    out, ref = out[real], ref[real]
     err = _rel(out.float(), ref.float())
     agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
-    print(f"bf16 on {dev}: logits rel err vs HF {err:.2e}, argmax agreement {agree:.3f}")
-    assert out.device == ref.device and out.shape == ref.shape
+    print(f"{tiny['family']} bf16 on {dev}: logits rel err vs HF {err:.2e}, argmax agreement {agree:.3f}")
     assert err < BF16_LOGITS_TOL and agree > 0.95
 
 
@@ -92,7 +111,7 @@ def test_one_vigos_step_in_schedule_on_cuda_matches_cpu_fp32(tiny):
     loss_err = abs(res["loss"] - ref["loss"]) / abs(ref["loss"])
     grad_err = _rel(torch.cat([res["grads"][n].reshape(-1) for n in names]),
                     torch.cat([ref["grads"][n].reshape(-1) for n in names]))
-    print(f"ViGOS step bf16/NCCL vs CPU fp32: loss {res['loss']:.6e} vs {ref['loss']:.6e} (rel {loss_err:.2e}), "
+    print(f"{tiny['family']} ViGOS step bf16/NCCL vs CPU fp32: loss {res['loss']:.6e} vs {ref['loss']:.6e} (rel {loss_err:.2e}), "
           f"grad rel err {grad_err:.2e}, checks {res['checks']}")
     assert loss_err < BF16_LOSS_TOL and grad_err < BF16_GRAD_TOL
     for key in ("teacher_grad_not_none", "teacher_requires_grad", "teacher_changed", "teacher_in_ddp_buffers"):

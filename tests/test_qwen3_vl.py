@@ -1,9 +1,21 @@
-"""Qwen3-VL (single process): tiny checkpoint, TP=1 parity with HF (deepstack, two image sizes), converters, refusals."""
+"""Qwen3-VL: tiny checkpoint, TP=1 parity with HF (deepstack, two image sizes), converters, refusals;
+slow (torchrun): TP2 / PP2 / TP2xPP2 parity with HF, the teacher replica, a checkpoint at another
+layout and, at PP2 and TP2xPP2, the in-schedule ViGOS step (tests/dist/schedule_common.py: loss
+from hidden states, separate teacher) against the PP=1 step (loss from logits): loss and every
+student gradient by HF name, the teacher untouched."""
 
 import json
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DIST = Path(__file__).parent / "dist"
+if str(DIST) not in sys.path:
+    sys.path.insert(0, str(DIST))
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +104,26 @@ def test_layout_and_family_refusals(tiny3, tmp_path):
     from vigos_megatron.testing.tiny_qwen3_vl import tiny_hf_config
 
     # 4 layers over PP=4: the first stage would hold 1 layer, deepstack needs 2
-    with pytest.raises(ModelBuildError, match=r"parallel.pp=4: the first pipeline stage would hold 1 .* deepstack"):
+    with pytest.raises(ModelBuildError, match=r"parallel.pp: 4 leaves 1 language-model layers .* 2 deepstack layers"):
         QwenVLBuilder.from_hf(tiny_hf_config(), pipeline_model_parallel_size=4)
+    # the same rule from the configuration, before any process group (the checkpoint's config.json)
+    import torch.distributed as dist
+
+    from vigos_megatron.config.loader import ConfigError, load_config
+    from vigos_megatron.config.train import PretrainConfig, validate_layout
+
+    cfg = load_config(PretrainConfig, ROOT / "conf/qwen3_vl_2b.yaml",
+                      ["run_dir=/nonexistent", f"model.hf_path={tiny3['untied']}", "parallel.tp=1", "parallel.pp=4",
+                       "data.loader.shards_dir=/nonexistent", f"data.context.processor_path={tiny3['untied']}"])
+    with pytest.raises(ConfigError, match=r"^parallel.pp: 4 leaves 1 language-model layers .* 2 deepstack layers"):
+        validate_layout(cfg, 4)
+    cfg.parallel.pp = 2
+    assert validate_layout(cfg, 2).pp == 2
+    # data.context's pixel bounds in Qwen3-VL's unit (32 x 32 pixels per image token), same place
+    cfg.data.context.min_pixels, cfg.data.context.max_pixels = 784, 1000
+    with pytest.raises(ConfigError, match=r"^data.context.max_pixels: 1000 is below one image token .*32 x 32"):
+        validate_layout(cfg, 2)
+    assert not dist.is_initialized()
     moe = tmp_path / "moe"
     moe.mkdir()
     (moe / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
@@ -107,17 +137,56 @@ def _results(out: str) -> dict:
     return dict(re.findall(r"RESULT (\w+)=(\S+)", out))
 
 
+@pytest.fixture(scope="module")
+def pp1_step(tiny3):
+    """``step(kind)``: (teacher checkpoint, the PP=1 single-process ViGOS step of the ``kind`` student
+    with it, the loss from logits), computed once per kind."""
+    import schedule_common as sc
+
+    from vigos_megatron.startup import local_model_parallel
+    from vigos_megatron.testing.tiny_qwen3_vl import write_tiny_checkpoint
+
+    cache = {}
+
+    def step(kind: str):
+        if kind not in cache:
+            t0 = time.perf_counter()
+            teacher = write_tiny_checkpoint(tiny3[kind].parent / f"teacher_{kind}", tie_word_embeddings=kind == "tied",
+                                            seed=3 + (kind == "tied"))
+            with local_model_parallel() as ps:
+                ref = sc.run_step(tiny3[kind], 1, 1, ps, teacher_hf=teacher, from_hidden=False)
+            assert ref["valid"] == [True, False, True, False] and min(ref["counts"]) > 0  # all three teachers
+            print(f"PP=1 reference step ({kind}): {time.perf_counter() - t0:.1f}s")
+            cache[kind] = teacher, ref
+        return cache[kind]
+
+    return step
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_parallel_parity_teacher_and_checkpoint_at_another_layout(torchrun, tiny3, tmp_path, tp, pp):
+def test_parallel_parity_teacher_and_checkpoint_at_another_layout(torchrun, tiny3, pp1_step, tmp_path, tp, pp):
+    import schedule_common as sc
+
     from vigos_megatron.convert.converters import hf_to_megatron
 
-    hf_to_megatron(tiny3["tied" if tp * pp == 4 else "untied"], tmp_path / "run", quiet=True)
-    hf = tiny3["tied" if tp * pp == 4 else "untied"]
-    r = _results(torchrun("qwen3_vl_parallel.py", tp * pp, "--tp", tp, "--pp", pp, "--hf", hf, "--ckpt", tmp_path / "run"))
-    print(f"TP={tp} PP={pp}: {r}")
+    kind = "tied" if tp * pp == 4 else "untied"
+    hf_to_megatron(tiny3[kind], tmp_path / "run", quiet=True)
+    step = ()  # the in-schedule step at the pipeline layouts, in the same launch
+    if pp > 1:
+        teacher, ref = pp1_step(kind)
+        step = ("--teacher-hf", teacher, "--step-out", tmp_path / "step.pt")
+    t0 = time.perf_counter()
+    r = _results(torchrun("qwen3_vl_parallel.py", tp * pp, "--tp", tp, "--pp", pp, "--hf", tiny3[kind],
+                          "--ckpt", tmp_path / "run", *step))
+    print(f"TP={tp} PP={pp} ({time.perf_counter() - t0:.1f}s launch): {r}")
     assert float(r["parity_max_abs_diff"]) <= 1e-5
     assert float(r["vision_max_abs_diff"]) <= 1e-5 and float(r["deepstack_max_abs_diff"]) <= 1e-5
     assert float(r["teacher_vs_student_logit_diff"]) == 0.0
     assert int(r["student_params_with_grad"]) > 0 and r["teacher_params_touched"] == "0"
     assert float(r["checkpoint_vs_hf_load_logit_diff"]) == 0.0
+    if step:
+        res = torch.load(tmp_path / "step.pt", weights_only=False)
+        assert res["world_size"] == tp * pp
+        assert any("deepstack_merger" in n for n in res["grads"])  # the deepstack mergers get gradients too
+        sc.compare_to_pp1(res, ref, f"Qwen3-VL step TP={tp} PP={pp} {kind}")

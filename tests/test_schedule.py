@@ -36,10 +36,8 @@ import schedule_common as sc  # noqa: E402
 
 from vigos_megatron.testing.kl_reference import logical_index  # noqa: E402
 
-#: fp32 end to end: relative tolerance on the loss and on the flattened student gradient
-REL_TOL = 1e-5
-#: per HF tensor (its gradient norm can be 1e-6 of the largest): error relative to its own norm
-PER_TENSOR_REL_TOL = 1e-4
+from schedule_common import PER_TENSOR_REL_TOL, REL_TOL  # noqa: E402
+
 #: teacher perturbation in the single-process test (so that teacher != student)
 TEACHER_NOISE = 0.02
 
@@ -259,39 +257,6 @@ def pp1_reference(tiny):
     return reference
 
 
-def _compare(res: dict, ref: dict, layout: str) -> None:
-    assert sorted(res["grads"]) == sorted(ref["grads"])
-    names = sorted(ref["grads"])
-    loss_err = abs(res["loss"] - ref["loss"]) / abs(ref["loss"])
-    flat_ref = torch.cat([ref["grads"][n].reshape(-1) for n in names])
-    flat = torch.cat([res["grads"][n].reshape(-1) for n in names])
-    grad_err = float((flat - flat_ref).norm() / flat_ref.norm())
-    per = {n: float((res["grads"][n] - ref["grads"][n]).norm() / ref["grads"][n].norm()) for n in names}
-    worst = max(per, key=per.get)
-    families = {}
-    for n in names:
-        fam = "visual" if n.startswith("visual.") else "language"
-        families.setdefault(fam, []).append(n)
-    fam_err = {
-        fam: float(torch.cat([(res["grads"][n] - ref["grads"][n]).reshape(-1) for n in ns]).norm()
-                   / torch.cat([ref["grads"][n].reshape(-1) for n in ns]).norm())
-        for fam, ns in families.items()
-    }
-    print(f"{layout}: loss {res['loss']:.8e} vs PP=1 {ref['loss']:.8e} (rel err {loss_err:.2e}); "
-          f"student grad rel err {grad_err:.2e}, by family {', '.join(f'{k} {v:.2e}' for k, v in fam_err.items())}, "
-          f"worst tensor {worst} {per[worst]:.2e}; checks {res['checks']}")
-    assert ref["loss"] > 0 and flat_ref.norm() > 0
-    assert loss_err < REL_TOL
-    assert grad_err < REL_TOL
-    assert per[worst] < PER_TENSOR_REL_TOL
-    c = res["checks"]
-    for key in ("teacher_grad_not_none", "teacher_requires_grad", "teacher_changed", "teacher_in_ddp_buffers",
-                "teacher_main_grad", "teacher_in_train_mode", "student_not_in_ddp_buffers"):
-        assert c[key] == 0, (layout, key, c[key])
-    assert c["student_changed"] > 0
-    assert (res["rows"], res["seq_length"]) == (ref["rows"], ref["seq_length"])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,teacher,tp,pp", [("_tied", "_tied", 1, 2), ("", "_larger", 1, 2), ("", "_larger", 2, 1),
                                                 ("", "_larger", 2, 2), ("_qwen3", "_larger_qwen3", 1, 2)],
@@ -309,4 +274,4 @@ def test_pipeline_layouts_match_pp1(torchrun, tiny, pp1_reference, kind, teacher
     wall = time.perf_counter() - t0
     res = torch.load(out, weights_only=False)
     assert res["world_size"] == tp * pp
-    _compare(res, ref, f"TP={tp} PP={pp}{kind.replace('_', ' ')} ({wall:.1f}s launch)")
+    sc.compare_to_pp1(res, ref, f"TP={tp} PP={pp}{kind.replace('_', ' ')} ({wall:.1f}s launch)")

@@ -283,6 +283,11 @@ def test_resume_continues_exactly_and_across_layouts(launch, tmp_path, config):
     assert "resuming at step 2" in out
     a, b = _metrics(straight), _metrics(split)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
+    if config == "tiny_qwen3_vl_cpu.yaml":
+        # mostly well-formed rollouts, some not: all three ViGOS teachers score rows in the first steps
+        invalid = [m["invalid_rate"] for m in a]
+        assert 0 < sum(invalid) / len(invalid) < 0.5, invalid
+        assert any(m.get("term/reference", 0) > 0 for m in a), a
     for x, y in zip(a, b):
         for key in ("loss", "term/perception", "term/reasoning", "term/reference", "grad_norm", "lr",
                     "completion_tokens", "invalid_rate"):

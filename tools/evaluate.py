@@ -305,6 +305,7 @@ def resolve_model(checkpoint: str) -> tuple[Path, Path | None]:
 
 
 def encoder_for(args, hf_dir: Path):
+    from vigos_megatron.config.data import ContextConfig
     from vigos_megatron.data.contexts import ContextEncoder
     from vigos_megatron.data.prompts import load_templates
 
@@ -313,9 +314,8 @@ def encoder_for(args, hf_dir: Path):
         contexts = dict(templates.contexts)
         contexts["student"] = dataclasses.replace(contexts["student"], prefill="")
         templates = dataclasses.replace(templates, contexts=contexts)
-    unit = pixel_unit(hf_dir)
-    min_pixels = args.min_pixels if args.min_pixels is not None else 4 * unit * unit
-    max_pixels = args.max_pixels if args.max_pixels is not None else 16384 * unit * unit
+    bounds = ContextConfig(min_pixels=args.min_pixels or 0, max_pixels=args.max_pixels or 0)
+    min_pixels, max_pixels = bounds.pixel_bounds(pixel_unit(hf_dir))
     return ContextEncoder(hf_dir, templates, min_pixels=min_pixels, max_pixels=max_pixels,
                           max_prompt_tokens=args.max_prompt_tokens, contexts=("student",))
 

@@ -1,6 +1,6 @@
 """Worker: Qwen3-VL under TP/PP (gloo) - logit and vision parity with HF, teacher replica, checkpoint at another layout.
 
-Usage: torchrun ... qwen3_vl_parallel.py --tp T --pp P --hf DIR [--ckpt RUN]
+Usage: torchrun ... qwen3_vl_parallel.py --tp T --pp P --hf DIR [--ckpt RUN] [--teacher-hf DIR --step-out FILE]
 
 Checks, each printed as one ``RESULT key=value`` line by rank 0 (the test parses them):
 1. logits through megatron's pipeline schedule (forward only; one micro-batch of two right-padded
@@ -10,7 +10,10 @@ Checks, each printed as one ``RESULT key=value`` line by rank 0 (the test parses
    vs HF's tower (which equals the TP=1 tower exactly, ``tests/test_qwen3_vl.py``);
 3. the teacher replica gives the student's logits; after a student forward/backward and an SGD
    step the teacher has no gradient and unchanged parameters;
-4. ``--ckpt RUN``: the converter's TP=1 checkpoint loaded at this layout gives the same logits.
+4. ``--ckpt RUN``: the converter's TP=1 checkpoint loaded at this layout gives the same logits;
+5. ``--teacher-hf DIR --step-out FILE``: one in-schedule ViGOS step with the separate teacher
+   ``DIR`` (:func:`schedule_common.run_step`, the loss from hidden states), saved by rank 0 to FILE
+   (loss, student gradients by HF name, teacher checks) for the test to compare with PP=1.
 """
 
 import argparse
@@ -22,6 +25,8 @@ def main():
     ap.add_argument("--pp", type=int, required=True)
     ap.add_argument("--hf", required=True)
     ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--teacher-hf", default=None)
+    ap.add_argument("--step-out", default=None)
     args = ap.parse_args()
 
     import torch
@@ -94,6 +99,10 @@ def main():
             m.eval()
         c_logits = broadcast_from_last_stage(full_logits(chunks, micro), shape)
         result("checkpoint_vs_hf_load_logit_diff", f"{(c_logits - t_logits).abs().max().item():.3e}")
+    if args.step_out:
+        from schedule_common import run_step, save_step_result
+
+        save_step_result(run_step(args.hf, args.tp, args.pp, ps, teacher_hf=args.teacher_hf), args.step_out)
     destroy()
 
 

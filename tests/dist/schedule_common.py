@@ -36,6 +36,14 @@ VIGOS_CONTEXTS = ("student", "perception", "reasoning", "reference")
 #: clip off: parity of gradients across layouts must not hinge on tokens near the clip threshold
 LOSS_CLIP = 0.0
 SGD_LR = 0.5
+#: fp32 end to end: relative tolerance on the loss and on the flattened student gradient
+REL_TOL = 1e-5
+#: per HF tensor (its gradient norm can be 1e-6 of the largest): error relative to its own norm
+PER_TENSOR_REL_TOL = 1e-4
+#: the checks of :func:`run_step` that must be 0: the teacher untouched, every student parameter in DDP
+UNTOUCHED_TEACHER_CHECKS = ("teacher_grad_not_none", "teacher_requires_grad", "teacher_changed",
+                            "teacher_in_ddp_buffers", "teacher_main_grad", "teacher_in_train_mode",
+                            "student_not_in_ddp_buffers")
 
 
 @dataclass
@@ -170,6 +178,55 @@ def run_step(hf_dir, tp: int, pp: int, ps, teacher_hf=None, dtype=torch.float32,
     return {"loss": float(loss), "grads": grads, "checks": checks, "counts": counts.tolist(),
             "valid": inputs.valid, "rows": inputs.batches[0].rows, "seq_length": inputs.batches[0].seq_length,
             "reports": red}
+
+
+def save_step_result(res: dict, out) -> None:
+    """A worker's :func:`run_step` result, checks summed over ranks, saved by rank 0 to ``out``
+    (collective)."""
+    import torch.distributed as dist
+
+    keys = sorted(res["checks"])
+    summed = torch.tensor([res["checks"][k] for k in keys], dtype=torch.int64)
+    dist.all_reduce(summed)
+    res["checks"] = dict(zip(keys, summed.tolist()))
+    res["world_size"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        res.pop("reports")  # the last stage's; rank 0 is not on it under PP
+        torch.save(res, out)
+        print(f"RESULT loss={res['loss']!r} checks={res['checks']}", flush=True)
+
+
+def compare_to_pp1(res: dict, ref: dict, layout: str) -> None:
+    """Assert a layout's step (:func:`save_step_result`) equals the PP=1 reference step: the loss and
+    the student's gradients by HF name (whole and per tensor), the teacher untouched."""
+    assert sorted(res["grads"]) == sorted(ref["grads"])
+    names = sorted(ref["grads"])
+    loss_err = abs(res["loss"] - ref["loss"]) / abs(ref["loss"])
+    flat_ref = torch.cat([ref["grads"][n].reshape(-1) for n in names])
+    flat = torch.cat([res["grads"][n].reshape(-1) for n in names])
+    grad_err = float((flat - flat_ref).norm() / flat_ref.norm())
+    per = {n: float((res["grads"][n] - ref["grads"][n]).norm() / ref["grads"][n].norm()) for n in names}
+    worst = max(per, key=per.get)
+    families = {}
+    for n in names:
+        families.setdefault("visual" if "visual." in n else "language", []).append(n)
+    fam_err = {
+        fam: float(torch.cat([(res["grads"][n] - ref["grads"][n]).reshape(-1) for n in ns]).norm()
+                   / torch.cat([ref["grads"][n].reshape(-1) for n in ns]).norm())
+        for fam, ns in families.items()
+    }
+    print(f"{layout}: loss {res['loss']:.8e} vs PP=1 {ref['loss']:.8e} (rel err {loss_err:.2e}); "
+          f"student grad rel err {grad_err:.2e}, by family {', '.join(f'{k} {v:.2e}' for k, v in fam_err.items())}, "
+          f"worst tensor {worst} {per[worst]:.2e}; checks {res['checks']}")
+    assert ref["loss"] > 0 and flat_ref.norm() > 0
+    assert loss_err < REL_TOL
+    assert grad_err < REL_TOL
+    assert per[worst] < PER_TENSOR_REL_TOL
+    c = res["checks"]
+    for key in UNTOUCHED_TEACHER_CHECKS:
+        assert c[key] == 0, (layout, key, c[key])
+    assert c["student_changed"] > 0
+    assert (res["rows"], res["seq_length"]) == (ref["rows"], ref["seq_length"])
 
 
 def broadcast_from_last_stage(t: torch.Tensor, ps) -> torch.Tensor:

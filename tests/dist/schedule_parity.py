@@ -20,23 +20,12 @@ def main():
     ap.add_argument("--logits", action="store_true", help="the loss from logits (default: from hidden states)")
     args = ap.parse_args()
 
-    import torch
-    import torch.distributed as dist
-
-    from schedule_common import run_step
+    from schedule_common import run_step, save_step_result
     from vigos_megatron.testing.distributed import destroy, init_gloo
 
     ps = init_gloo(args.tp, args.pp)
-    res = run_step(args.hf, args.tp, args.pp, ps, teacher_hf=args.teacher_hf, from_hidden=not args.logits)
-    keys = sorted(res["checks"])
-    summed = torch.tensor([res["checks"][k] for k in keys], dtype=torch.int64)
-    dist.all_reduce(summed)
-    res["checks"] = dict(zip(keys, summed.tolist()))
-    res["world_size"] = dist.get_world_size()
-    if dist.get_rank() == 0:
-        res.pop("reports")  # the last stage's; rank 0 is not on it under PP
-        torch.save(res, args.out)
-        print(f"RESULT loss={res['loss']!r} checks={res['checks']}", flush=True)
+    save_step_result(run_step(args.hf, args.tp, args.pp, ps, teacher_hf=args.teacher_hf, from_hidden=not args.logits),
+                     args.out)
     destroy()
 
 

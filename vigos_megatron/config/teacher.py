@@ -108,15 +108,15 @@ def check_pair(student_dir, teacher_dir, *, tp: int, pp: int, pipeline_layers=()
         n = t_text.get(key)
         if n is not None and n % tp:
             raise ConfigError(f"parallel.tp: {tp} does not divide the teacher's {key}={n} {pair}")
-    heads = t_vis.get("num_heads")
-    if t_raw.get("model_type") == "qwen3_vl" and heads is not None and heads % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide the teacher's vision_config.num_heads={heads} "
-                          f"(Qwen3-VL's vision transformer is TP-sharded) {pair}")
     counts = stage_layers(t_text["num_hidden_layers"], pp, pipeline_layers)
-    n_deep = len(t_vis.get("deepstack_visual_indexes") or ())
-    if n_deep > counts[0]:
-        raise ConfigError(f"model.teacher.pipeline_layers: the first stage holds {counts[0]} of the teacher's layers, "
-                          f"its {n_deep} deepstack features need at least {n_deep} there {pair}")
+    from vigos_megatron.models.family import vision_layout_problem
+
+    problem = vision_layout_problem(tp=tp, pp=pp, num_layers=t_text["num_hidden_layers"],
+                                    deepstack_layers=len(t_vis.get("deepstack_visual_indexes") or ()),
+                                    vit_heads=t_vis.get("num_heads") if t_raw.get("model_type") == "qwen3_vl" else None,
+                                    first_stage_layers=counts[0])
+    if problem:
+        raise ConfigError(f"{problem}: the teacher's {pair}")
     return counts
 
 

@@ -22,6 +22,7 @@ from vigos_megatron.errors import ConfigError, require_at_least, require_one_of,
 from vigos_megatron.config.loss import LossConfig
 from vigos_megatron.config.model import ModelConfig
 from vigos_megatron.config.sampling import SamplingConfig
+from vigos_megatron.models.family import pixel_unit_of, vision_layout_problem
 
 NONFINITE_ACTIONS = ("skip", "stop")
 CORRUPT_ACTIONS = ("fallback", "stop")
@@ -312,13 +313,29 @@ def _check_teacher(cfg: PretrainConfig, tp: int, pp: int) -> None:
     check_pair(student, teacher_hf_dir(teacher), tp=tp, pp=pp, pipeline_layers=teacher.pipeline_layers, option=option)
 
 
+def context_pixel_bounds(cfg: PretrainConfig, raw: dict | None = None) -> tuple[int, int]:
+    """``data.context``'s ``(min_pixels, max_pixels)`` in the unit of the model to build (its
+    ``config.json``, or ``raw``), defaults resolved (:meth:`~vigos_megatron.config.data.ContextConfig.pixel_bounds`)."""
+    raw = raw if raw is not None else _hf_config_json(cfg)
+    if not (raw or {}).get("vision_config"):
+        raise ConfigError("model.hf_path: no readable config.json with a vision_config (data.context's pixel "
+                          "bounds are in the model's unit)")
+    try:
+        unit = pixel_unit_of(raw["vision_config"])
+    except KeyError as e:
+        raise ConfigError(f"model.hf_path: config.json's vision_config has no {e} (needed for data.context's "
+                          "pixel bounds)") from None
+    return cfg.data.context.pixel_bounds(unit)
+
+
 def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
     """Check ``cfg`` against ``world_size`` processes; no process group needed. Returns the layout.
 
     Raises :class:`ConfigError` naming the option for: a world size that ``tp * pp`` does not
     divide, a global batch that data parallelism or the micro-batch size does not divide, and
     (when the model's ``config.json`` is readable) a vocabulary or head count that ``tp`` does
-    not divide or a layer count that ``pp`` does not divide.
+    not divide, a layer count that ``pp`` does not divide, a first stage too short for the
+    deepstack layers, or ``data.context`` pixel bounds out of the model's unit.
     """
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if world_size < 1:
@@ -347,5 +364,12 @@ def validate_layout(cfg: PretrainConfig, world_size: int) -> Layout:
             n = text.get(key, raw.get(key))
             if n is not None and n % div:
                 raise ConfigError(f"{opt}: {div} does not divide the model's {key}={n}")
+        if raw.get("vision_config"):
+            context_pixel_bounds(cfg, raw)
+        layers = text.get("num_hidden_layers", raw.get("num_hidden_layers"))
+        deepstack = (raw.get("vision_config") or {}).get("deepstack_visual_indexes") or ()
+        problem = layers and vision_layout_problem(tp=tp, pp=pp, num_layers=layers, deepstack_layers=len(deepstack))
+        if problem:
+            raise ConfigError(problem)
     _check_teacher(cfg, tp, pp)
     return Layout(tp=tp, pp=pp, dp=dp, prompts_per_rank=per_rank, micro_batches=per_rank // mbs)

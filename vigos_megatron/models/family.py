@@ -67,8 +67,39 @@ class FamilyBase:
     """What every family computes the same way from its HF config."""
 
     def pixel_unit(self, hf_config) -> int:
-        v = hf_config.vision_config
-        return int(v.patch_size) * int(v.spatial_merge_size)
+        return pixel_unit_of(hf_config.vision_config.to_dict())
+
+
+def pixel_unit_of(vision_config: dict) -> int:
+    """Pixels per language-model image token along a side: ``patch_size * spatial_merge_size`` of a HF
+    ``vision_config`` (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
+    return int(vision_config["patch_size"]) * int(vision_config["spatial_merge_size"])
+
+
+def vision_layout_problem(*, tp: int, pp: int, num_layers: int, deepstack_layers: int = 0,
+                          vit_heads: int | None = None, first_stage_layers: int | None = None) -> str | None:
+    """Why a ``tp`` x ``pp`` layout cannot hold the vision side, as one line naming the option; None if it can.
+
+    * deepstack: Bridge adds deepstack feature ``k`` after language-model layer ``k`` on the first
+      pipeline stage, so the first stage (``first_stage_layers``, default ``num_layers // pp``) must hold
+      at least ``deepstack_layers`` (``len(vision_config.deepstack_visual_indexes)``) layers;
+    * a TP-sharded vision transformer (Qwen3-VL's; ``vit_heads`` = its ``num_heads``, None for a
+      replicated tower): ``tp`` divides its heads.
+
+    The one home of these rules: the builder, the configuration check before any process group
+    (:func:`vigos_megatron.config.train.validate_layout`) and the recipes' shapes raise their own
+    error with this message.
+    """
+    first = num_layers // pp if first_stage_layers is None else first_stage_layers
+    if deepstack_layers > first:
+        return (f"parallel.pp: {pp} leaves {first} language-model layers (of {num_layers}) on the first pipeline "
+                f"stage, fewer than the {deepstack_layers} deepstack layers (vision_config.deepstack_visual_indexes), "
+                f"which must all be there; use pp <= {num_layers // deepstack_layers}"
+                + ("" if first_stage_layers is None else " or more layers on the first stage"))
+    if vit_heads is not None and vit_heads % tp:
+        return (f"parallel.tp: {tp} does not divide the vision transformer's num_heads={vit_heads} "
+                f"(the vision transformer is TP-sharded)")
+    return None
 
 
 #: supported HF model types -> family module (imported on first use)

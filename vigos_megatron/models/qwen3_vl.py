@@ -40,11 +40,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from vigos_megatron.models.family import FamilyBase, ImageFeatures
+from vigos_megatron.models.family import FamilyBase, ImageFeatures, vision_layout_problem
 
 
 @functools.lru_cache(maxsize=1)
 def _provider_class():
+    """:class:`Qwen3VLSpecProvider`, defined on first use (megatron-bridge imports only after
+    :mod:`vigos_megatron.platform` has adapted the libraries); pickle finds it by name through the
+    module's ``__getattr__`` (Bridge's weight export broadcasts the provider across pipeline stages)."""
     from megatron.bridge.models.qwen_vl.qwen3_vl_provider import Qwen3VLModelProvider
 
     @dataclass
@@ -84,7 +87,14 @@ def _provider_class():
                              freeze_vision_projection=self.freeze_vision_projection)
             return model
 
+    Qwen3VLSpecProvider.__qualname__ = Qwen3VLSpecProvider.__name__
     return Qwen3VLSpecProvider
+
+
+def __getattr__(name: str):
+    if name == "Qwen3VLSpecProvider":
+        return _provider_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _language_layer_spec(layer_impl: str):
@@ -154,22 +164,17 @@ class Qwen3VLFamily(FamilyBase):
 
     def check_layout(self, hf_config, *, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
                      first_stage_layers: int) -> None:
-        """Deepstack needs its layers on the first stage; the ViT's heads shard over TP."""
+        """Deepstack needs its layers on the first stage; the ViT's heads shard over TP
+        (:func:`~vigos_megatron.models.family.vision_layout_problem`)."""
         from vigos_megatron.models.builder import ModelBuildError
 
-        n_deep = len(hf_config.vision_config.deepstack_visual_indexes)
-        n_layers = hf_config.text_config.num_hidden_layers
-        first = first_stage_layers
-        if n_deep > first:
-            raise ModelBuildError(
-                f"parallel.pp={pipeline_model_parallel_size}: the first pipeline stage would hold {first} of the "
-                f"{n_layers} language-model layers, but Qwen3-VL's {n_deep} deepstack features "
-                f"(vision_config.deepstack_visual_indexes) are added after the first {n_deep}; use pp <= {n_layers // n_deep}"
-            )
-        heads = hf_config.vision_config.num_heads
-        if heads % tensor_model_parallel_size != 0:
-            raise ModelBuildError(f"vision_config.num_heads={heads} is not divisible by tensor_model_parallel_size "
-                                  f"{tensor_model_parallel_size} (the Qwen3-VL vision transformer is TP-sharded)")
+        problem = vision_layout_problem(tp=tensor_model_parallel_size, pp=pipeline_model_parallel_size,
+                                        num_layers=hf_config.text_config.num_hidden_layers,
+                                        deepstack_layers=len(hf_config.vision_config.deepstack_visual_indexes),
+                                        vit_heads=hf_config.vision_config.num_heads,
+                                        first_stage_layers=first_stage_layers)
+        if problem:
+            raise ModelBuildError(problem)
 
     def configure_provider(self, provider, hf_config, transformer_impl: str):
         """:class:`Qwen3VLSpecProvider` with Bridge's settings and ``layer_impl`` = the impl."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from vigos_megatron.config.data import ContextConfig, DataConfig, LoaderConfig
+from vigos_megatron.config.data import DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_MIN_IMAGE_TOKENS, ContextConfig, DataConfig, LoaderConfig
 from vigos_megatron.config.loader import ConfigError, _validate_tree, load_config, to_yaml
 from vigos_megatron.config.loss import LossConfig
 from vigos_megatron.config.model import ModelConfig
@@ -47,8 +47,6 @@ from vigos_megatron.recipes.memory import (
 #: rows of the Vision-SR1-47K train split (about 47.6k); a shard manifest's count replaces it
 VISION_SR1_47K_ROWS = 47_600
 GLOBAL_BATCH_SIZE = 32
-#: qwen-vl-utils' image bounds, in LM image tokens (``min_pixels`` / ``max_pixels`` = tokens x unit^2)
-MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS = 4, 16384
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,8 @@ def base_config(rm: RecipeModel, *, hf_path: str, run_dir: str, shards_dir: str,
             loader=LoaderConfig(shards_dir=shards_dir, batch_size=1, num_workers=2, prefetch_factor=2, seed=1234,
                                 shuffle_shards=True, shuffle_buffer=1000),
             context=ContextConfig(processor_path=processor_path or hf_path, prompts_path="conf/prompts/vigos.yaml",
-                                  min_pixels=MIN_IMAGE_TOKENS * unit2, max_pixels=MAX_IMAGE_TOKENS * unit2,
+                                  min_pixels=DEFAULT_MIN_IMAGE_TOKENS * unit2,
+                                  max_pixels=DEFAULT_MAX_IMAGE_TOKENS * unit2,
                                   max_prompt_tokens=32768),
         ),
         checkpoint=CheckpointConfig(save_interval=100),
@@ -164,7 +163,7 @@ def build_recipe(rm: RecipeModel, num_gpus: int = 8, *, hf_path: str = "", run_d
     cfg = apply_overrides(cfg, overrides)
     keys = {o.split("=", 1)[0].strip() for o in overrides}
     lengths = (f"prompt {cfg.data.context.max_prompt_tokens} + completion {cfg.sampling.max_new_tokens} tokens, "
-               f"images up to {cfg.data.context.max_pixels // rm.pixel_unit**2} tokens")
+               f"images up to {cfg.data.context.pixel_bounds(rm.pixel_unit)[1] // rm.pixel_unit**2} tokens")
     if keys & {"parallel.tp", "parallel.pp"}:
         layout = validate_layout(cfg, num_gpus)
         est = estimate_memory(rm.model, tp=layout.tp, pp=layout.pp, dp=layout.dp,

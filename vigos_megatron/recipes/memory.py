@@ -192,12 +192,12 @@ class Workload:
         """
         impl = cfg.model.transformer_impl
         spec = "sdpa" if impl == "auto" else impl
-        pixels_per_token = as_model_shape(model).vision.pixel_unit ** 2
+        unit = as_model_shape(model).vision.pixel_unit
         ctx = cfg.data.context
         values = dict(
             prompt_tokens=ctx.max_prompt_tokens,
             completion_tokens=cfg.sampling.max_new_tokens,
-            image_tokens=min(ctx.max_pixels // pixels_per_token, ctx.max_prompt_tokens),
+            image_tokens=min(ctx.pixel_bounds(unit)[1] // unit**2, ctx.max_prompt_tokens),
             global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size,
             rollout_batch_size=cfg.sampling.max_batch_size,

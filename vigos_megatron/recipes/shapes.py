@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vigos_megatron.errors import UserError
+from vigos_megatron.models.family import vision_layout_problem
 
 LAYER_SPECS = ("local", "sdpa", "transformer_engine")
 RECOMPUTE = ("none", "selective", "full")
@@ -122,15 +123,12 @@ class Qwen3VisionShape(_PatchGeometry):
         return len(self.deepstack_indexes)
 
     def check_layout(self, tp: int, pp: int, num_layers: int) -> None:
-        """TP divides the ViT's heads; the first stage holds the layers deepstack feeds (Bridge adds
-        every deepstack feature on the first pipeline stage; the builder refuses it too)."""
-        if self.num_heads % tp:
-            raise LayoutError(f"parallel.tp: {tp} does not divide the vision transformer's num_heads={self.num_heads} "
-                              f"(Qwen3-VL's ViT is TP-sharded)")
-        if num_layers // pp < self.deepstack_layers:
-            raise LayoutError(f"parallel.pp: {pp} leaves {num_layers // pp} language-model layers on the first stage, "
-                              f"fewer than the {self.deepstack_layers} deepstack layers; use pp <= "
-                              f"{num_layers // self.deepstack_layers}")
+        """TP divides the ViT's heads; the first stage holds the layers deepstack feeds
+        (:func:`~vigos_megatron.models.family.vision_layout_problem`, which the builder applies too)."""
+        problem = vision_layout_problem(tp=tp, pp=pp, num_layers=num_layers, deepstack_layers=self.deepstack_layers,
+                                        vit_heads=self.num_heads)
+        if problem:
+            raise LayoutError(problem)
 
     def _merger_params(self, tp: int, postshuffle: bool) -> int:
         m, o = self.hidden_size * self.patches_per_token, self.out_hidden_size

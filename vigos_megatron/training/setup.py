@@ -17,6 +17,7 @@ Order matters (the teacher is a copy of the INITIAL student, never of a resumed 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,14 +181,17 @@ def check_resume_settings(selection, settings: dict, *, allow_changes: bool, log
 
 
 def make_loader(cfg: "PretrainConfig", layout: "Layout", ps, loader_state: dict | None, *, log=print):
+    from vigos_megatron.config.train import context_pixel_bounds
     from vigos_megatron.data.contexts import ContextEncoder
     from vigos_megatron.data.loader import StreamingLoader
 
     lc = cfg.data.loader
+    min_pixels, max_pixels = context_pixel_bounds(cfg)
+    context = dataclasses.replace(cfg.data.context, min_pixels=min_pixels, max_pixels=max_pixels)
     loader = StreamingLoader(
         lc.shards_dir, rank=ps.get_data_parallel_rank(), world_size=layout.dp, batch_size=layout.prompts_per_rank,
         seed=lc.seed, num_workers=lc.num_workers, shuffle_shards=lc.shuffle_shards, shuffle_buffer=lc.shuffle_buffer,
-        prefetch_factor=lc.prefetch_factor, encode=ContextEncoder.from_config(cfg.data.context),
+        prefetch_factor=lc.prefetch_factor, encode=ContextEncoder.from_config(context),
     )
     if loader_state:
         try:
