@@ -34,7 +34,6 @@ if str(DIST) not in sys.path:
 import fault_common as fc  # noqa: E402
 
 pytestmark = pytest.mark.slow
-DELAY_ENV = "VIGOS_TEST_SAVE_DELAY_S"
 
 
 def _row(table, test, fault, out, lost, run_dir, reference):
@@ -74,8 +73,8 @@ def test_sigint_twice_during_a_save(straight_run, fault_table, tmp_path):
     """Ctrl-C, then Ctrl-C again 3 s later while the checkpoint of step 2 is being written: stop at once
     (exit 75); the directory without a manifest is moved aside at the next launch, step 2 is repeated."""
     run = tmp_path / "run"
-    launch = fc.start(run, env={DELAY_ENV: "8"})
-    launch.wait_for("inside the save of iter_0000002")
+    launch = fc.start(run, env=fc.pause_in_save(2, 8))
+    launch.wait_for(fc.PAUSED)
     launch.send(signal.SIGINT)
     time.sleep(3)  # past the 2 s in which a repeat is the same stop
     launch.send(signal.SIGINT)
@@ -112,8 +111,8 @@ def test_kill9_of_one_rank_mid_step(straight_run, fault_table, tmp_path):
 
 def test_kill9_of_rank0_during_a_save(straight_run, fault_table, tmp_path):
     run = tmp_path / "run"
-    launch = fc.start(run, env={DELAY_ENV: "8"})
-    launch.wait_for("inside the save of iter_0000002")
+    launch = fc.start(run, env=fc.pause_in_save(2, 8))
+    launch.wait_for(fc.PAUSED)
     launch.workers()[0].kill()
     code = launch.wait()
     first = launch.output

@@ -53,9 +53,7 @@ them (elsewhere the RNG streams stay as seeded and every rank takes rank 0's
 
 from __future__ import annotations
 
-import os
 import random
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -226,30 +224,29 @@ def start_checkpoint_writer() -> None:
     ``multiprocessing.Manager`` queue, a server process started at the first save and reused. A
     stop signal sent to the rank's process group (torchrun, the launcher) or to every process of a
     job step (Slurm) would kill that server, and the save that the signal asks for would then fail
-    (``BrokenPipeError``). Started here while SIGTERM and SIGINT are ignored (an ignored signal
-    stays ignored across ``exec``: the server ignores them for good) and, meanwhile, blocked in this
-    process (a signal that arrives then is kept pending, not lost, and delivered to this process's
-    handler when the mask is restored)."""
+    (``BrokenPipeError``). The server is spawned while SIGTERM and SIGINT are BLOCKED in this thread:
+    a child inherits the blocking thread's signal mask across ``fork`` and ``exec``, so they stay
+    blocked in the server for good (pending, never acted on; SIGKILL still ends it).
+
+    Only the mask changes, never the handlers: a signal that arrives meanwhile is delivered to
+    another thread of this process (the rank has several), where the stop handler records it, or
+    stays pending until the mask is restored. (Setting the signals to ``SIG_IGN`` here instead
+    would discard a stop that arrives during the server's start, a second or more: a preemption
+    right after a resume would then reach no rank.)"""
     import signal
+    from multiprocessing import resource_tracker
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is not None:
         return
-    sigs = (signal.SIGTERM, signal.SIGINT)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    # multiprocessing's resource tracker UNBLOCKS SIGTERM and SIGINT after it starts: start it first
+    resource_tracker.ensure_running()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         filesystem_async.get_write_results_queue()
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-#: test hook: seconds to pause inside a save, after the tensors are written and before the
-#: checkpoint is complete (tests kill or signal a run there)
-SAVE_DELAY_ENV = "VIGOS_TEST_SAVE_DELAY_S"
-
 
 def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list, model: list, optimizer, scheduler,
                              hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None) -> Path:
@@ -309,10 +306,6 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
     }
 
     def complete(ckpt: Path) -> None:  # rank 0, after every rank's files are written
-        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-        if delay > 0:
-            print(f"[vigos] test hook {SAVE_DELAY_ENV}: pausing {delay:g} s inside the save of {ckpt.name}", flush=True)
-            time.sleep(delay)
         files, problem = verify_checkpoint(ckpt)
         if problem:
             raise CheckpointError(f"{ckpt}: the save is incomplete: {problem}")
