@@ -68,6 +68,7 @@ from vigos_megatron.convert.megatron_checkpoint import (
     model_sharded_state_dict,
     resolve_checkpoint,
     save_model_checkpoint,
+    start_model_checkpoint,
 )
 from vigos_megatron.models.hf_checkpoint import CheckpointError
 from vigos_megatron.training import checkpoint_files as cf
@@ -249,12 +250,15 @@ def start_checkpoint_writer() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list, model: list, optimizer, scheduler,
-                             hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None) -> Path:
+                             hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None,
+                             background: "BackgroundSaves | None" = None) -> Path:
     """Collectively write ``RUN/iter_<state.step>`` (every rank calls it). Returns the directory.
 
     The tracker moves only after rank 0 verified the directory and wrote its manifest (module
     docstring); then, with ``keep_last > 0``, complete checkpoints older than the newest
-    ``keep_last`` are removed.
+    ``keep_last`` are removed. With ``background`` (``checkpoint.async_save``) the tensors are
+    written by a forked writer and all of that happens when ``background`` finalizes the save
+    (:class:`BackgroundSaves`): the directory returned is not complete yet.
 
     Args:
         run_dir: the run directory (created if needed).
@@ -267,6 +271,7 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
             the manifest and compared at resume.
         keep_last: see ``checkpoint.keep_last``.
         log: where rank 0 reports removals (default: nowhere).
+        background: where the save goes on in the background (None: it is complete on return).
     """
     from vigos_megatron.training.optimizer import ensure_params_gathered
 
@@ -311,12 +316,63 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
             raise CheckpointError(f"{ckpt}: the save is incomplete: {problem}")
         cf.write_manifest(ckpt, step=int(state.step), files=files, settings=settings)
 
+    def bound() -> None:  # every rank, once the save is complete
+        if keep_last > 0 and _rank() == 0:
+            cf.prune(run, keep_last, log=log)
+        _barrier()
+
+    if background is not None:
+        ckpt, request = start_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
+                                               extra_sharded_state=extra, before_tracker=complete)
+        request.add_finalize_fn(bound)
+        background.submit(int(state.step), ckpt, request)
+        return ckpt
     ckpt = save_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
                                  extra_sharded_state=extra, before_tracker=complete)
-    if keep_last > 0 and _rank() == 0:
-        cf.prune(run, keep_last, log=log)
-    _barrier()
+    bound()
     return ckpt
+
+
+class BackgroundSaves:
+    """At most one checkpoint written in the background (``checkpoint.async_save``): megatron-core's
+    ``AsyncCallsQueue`` with a forked writer per rank (``TemporalAsyncCaller``; the fork holds a
+    copy-on-write snapshot of the tensors, so training goes on at once and changes nothing in it).
+
+    :meth:`finish` is collective (every rank calls it at the same point: once per step, before a new
+    save, at the end of a launch); it runs the save's finalize functions once every rank's writer has
+    exited: ``.metadata``, the HF files, the verification and manifest, the tracker, ``keep_last``.
+    :meth:`abandon` kills the writer (a stop at once: the directory stays incomplete and the next
+    launch moves it aside).
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+        #: ``(step, directory)`` of the save being written
+        self.pending: tuple[int, Path] | None = None
+
+    def submit(self, step: int, ckpt: Path, request) -> None:
+        if self.pending is not None:
+            raise RuntimeError(f"a save of step {self.pending[0]} is still pending (finish it first)")
+        self._queue.schedule_async_request(request)
+        self.pending = (step, ckpt)
+
+    def finish(self, *, wait: bool) -> tuple[int, Path] | None:
+        """``(step, directory)`` of the save completed now, or None (none pending, or not written yet and
+        ``wait`` is False). A failed write or verification raises on every rank."""
+        if self.pending is None:
+            return None
+        if not self._queue.maybe_finalize_async_calls(blocking=wait):
+            return None
+        done, self.pending = self.pending, None
+        return done
+
+    def abandon(self) -> None:
+        for call in self._queue.async_calls:
+            call.async_caller.close(abort=True)  # kills the forked writer
+        self._queue.async_calls.clear()
+        self.pending = None
 
 
 # ----------------------------------------------------------------------------- load

@@ -5,11 +5,13 @@ test can kill or signal a run there, with no hook in the product.
 launch (the launcher, torchrun, the ranks) imports this module at start-up. With
 ``VIGOS_TEST_PAUSE_OPEN=GLOB=SECONDS`` set, it adds an audit hook (``sys.addaudithook``, the interpreter's
 own event interface) that holds the FIRST open for writing of a path matching ``GLOB`` (``fnmatch``) in this
-process: one line on stderr, then ``SECONDS`` of sleep, then the open goes on. Without the variable it does
-nothing.
+process: one line on stderr, ``SECONDS`` of sleep, a second line, then the open goes on. Without the
+variable it does nothing.
 
 ``*/iter_0000002/.metadata*`` holds the save of step 2 in rank 0 (torch's coordinator writes ``.metadata``)
-after every rank's tensors are written and before the checkpoint can be complete.
+after every rank's tensors are written and before the checkpoint can be complete;
+``*/iter_0000001/__0_*.distcp`` holds rank 0's writer of step 1 (with ``checkpoint.async_save``, the
+forked writer: the rank trains on meanwhile).
 """
 
 import fnmatch
@@ -36,6 +38,8 @@ def _install(spec: str) -> None:
                          f"(pid {os.getpid()}, rank {os.environ.get('RANK', '-')})\n")
         sys.stderr.flush()
         time.sleep(delay)
+        sys.stderr.write(f"[test] pause over: writing {path}\n")
+        sys.stderr.flush()
 
     sys.addaudithook(hook)
 
