@@ -29,7 +29,10 @@ the directory (``checkpoint_resume.verify_checkpoint``: every file that ``.metad
 size written), writes the manifest ``vigos_complete.json`` (files, sizes, the run's settings) and
 last, atomically, the tracker. A crash, a kill or a full disk mid-save leaves the previous
 checkpoint the latest and a directory without manifest, which the next launch names and moves
-into ``RUN/abandoned/`` (``checkpoint_resume.select_checkpoint``). At resume the newest complete checkpoint is
+into ``RUN/abandoned/`` (``checkpoint_resume.select_checkpoint``). With ``checkpoint.async_save`` the
+same save is written by a forked writer per rank while training goes on, and the steps after the
+tensors (``.metadata``, HF files, verification, manifest, tracker) run when the training loop
+finalizes it (:class:`BackgroundSaves`). At resume the newest complete checkpoint is
 checked again before it is read; one that fails (a truncated or missing file, an unreadable
 ``.metadata``, an error while reading) is reported in one line naming the file, and
 ``checkpoint.on_corrupt`` decides: ``fallback`` moves it aside and resumes from the newest complete
