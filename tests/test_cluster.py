@@ -36,7 +36,6 @@ import fault_common as fc  # noqa: E402
 ROOT = fc.ROOT
 SCRIPT = ROOT / "tools" / "slurm_cluster.sh"
 pytestmark = pytest.mark.slow
-DELAY_ENV = "VIGOS_TEST_SAVE_DELAY_S"
 
 
 def _unavailable(reason: str):
@@ -190,10 +189,6 @@ def test_nemo_run_submits_to_slurm_and_matches_torchrun(slurm, straight_run, fau
     assert diff == [], diff
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known race (issue 19, open): a preemption that arrives within about a second of a requeued run's "
-    "'resuming' line can reach the launcher and torchrun but not the ranks; the run then finishes its "
-    "steps and torchrun exits 1 (seen in 1 of 3 runs on 2026-12-06)"))
 def test_slurm_preemption_twice_with_requeue(slurm, straight_run, fault_table, tmp_path):
     """scancel --signal=TERM during a step -> the job saves, exits 0 (COMPLETED); scontrol requeue -> it resumes;
     a second preemption as soon as the requeued run has resumed (it stops after its first step); the third run
@@ -235,13 +230,14 @@ def test_slurm_preemption_twice_with_requeue(slurm, straight_run, fault_table, t
 
 
 def test_slurm_kill_during_a_save(slurm, straight_run, fault_table, tmp_path, monkeypatch):
-    """scancel while iter_0000002 is written (a test hook holds the save 60 s; KillWait is 5 s): SIGTERM, then
+    """scancel while iter_0000002 is written (fault_common.pause_in_save holds it 60 s; KillWait is 5 s): SIGTERM, then
     SIGKILL. The job is CANCELLED; resubmitted, it names the torn directory, moves it aside and resumes."""
     run = tmp_path / "run"
-    monkeypatch.setenv(DELAY_ENV, "60")  # sbatch exports the submitting environment to the job
-    job, out_file = sbatch(run, name="vigos-kill")
-    monkeypatch.delenv(DELAY_ENV)
-    wait_text(out_file, "inside the save of iter_0000002", job=job)
+    with monkeypatch.context() as m:  # sbatch exports the submitting environment to the job
+        for key, value in fc.pause_in_save(2, 60).items():
+            m.setenv(key, value)
+        job, out_file = sbatch(run, name="vigos-kill")
+    wait_text(out_file, fc.PAUSED, job=job)
     _run("scancel", job)
     wait_state(job, ("CANCELLED", "FAILED", "COMPLETED"))
     first = out_file.read_text()

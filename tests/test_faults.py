@@ -11,7 +11,9 @@ exactly after the recovery. Each test adds a row to the fault table printed at t
   ``on_corrupt=stop`` exits 2 touching nothing, ``fallback`` resumes from the previous one;
 * a corrupt tracker;
 * a full disk during a save (a small tmpfs ``run_dir``; needs root);
-* resume refusing a change of objective / loss weights (one line, exit 2), a layout change allowed and printed.
+* resume refusing a change of objective / loss weights (one line, exit 2), a layout change allowed and printed;
+* ``checkpoint.async_save``: training goes on while a checkpoint is written, a SIGTERM waits for it, the resumed
+  run equals the straight one.
 
 The same faults under a real Slurm scheduler: tests/test_cluster.py.
 """
@@ -34,7 +36,6 @@ if str(DIST) not in sys.path:
 import fault_common as fc  # noqa: E402
 
 pytestmark = pytest.mark.slow
-DELAY_ENV = "VIGOS_TEST_SAVE_DELAY_S"
 
 
 def _row(table, test, fault, out, lost, run_dir, reference):
@@ -74,8 +75,8 @@ def test_sigint_twice_during_a_save(straight_run, fault_table, tmp_path):
     """Ctrl-C, then Ctrl-C again 3 s later while the checkpoint of step 2 is being written: stop at once
     (exit 75); the directory without a manifest is moved aside at the next launch, step 2 is repeated."""
     run = tmp_path / "run"
-    launch = fc.start(run, env={DELAY_ENV: "8"})
-    launch.wait_for("inside the save of iter_0000002")
+    launch = fc.start(run, env=fc.pause_in_save(2, 8))
+    launch.wait_for(fc.PAUSED)
     launch.send(signal.SIGINT)
     time.sleep(3)  # past the 2 s in which a repeat is the same stop
     launch.send(signal.SIGINT)
@@ -112,8 +113,8 @@ def test_kill9_of_one_rank_mid_step(straight_run, fault_table, tmp_path):
 
 def test_kill9_of_rank0_during_a_save(straight_run, fault_table, tmp_path):
     run = tmp_path / "run"
-    launch = fc.start(run, env={DELAY_ENV: "8"})
-    launch.wait_for("inside the save of iter_0000002")
+    launch = fc.start(run, env=fc.pause_in_save(2, 8))
+    launch.wait_for(fc.PAUSED)
     launch.workers()[0].kill()
     code = launch.wait()
     first = launch.output
@@ -217,3 +218,26 @@ def test_resume_checks_what_changed(straight_run, fault_table, tmp_path):
                         "with other loss weights and lr; at TP=1", "printed": fc.key_lines(out + out2 + out3),
                         "steps lost": f"- (refused in {took:.1f} s, exit 2)", "equal": "- (layout change: loss "
                         "within fp32 reduction-order noise, tests/test_training.py)"})
+
+
+def test_async_save_trains_on_and_resumes_exactly(straight_run, fault_table, tmp_path):
+    """checkpoint.async_save=true: rank 0's forked writer of iter_0000001 is held 10 s while step 2 trains
+    (its progress line comes first); SIGTERM during step 2 -> the launch completes that save, saves step 2,
+    exits 0; the next launch (async too) resumes at step 2 and the metrics equal the straight run's."""
+    run = tmp_path / "run"
+    launch = fc.start(run, "checkpoint.async_save=true", env=fc.pause_in_save(1, 10, "__0_*.distcp"))
+    launch.wait_for(fc.PAUSED)
+    launch.send(signal.SIGTERM)
+    code = launch.wait()
+    first = launch.output
+    assert code == 0, first[-4000:]
+    background = f"[vigos] saved checkpoint {run / 'iter_0000001'} (written in the background)"
+    assert first.index("step 2/4") < first.index(fc.PAUSE_OVER) < first.index(background), first[-4000:]
+    assert "[vigos] stopped on SIGTERM after step 2" in first and "Traceback" not in first, first[-4000:]
+    code, out = fc.run(run, "checkpoint.async_save=true")
+    assert code == 0, out[-4000:]
+    assert "resuming at step 2 of 4" in out and f"saved checkpoint {run / 'iter_0000003'} (written in" in out
+    _row(fault_table, "test_async_save_trains_on_and_resumes_exactly",
+         "checkpoint.async_save=true: the writer of iter_0000001 held 10 s while step 2 trains; SIGTERM during "
+         "step 2", first + out, "0 (the stop waits for the save in the background; exit 0)", run,
+         straight_run["metrics"])

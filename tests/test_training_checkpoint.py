@@ -23,7 +23,7 @@ megatron's schedule.
   TP=2 ones gathered, and the next step's loss agrees;
 * metrics.jsonl truncation on resume, JSON lines, the progress line, TensorBoard's absence;
 * StopSignal: the first signal sets the flag, repeats within 2 s are the same stop, a later one stops at
-  once (exit code 75).
+  once (exit code 75); a stop while the checkpoint writer starts is kept, and the writer survives it.
 """
 
 from __future__ import annotations
@@ -613,3 +613,38 @@ def test_stop_now_is_exit_75_and_agreed_is_collective():
     assert "agreed True" in proc.stdout and "still alive" not in proc.stdout
     assert "received SIGTERM" in proc.stderr
     assert "probe: stopped at once on a repeated SIGTERM before saving" in proc.stderr
+
+
+def test_a_stop_while_the_checkpoint_writer_starts_is_kept_and_the_writer_survives_it():
+    """Subprocess: a SIGTERM that arrives while start_checkpoint_writer spawns megatron's write-results server
+    reaches the stop handler (a preemption right after a resume must stop the run), and the server, started
+    with the stop signals blocked, survives the SIGTERM that a scheduler sends every process of the job."""
+    code = textwrap.dedent("""
+        import os, signal, threading, time
+        import psutil
+        from vigos_megatron.training.checkpoint import start_checkpoint_writer
+        from vigos_megatron.training.signals import StopSignal
+
+        def servers():
+            return [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+
+        def stop_during_the_start():  # the server process exists, its start (a handshake) is not over
+            while not servers():
+                time.sleep(0.002)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        with StopSignal() as stop:
+            threading.Thread(target=stop_during_the_start, daemon=True).start()
+            start_checkpoint_writer()
+            print("stop noticed", stop.wait_noticed(5), flush=True)
+            server = servers()[0]
+            server.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            print("server alive", server.is_running() and server.status() != psutil.STATUS_ZOMBIE, flush=True)
+    """)
+    from vigos_megatron.testing.distributed import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env({"VIGOS_FORCE_CPU": "1"}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stop noticed True" in proc.stdout and "server alive True" in proc.stdout, proc.stdout + proc.stderr

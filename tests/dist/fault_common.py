@@ -35,6 +35,26 @@ def launch_env(extra: dict | None = None) -> dict:
     return subprocess_env({"VIGOS_FORCE_CPU": "1", **(extra or {})})
 
 
+#: a directory whose sitecustomize.py pauses a launch inside a save (see :func:`pause_in_save`)
+PAUSE_DIR = Path(__file__).parent / "pause_open"
+
+
+def pause_in_save(step: int, seconds: float, file: str = ".metadata*") -> dict:
+    """Environment for a launch that holds the save of ``step`` for ``seconds`` before the first write of
+    ``file`` (a glob) in its directory (tests/dist/pause_open/sitecustomize.py). The default holds rank 0
+    after every rank's tensors are written and before its ``.metadata``. The process prints :data:`PAUSED`
+    then, and :data:`PAUSE_OVER` when it goes on."""
+    from vigos_megatron.testing.distributed import subprocess_env
+
+    path = os.pathsep.join([str(PAUSE_DIR), subprocess_env()["PYTHONPATH"]])
+    return {"PYTHONPATH": path, "VIGOS_TEST_PAUSE_OPEN": f"*/iter_{step:07d}/{file}={seconds:g}"}
+
+
+#: what a paused save prints (:func:`pause_in_save`)
+PAUSED = "[test] pausing"
+PAUSE_OVER = "[test] pause over"
+
+
 def launch_argv(run_dir, *overrides, nproc: int = 2) -> list[str]:
     return [sys.executable, str(ENTRY), "--nproc-per-node", str(nproc), "--config", str(CONFIG),
             f"run_dir={run_dir}", *RUN_ARGS, *overrides]

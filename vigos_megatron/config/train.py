@@ -120,6 +120,10 @@ class CheckpointConfig:
     #: resume although the objective, its weights, the model, the data stream or the optimizer
     #: settings differ from those stored with the checkpoint (a layout change never needs it)
     allow_changes: bool = False
+    #: write the interval checkpoints in the background (megatron-core's asynchronous dist-checkpoint
+    #: save, a forked writer per rank) while training goes on; the tracker moves once the save is
+    #: complete and verified; a stop signal and the end of the launch wait for it
+    async_save: bool = False
 
     def validate(self) -> None:
         require_at_least(self, 0, "save_interval", "keep_last")

@@ -102,13 +102,43 @@ def save_model_checkpoint(
     completed. An error in rank 0's part is raised on every rank (no rank waits for a barrier that
     rank 0 never reaches).
     """
+    from megatron.core import dist_checkpointing
+
+    ckpt, state = _begin_save(chunks, run_dir, iteration, extra_sharded_state)
+    dist_checkpointing.save(state, str(ckpt))
+    complete_model_checkpoint(ckpt, iteration, hf_source_dir=hf_source_dir, before_tracker=before_tracker)
+    return ckpt
+
+
+def start_model_checkpoint(
+    chunks: list, run_dir, iteration: int, *, hf_source_dir, extra_sharded_state: dict | None = None,
+    before_tracker=None,
+):
+    """:func:`save_model_checkpoint` with the tensors written by megatron-core's asynchronous save.
+
+    Returns ``(ckpt_dir, request)``: the caller schedules the ``AsyncRequest`` on megatron's
+    ``AsyncCallsQueue`` (a forked writer per rank, holding a copy-on-write snapshot of the tensors);
+    its finalize functions, run on every rank when the queue finalizes it, write ``.metadata`` and
+    ``metadata.json`` and then do :func:`complete_model_checkpoint` (HF files, ``before_tracker``,
+    the tracker). Until then the directory is incomplete.
+    """
+    import functools
+
+    from megatron.core import dist_checkpointing
+
+    ckpt, state = _begin_save(chunks, run_dir, iteration, extra_sharded_state)
+    # "mcore": megatron-core's own writer (the default, "nvrx", needs nvidia-resiliency-ext)
+    request = dist_checkpointing.save(state, str(ckpt), async_sharded_save=True, async_strategy="mcore")
+    request.add_finalize_fn(functools.partial(complete_model_checkpoint, ckpt, iteration,
+                                              hf_source_dir=hf_source_dir, before_tracker=before_tracker))
+    return ckpt, request
+
+
+def _begin_save(chunks: list, run_dir, iteration: int, extra_sharded_state: dict | None):
+    """``RUN/iter_<iteration>`` created by rank 0 (collective) and the sharded state to write there."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
 
-    from vigos_megatron.models.hf_checkpoint import copy_tokenizer_processor_files, record_key_layout
-
-    run = Path(run_dir)
-    ckpt = run / iter_dir_name(iteration)
+    ckpt = Path(run_dir) / iter_dir_name(iteration)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -120,7 +150,18 @@ def save_model_checkpoint(
         if overlap:
             raise ValueError(f"extra_sharded_state must not redefine {sorted(overlap)}")
         state.update(extra_sharded_state)
-    dist_checkpointing.save(state, str(ckpt))
+    return ckpt, state
+
+
+def complete_model_checkpoint(ckpt: Path, iteration: int, *, hf_source_dir, before_tracker=None) -> None:
+    """After every rank's tensors are written (collective): rank 0 stores the HF files and the layout
+    record, calls ``before_tracker(ckpt)`` and moves the tracker; its error is raised on every rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from vigos_megatron.models.hf_checkpoint import copy_tokenizer_processor_files, record_key_layout
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():
         dist.barrier()
     failure, error = None, None
@@ -145,7 +186,7 @@ def save_model_checkpoint(
             (ckpt / INFO_FILE).write_text(json.dumps(info, indent=2))
             if before_tracker is not None:
                 before_tracker(ckpt)
-            write_tracker(run, iteration)
+            write_tracker(ckpt.parent, iteration)
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error, failure = e, f"{type(e).__name__}: {e}"
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -158,7 +199,6 @@ def save_model_checkpoint(
         raise CheckpointError(f"{ckpt}: rank 0 could not complete the save: {failure}")
     if dist.is_initialized():
         dist.barrier()
-    return ckpt
 
 
 def check_model_checkpoint(chunks: list, ckpt_dir) -> None:

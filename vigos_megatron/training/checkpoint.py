@@ -29,7 +29,10 @@ the directory (``checkpoint_resume.verify_checkpoint``: every file that ``.metad
 size written), writes the manifest ``vigos_complete.json`` (files, sizes, the run's settings) and
 last, atomically, the tracker. A crash, a kill or a full disk mid-save leaves the previous
 checkpoint the latest and a directory without manifest, which the next launch names and moves
-into ``RUN/abandoned/`` (``checkpoint_resume.select_checkpoint``). At resume the newest complete checkpoint is
+into ``RUN/abandoned/`` (``checkpoint_resume.select_checkpoint``). With ``checkpoint.async_save`` the
+same save is written by a forked writer per rank while training goes on, and the steps after the
+tensors (``.metadata``, HF files, verification, manifest, tracker) run when the training loop
+finalizes it (:class:`BackgroundSaves`). At resume the newest complete checkpoint is
 checked again before it is read; one that fails (a truncated or missing file, an unreadable
 ``.metadata``, an error while reading) is reported in one line naming the file, and
 ``checkpoint.on_corrupt`` decides: ``fallback`` moves it aside and resumes from the newest complete
@@ -53,9 +56,7 @@ them (elsewhere the RNG streams stay as seeded and every rank takes rank 0's
 
 from __future__ import annotations
 
-import os
 import random
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ from vigos_megatron.convert.megatron_checkpoint import (
     model_sharded_state_dict,
     resolve_checkpoint,
     save_model_checkpoint,
+    start_model_checkpoint,
 )
 from vigos_megatron.models.hf_checkpoint import CheckpointError
 from vigos_megatron.training import checkpoint_files as cf
@@ -226,38 +228,40 @@ def start_checkpoint_writer() -> None:
     ``multiprocessing.Manager`` queue, a server process started at the first save and reused. A
     stop signal sent to the rank's process group (torchrun, the launcher) or to every process of a
     job step (Slurm) would kill that server, and the save that the signal asks for would then fail
-    (``BrokenPipeError``). Started here while SIGTERM and SIGINT are ignored (an ignored signal
-    stays ignored across ``exec``: the server ignores them for good) and, meanwhile, blocked in this
-    process (a signal that arrives then is kept pending, not lost, and delivered to this process's
-    handler when the mask is restored)."""
+    (``BrokenPipeError``). The server is spawned while SIGTERM and SIGINT are BLOCKED in this thread:
+    a child inherits the blocking thread's signal mask across ``fork`` and ``exec``, so they stay
+    blocked in the server for good (pending, never acted on; SIGKILL still ends it).
+
+    Only the mask changes, never the handlers: a signal that arrives meanwhile is delivered to
+    another thread of this process (the rank has several), where the stop handler records it, or
+    stays pending until the mask is restored. (Setting the signals to ``SIG_IGN`` here instead
+    would discard a stop that arrives during the server's start, a second or more: a preemption
+    right after a resume would then reach no rank.)"""
     import signal
+    from multiprocessing import resource_tracker
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is not None:
         return
-    sigs = (signal.SIGTERM, signal.SIGINT)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    # multiprocessing's resource tracker UNBLOCKS SIGTERM and SIGINT after it starts: start it first
+    resource_tracker.ensure_running()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         filesystem_async.get_write_results_queue()
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-#: test hook: seconds to pause inside a save, after the tensors are written and before the
-#: checkpoint is complete (tests kill or signal a run there)
-SAVE_DELAY_ENV = "VIGOS_TEST_SAVE_DELAY_S"
-
-
 def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list, model: list, optimizer, scheduler,
-                             hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None) -> Path:
+                             hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None,
+                             background: "BackgroundSaves | None" = None) -> Path:
     """Collectively write ``RUN/iter_<state.step>`` (every rank calls it). Returns the directory.
 
     The tracker moves only after rank 0 verified the directory and wrote its manifest (module
     docstring); then, with ``keep_last > 0``, complete checkpoints older than the newest
-    ``keep_last`` are removed.
+    ``keep_last`` are removed. With ``background`` (``checkpoint.async_save``) the tensors are
+    written by a forked writer and all of that happens when ``background`` finalizes the save
+    (:class:`BackgroundSaves`): the directory returned is not complete yet.
 
     Args:
         run_dir: the run directory (created if needed).
@@ -270,6 +274,7 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
             the manifest and compared at resume.
         keep_last: see ``checkpoint.keep_last``.
         log: where rank 0 reports removals (default: nowhere).
+        background: where the save goes on in the background (None: it is complete on return).
     """
     from vigos_megatron.training.optimizer import ensure_params_gathered
 
@@ -309,21 +314,68 @@ def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list
     }
 
     def complete(ckpt: Path) -> None:  # rank 0, after every rank's files are written
-        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-        if delay > 0:
-            print(f"[vigos] test hook {SAVE_DELAY_ENV}: pausing {delay:g} s inside the save of {ckpt.name}", flush=True)
-            time.sleep(delay)
         files, problem = verify_checkpoint(ckpt)
         if problem:
             raise CheckpointError(f"{ckpt}: the save is incomplete: {problem}")
         cf.write_manifest(ckpt, step=int(state.step), files=files, settings=settings)
 
+    def bound() -> None:  # every rank, once the save is complete
+        if keep_last > 0 and _rank() == 0:
+            cf.prune(run, keep_last, log=log)
+        _barrier()
+
+    if background is not None:
+        ckpt, request = start_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
+                                               extra_sharded_state=extra, before_tracker=complete)
+        request.add_finalize_fn(bound)
+        background.submit(int(state.step), ckpt, request)
+        return ckpt
     ckpt = save_model_checkpoint(student_chunks, run, int(state.step), hf_source_dir=hf_source_dir,
                                  extra_sharded_state=extra, before_tracker=complete)
-    if keep_last > 0 and _rank() == 0:
-        cf.prune(run, keep_last, log=log)
-    _barrier()
+    bound()
     return ckpt
+
+
+class BackgroundSaves:
+    """At most one checkpoint written in the background (``checkpoint.async_save``): megatron-core's
+    ``AsyncCallsQueue`` with a forked writer per rank (``TemporalAsyncCaller``; the fork holds a
+    copy-on-write snapshot of the tensors, so training goes on at once and changes nothing in it).
+
+    :meth:`finish` is collective (every rank calls it at the same point: once per step, before a new
+    save, at the end of a launch); it runs the save's finalize functions once every rank's writer has
+    exited: ``.metadata``, the HF files, the verification and manifest, the tracker, ``keep_last``.
+    :meth:`abandon` kills the writer (a stop at once: the directory stays incomplete and the next
+    launch moves it aside).
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+        #: ``(step, directory)`` of the save being written
+        self.pending: tuple[int, Path] | None = None
+
+    def submit(self, step: int, ckpt: Path, request) -> None:
+        if self.pending is not None:
+            raise RuntimeError(f"a save of step {self.pending[0]} is still pending (finish it first)")
+        self._queue.schedule_async_request(request)
+        self.pending = (step, ckpt)
+
+    def finish(self, *, wait: bool) -> tuple[int, Path] | None:
+        """``(step, directory)`` of the save completed now, or None (none pending, or not written yet and
+        ``wait`` is False). A failed write or verification raises on every rank."""
+        if self.pending is None:
+            return None
+        if not self._queue.maybe_finalize_async_calls(blocking=wait):
+            return None
+        done, self.pending = self.pending, None
+        return done
+
+    def abandon(self) -> None:
+        for call in self._queue.async_calls:
+            call.async_caller.close(abort=True)  # kills the forked writer
+        self._queue.async_calls.clear()
+        self.pending = None
 
 
 # ----------------------------------------------------------------------------- load

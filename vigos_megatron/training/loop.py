@@ -12,7 +12,9 @@ One iteration (``step`` counts optimizer steps; step 1 is the first update), :fu
    objective probes (``loss.vgs.eta_diagnostics_interval``) its probe losses' gradient norms come
    first, from extra schedule calls that leave the update unchanged (:func:`.update.probe_gradient_norms`);
 5. log one line of metrics (and of ``rollouts.jsonl``), save a checkpoint when due (interval, end
-   of launch, SIGTERM).
+   of launch, SIGTERM). With ``checkpoint.async_save`` an interval checkpoint is written in the
+   background and completed at the end of a later step (:func:`finish_save`); the last one of a
+   launch is written in place, after the one in the background is complete.
 
 A step whose batch is empty on some data-parallel rank (every sample dropped) is skipped by every
 rank (:func:`skip_step`). The set-up (models, optimizer, resume, loader, engine) is in :mod:`.setup`;
@@ -21,6 +23,7 @@ the metrics in :mod:`.metrics`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -137,20 +140,50 @@ class Outcome:
     saved: str | None = None
 
 
-def save(run: Run, step: int, last_saved: int):
-    """Save ``iter_<step>`` (collective). A failure (a full disk, a rank's write error) stops the run
-    with one line naming the directory and the last complete checkpoint (exit code 1)."""
-    from vigos_megatron.training.checkpoint import TrainState, disk_note, save_training_checkpoint
-    from vigos_megatron.training.checkpoint_resume import describe_error, read_errors
-    from vigos_megatron.training.signals import RunStopped
+def save(run: Run, step: int, last_saved: int, outcome: Outcome, background=None) -> int:
+    """Save ``iter_<step>`` (collective). Returns the last step with a complete checkpoint: ``step``, or
+    with ``background`` (``checkpoint.async_save``) still ``last_saved``: the save goes on while
+    training does, and :func:`finish_save` completes it."""
+    from vigos_megatron.training.checkpoint import TrainState, save_training_checkpoint
 
     ctx = run.ctx
-    try:
+    with save_failures(run, step, last_saved):
         path = save_training_checkpoint(run.cfg.run_dir, TrainState(step=step, loader=ctx.loader.state_dict()),
                                         student_chunks=ctx.models.student, model=ctx.models.model,
                                         optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                                         hf_source_dir=ctx.models.hf_files, settings=ctx.settings,
-                                        keep_last=run.cfg.checkpoint.keep_last, log=run.say)
+                                        keep_last=run.cfg.checkpoint.keep_last, log=run.say, background=background)
+    if background is not None:
+        return last_saved
+    run.say(f"[vigos] saved checkpoint {path}")
+    outcome.saved = str(path)
+    return step
+
+
+def finish_save(run: Run, background, last_saved: int, outcome: Outcome, *, wait: bool) -> int:
+    """Complete the save written in the background once every rank's writer is done (collective;
+    ``wait``: wait for them). Returns the last step with a complete checkpoint."""
+    if background is None or background.pending is None:
+        return last_saved
+    with save_failures(run, background.pending[0], last_saved):
+        done = background.finish(wait=wait)
+    if done is None:
+        return last_saved
+    run.say(f"[vigos] saved checkpoint {done[1]} (written in the background)")
+    outcome.saved = str(done[1])
+    return done[0]
+
+
+@contextlib.contextmanager
+def save_failures(run: Run, step: int, last_saved: int):
+    """A failed save of ``iter_<step>`` (a full disk, a rank's write error) stops the run with one line
+    naming the directory and the last complete checkpoint (exit code 1)."""
+    from vigos_megatron.training.checkpoint import disk_note
+    from vigos_megatron.training.checkpoint_resume import describe_error, read_errors
+    from vigos_megatron.training.signals import RunStopped
+
+    try:
+        yield
     except read_errors() as e:  # reported in one line; VIGOS_VERBOSE=1 keeps the traceback
         import os
         import traceback
@@ -171,8 +204,6 @@ def save(run: Run, step: int, last_saved: int):
         raise RunStopped(f"saving checkpoint {iter_dir_name(step)} in {run.cfg.run_dir} failed: {describe_error(e)}"
                          f"{disk_note(run.cfg.run_dir, last_saved)}. The last complete checkpoint is {last}; the next "
                          "launch moves the incomplete directory aside and resumes from it") from e
-    run.say(f"[vigos] saved checkpoint {path}")
-    return path
 
 
 def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
@@ -183,11 +214,11 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
     from vigos_megatron.data.prompts import load_templates
     from vigos_megatron.rollout.formats import completion_parser
     from vigos_megatron.runtime import compute_device
-    from vigos_megatron.training.checkpoint import start_checkpoint_writer
+    from vigos_megatron.training.checkpoint import BackgroundSaves, start_checkpoint_writer
     from vigos_megatron.training.signals import StopNow, StopSignal
 
     rank0 = dist.get_rank() == 0
-    run, saved_at = None, None
+    run, saved_at, background = None, None, None
     try:
         # from the start: a stop during the set-up ends the launch after its first step (with a checkpoint)
         with StopSignal() as stop:
@@ -216,6 +247,7 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
             # each data-parallel rank reads its own samples: the first rank of its TP x PP group names its drops
             log_drops = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
             start_checkpoint_writer()
+            background = BackgroundSaves() if cfg.checkpoint.async_save else None
             while step < end:
                 t0 = time.perf_counter()
                 batch = next(batches)
@@ -227,24 +259,28 @@ def train(cfg: "PretrainConfig", layout: "Layout", *, log=print) -> Outcome:
                     skip_step(run, ps, step, t0)  # no rank can run the schedule alone
                     continue
                 run_step(run, ps, step, batch["samples"], t0, last=end)
+                saved_at = finish_save(run, background, saved_at, outcome, wait=False)
                 if stop.agreed(None):
                     outcome.signal = stop.signal_name or "a signal (on another rank)"
                     run.say(f"[vigos] stop signal received: saving at step {step} and exiting")
                     break
                 interval = cfg.checkpoint.save_interval
                 if interval and step % interval == 0 and step < end:
-                    outcome.saved = str(save(run, step, saved_at))
-                    saved_at = step
-            # inside the handlers: a repeated signal during the final save is one stop, not two
+                    saved_at = finish_save(run, background, saved_at, outcome, wait=True)  # one at a time
+                    saved_at = save(run, step, saved_at, outcome, background)
+            # inside the handlers: a repeated signal during the final save is one stop, not two; a stop
+            # and the end of the launch wait for the save in the background, then save the last step
+            saved_at = finish_save(run, background, saved_at, outcome, wait=True)
             if step > saved_at:
-                outcome.saved = str(save(run, step, saved_at))
-                saved_at = step
+                saved_at = save(run, step, saved_at, outcome)
     except NonFiniteStep as e:
         run.writer.close()
         run.say(f"[vigos] stopped: {e}. The last checkpoint ({saved_at}) is intact.")
         raise
     except StopNow as e:
         e.saved_step = saved_at  # None: before any step of this launch
+        if background is not None:
+            background.abandon()  # its directory stays incomplete: the next launch moves it aside
         if run is not None:
             run.writer.close()
         raise
