@@ -65,7 +65,6 @@ import numpy as np
 import torch
 
 from vigos_megatron.convert.megatron_checkpoint import (
-    TRACKER_FILE,
     check_model_checkpoint,
     iter_dir_name,
     model_sharded_state_dict,
