@@ -15,10 +15,11 @@ spec) computes, in eval mode::
 with ``rope(t) = t * cos + rotate_half(t) * sin`` (megatron's unfused non-interleaved formula,
 ``cos = cos(freqs) * mscale``), ``freqs`` ``[s, b, 1, D]`` from the language model's own
 ``MultimodalRotaryEmbedding`` for the fed columns' mrope positions, ``cos``/``sin`` computed once
-per forward for all layers. Attention is ``torch.nn.functional.scaled_dot_product_attention``
-with the query heads of each key/value group folded into the query axis
-(``[b, G, (Nq/G) * s, D]`` against ``[b, G, c1, D]``: no copy of K/V), scale ``1/sqrt(D)`` or the
-configured ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``)
+per forward for all layers. Attention over several columns is
+``torch.nn.functional.scaled_dot_product_attention`` with the query heads of each key/value group
+folded into the query axis (``[b, G, (Nq/G) * s, D]`` against ``[b, G, c1, D]``: no copy of K/V);
+one column (a decode step) is :func:`decode_attention` (two batched GEMMs over the groups); scale
+``1/sqrt(D)`` or the configured ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``)
 must leave every query at least one key (its own column).
 
 The norms, projections, MLP and bias-dropout-add are the layers' modules and parameters, so
@@ -81,6 +82,24 @@ def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``t * cos + rotate_half(t) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` (last dim)."""
     x1, x2 = torch.chunk(t, 2, dim=-1)
     return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """One query position per row: ``softmax(scale * q K^T + bias) V`` -> ``[b, G, P, D]``.
+
+    ``q`` ``[b, G, P, D]`` (the ``P`` query heads of each key/value group), ``keys``/``values``
+    ``[b, G, T, D]`` (views of the cache; ``b`` and ``G`` must merge into one stride), ``bias``
+    ``[b, 1, 1, T]`` (0 or ``-inf``). Two batched GEMMs over the ``b * G`` groups, the scores as
+    ``K q^T`` (``[T, D] x [D, P]``: the cache is the tall operand, streamed once), then transposed
+    to ``[P, T]`` (small) for the softmax and ``P V``. On one CPU thread this reads the cache
+    about 1.2-1.5x faster than torch's flash SDPA kernel at ``P = 4``, ``D = 64``.
+    """
+    b, g, p, d = q.shape
+    t = keys.shape[2]
+    scores = torch.bmm(keys.reshape(b * g, t, d), q.reshape(b * g, p, d).transpose(1, 2))  # [bG, T, P]
+    scores = scores.transpose(1, 2).contiguous().view(b, g, p, t).mul_(scale).add_(bias)
+    probs = torch.softmax(scores.view(b * g, p, t), dim=-1)
+    return torch.bmm(probs, values.reshape(b * g, t, d)).view(b, g, p, d)
 
 
 class EvalLinear:
@@ -261,6 +280,9 @@ class CachedStageForward:
         """``q`` ``[sq, b, Nq, D]`` over ``keys``/``values`` ``[b, G, sk, D]`` -> ``[sq, b, Nq * D]``."""
         sq, b, nq, d = q.shape
         g = self.kv_heads
+        if sq == 1:  # a decode step (or the prefill's last column)
+            a = decode_attention(q.reshape(b, g, nq // g, d), keys, values, bias, self.scale)
+            return a.view(1, b, nq * d)
         # [sq, b, Nq, D] -> [b, Nq, sq, D] -> [b, G, (Nq/G) * sq, D] (query heads are group-major)
         qg = q.permute(1, 2, 0, 3).reshape(b, g, (nq // g) * sq, d)
         # the mask expanded over the groups (a stride-0 view): torch's CPU flash kernel is about 3x
