@@ -91,8 +91,8 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scal
     ``[b, G, T, D]`` (views of the cache; ``b`` and ``G`` must merge into one stride), ``bias``
     ``[b, 1, 1, T]`` (0 or ``-inf``). Two batched GEMMs over the ``b * G`` groups, the scores as
     ``K q^T`` (``[T, D] x [D, P]``: the cache is the tall operand, streamed once), then transposed
-    to ``[P, T]`` (small) for the softmax and ``P V``. On one CPU thread this reads the cache
-    about 1.2-1.5x faster than torch's flash SDPA kernel at ``P = 4``, ``D = 64``.
+    to ``[P, T]`` (small) for the softmax and ``P V``. On one CPU thread (``P = 4``, ``D = 64``,
+    32 rows, 2,435 columns) this is about 1.2-1.4x faster than torch's flash SDPA kernel.
     """
     b, g, p, d = q.shape
     t = keys.shape[2]
@@ -109,7 +109,8 @@ def onednn_packed(weight: Tensor) -> Tensor | None:
     the packed product is 1.1x / 1.6x / 1.4x faster than ``torch.matmul`` at 1 / 8 / 32 rows with
     the small preset's weights (the GEMM of every decode step); it rounds differently (fp32, other
     summation order)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
