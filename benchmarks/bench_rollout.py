@@ -20,6 +20,11 @@ the remaining tokens) with the step ratio (HF / engine); how many rows produced 
   fraction of the memory-bandwidth roofline: (language-model weight bytes + KV-cache bytes read
   per decode step) / measured copy bandwidth over the mean decode step (CUDA only).
 
+``--clock cpu`` times everything (both generators, the engine's prefill and decode steps, the copy
+bandwidth) with this process's CPU time instead of the wall clock: on a shared, oversubscribed
+machine the wall clock mostly measures the other processes (one thread: CPU time is the time the
+run would take alone, up to cache and memory-bandwidth contention).
+
 ``--sweep-batch B`` adds the prefix sweep: one generation of ``--sweep-tokens`` + 4 tokens at
 batch ``B``; median decode step around completion tokens 20, 200 and ``--sweep-tokens``; the
 growth from token 20 against the extra KV-cache bytes read at the measured copy bandwidth.
@@ -138,18 +143,18 @@ def image_text_prompts(cfg, lengths: list[int], text_vocab: int, dtype):
     return bases
 
 
-def copy_bandwidth(device, nbytes: int) -> float:
+def copy_bandwidth(device, nbytes: int, clock=time.perf_counter) -> float:
     """Bytes/s of ``copy_`` between two preallocated, already touched tensors of ``nbytes`` (read +
-    write counted) on ``device``: median of 5."""
+    write counted) on ``device``: median of 5, timed with ``clock``."""
     x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
     y = torch.zeros_like(x)
     times = []
     for _ in range(6):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         y.copy_(x)
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return 2 * nbytes / statistics.median(times[1:])
 
 
@@ -231,6 +236,7 @@ def run(args) -> None:
             return [RolloutPrompt(*bases[i % len(bases)], sample_id=i) for i in range(b)]
 
         eng = MegatronRolloutEngine(chunks, hf_config=builder.hf_config, stop_token_ids=never, pad_token_id=0)
+        clock = eng.clock = {"wall": time.perf_counter, "cpu": time.process_time}[args.clock]
         greedy = SamplingConfig(greedy=True, max_new_tokens=args.new_tokens, max_batch_size=max(args.batches))
         eng.generate(prompts(2), SamplingConfig(greedy=True, max_new_tokens=4))  # warm-up
         if hf is not None:
@@ -241,30 +247,30 @@ def run(args) -> None:
             row = dict(batch=b, tps=0.0, hf_tps=0.0)
             for _ in range(args.repeat):  # best of --repeat, engine and HF alternating
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 outs = eng.generate(prompts(b), greedy)
                 sync(device)
-                wall = time.perf_counter() - t0
+                wall = clock() - t0
                 st = eng.last_stats
                 n = sum(o.length for o in outs)
                 if n / wall > row["tps"]:
                     row.update(tps=n / wall, prefill=st.prefill_seconds, kv=st.kv_cache_bytes,
                                step=st.decode_seconds / max(1, len(st.step_seconds[0])) * 1e3)
                 if hf is not None:
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     ref = hf_generate(hf, bases, b, args.new_tokens, 0)
                     sync(device)
-                    hf_wall = time.perf_counter() - t0
-                    t0 = time.perf_counter()
+                    hf_wall = clock() - t0
+                    t0 = clock()
                     hf_generate(hf, bases, b, 1, 0)  # prefill and first token only
                     sync(device)
-                    hf_prefill = time.perf_counter() - t0
+                    hf_prefill = clock() - t0
                     if b * args.new_tokens / hf_wall > row["hf_tps"]:
                         row.update(hf_tps=b * args.new_tokens / hf_wall, hf_prefill=hf_prefill,
                                    hf_step=(hf_wall - hf_prefill) / max(1, args.new_tokens - 1) * 1e3)
                     row["same"] = sum(o.token_ids.tolist() == r for o, r in zip(outs, ref))
             if device.type == "cuda":
-                bw = copy_bandwidth(device, args.copy_bytes)
+                bw = copy_bandwidth(device, args.copy_bytes, clock)
                 moved = weight_bytes(chunks) + kv_bytes_per_column(cfg, b, 2) * (plen + args.new_tokens / 2)
                 row["roofline"] = moved / bw / (row["step"] / 1e3)
             rows.append(row)
@@ -274,7 +280,7 @@ def run(args) -> None:
             cfg_s = SamplingConfig(greedy=True, max_new_tokens=n_new, max_batch_size=args.sweep_batch)
             eng.generate(prompts(args.sweep_batch), cfg_s)
             steps = eng.last_stats.step_seconds[0]
-            bw = copy_bandwidth(device, args.copy_bytes)
+            bw = copy_bandwidth(device, args.copy_bytes, clock)
 
             def around(t):  # steps[t - 1] is the step that feeds completion token t
                 return statistics.median(steps[max(0, t - 5) : t + 4])
@@ -287,7 +293,8 @@ def run(args) -> None:
     name = {"tiny": "tiny Qwen2.5-VL (fp32)", "small": "small Qwen2.5-VL (fp32, hidden 512, 8 layers)",
             "3b": "Qwen2.5-VL-3B-shaped random model (bf16)"}[args.preset]
     print(f"\n{name}, vocabulary {cfg.text_config.vocab_size}; {describe()}; {args.threads} torch threads; "
-          f"prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), {args.new_tokens} new tokens, greedy")
+          f"prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), {args.new_tokens} new tokens, greedy; "
+          f"{args.clock} clock")
     head = f"{'batch':>6}{'engine tok/s':>14}"
     if args.hf:
         head += f"{'HF tok/s':>10}{'ratio':>7}"
@@ -334,6 +341,8 @@ def main() -> None:
     p.add_argument("--sweep-batch", type=int, default=0, help="prefix sweep at this batch size (0: none)")
     p.add_argument("--sweep-tokens", type=int, default=2000)
     p.add_argument("--copy-bytes", type=int, default=512 << 20, help="bytes copied to measure memory bandwidth")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (steadier on a shared, oversubscribed machine)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = p.parse_args()
     if not args.prompt_len:

@@ -207,6 +207,25 @@ def test_eval_modules_compute_exactly_what_the_megatron_modules_compute(setup):
             assert torch.equal(got[0], want[0]) and got[1] is want[1]
 
 
+def test_onednn_packed_linears_match_the_modules_and_unpack(setup):
+    """On the CPU the engine's linears run on a oneDNN copy of the weights during generate: the
+    same product up to fp32 rounding, back to the bit-identical matmul after unpack."""
+    from vigos_megatron.rollout.cached_forward import EvalLinear
+
+    layer = setup["chunks"][0].language_model.decoder.layers[0]
+    x = torch.randn(5, 3, layer.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lin = EvalLinear(layer.mlp.linear_fc1)
+        want = layer.mlp.linear_fc1(x)[0]
+        packed = lin.pack()
+        assert packed is not None and lin.packed is packed
+        got = lin(x)[0]
+        print(f"oneDNN vs matmul: max |diff| {(got - want).abs().max().item():.1e}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        lin.unpack()
+        assert lin.packed is None and torch.equal(lin(x)[0], want)
+
+
 def test_left_padding_is_invisible_in_the_logits(setup):
     """The short prompt's logits are the same alone and left-padded behind the long one; unmasked padding is not."""
     eng = _engine(setup)

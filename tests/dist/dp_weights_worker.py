@@ -37,18 +37,25 @@ CONFIG = ROOT / "conf" / "tiny_cpu.yaml"
 
 class PrefillLogits:
     """``with PrefillLogits(chunk) as cap: engine.generate(...)``; then ``cap.logits``: the output
-    layer's first call inside the block, i.e. the prefill's last-column logits ``[B, V]`` (B
-    prompts of the round, in the engine's order) that the first tokens are sampled from."""
+    layer (the module, with this chunk's weights) on the final norm's first output inside the
+    block, i.e. the logits ``[B, V]`` of the prefill's last column (B prompts of the round, in the
+    engine's order). The engine's own output product may round differently (oneDNN on the CPU):
+    compare captures with captures."""
 
     def __init__(self, chunk):
         from vigos_megatron.rollout.engine import _unwrap
 
-        self.layer = _unwrap(chunk).language_model.output_layer
+        self.lm = _unwrap(chunk).language_model
+        self.layer = self.lm.decoder.final_layernorm
         self.logits: torch.Tensor | None = None
 
     def _hook(self, module, args, out):
         if self.logits is None:
-            self.logits = out[0].detach()[0].clone()  # [1, B, V] -> [B, V]
+            lm = self.lm
+            weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
+            with torch.no_grad():
+                logits, _ = lm.output_layer(out.detach(), weight=weight, runtime_gather_output=False)
+            self.logits = logits[0].clone()  # [1, B, V] -> [B, V]
 
     def __enter__(self):
         self.logits = None

@@ -15,10 +15,11 @@ spec) computes, in eval mode::
 with ``rope(t) = t * cos + rotate_half(t) * sin`` (megatron's unfused non-interleaved formula,
 ``cos = cos(freqs) * mscale``), ``freqs`` ``[s, b, 1, D]`` from the language model's own
 ``MultimodalRotaryEmbedding`` for the fed columns' mrope positions, ``cos``/``sin`` computed once
-per forward for all layers. Attention is ``torch.nn.functional.scaled_dot_product_attention``
-with the query heads of each key/value group folded into the query axis
-(``[b, G, (Nq/G) * s, D]`` against ``[b, G, c1, D]``: no copy of K/V), scale ``1/sqrt(D)`` or the
-configured ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``)
+per forward for all layers. Attention over several columns is
+``torch.nn.functional.scaled_dot_product_attention`` with the query heads of each key/value group
+folded into the query axis (``[b, G, (Nq/G) * s, D]`` against ``[b, G, c1, D]``: no copy of K/V);
+one column (a decode step) is :func:`decode_attention` (two batched GEMMs over the groups); scale
+``1/sqrt(D)`` or the configured ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``)
 must leave every query at least one key (its own column).
 
 The norms, projections, MLP and bias-dropout-add are the layers' modules and parameters, so
@@ -83,10 +84,47 @@ def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
 
 
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """One query position per row: ``softmax(scale * q K^T + bias) V`` -> ``[b, G, P, D]``.
+
+    ``q`` ``[b, G, P, D]`` (the ``P`` query heads of each key/value group), ``keys``/``values``
+    ``[b, G, T, D]`` (views of the cache; ``b`` and ``G`` must merge into one stride), ``bias``
+    ``[b, 1, 1, T]`` (0 or ``-inf``). Two batched GEMMs over the ``b * G`` groups, the scores as
+    ``K q^T`` (``[T, D] x [D, P]``: the cache is the tall operand, streamed once), then transposed
+    to ``[P, T]`` (small) for the softmax and ``P V``. On one CPU thread (``P = 4``, ``D = 64``,
+    32 rows, 2,435 columns) this is about 1.2-1.4x faster than torch's flash SDPA kernel.
+    """
+    b, g, p, d = q.shape
+    t = keys.shape[2]
+    scores = torch.bmm(keys.reshape(b * g, t, d), q.reshape(b * g, p, d).transpose(1, 2))  # [bG, T, P]
+    scores = scores.transpose(1, 2).contiguous().view(b, g, p, t).mul_(scale).add_(bias)
+    probs = torch.softmax(scores.view(b * g, p, t), dim=-1)
+    return torch.bmm(probs, values.reshape(b * g, t, d)).view(b, g, p, d)
+
+
+def onednn_packed(weight: Tensor) -> Tensor | None:
+    """``weight`` ``[N, K]`` reordered for oneDNN's linear (``x W^T`` through
+    ``torch.ops.mkldnn._linear_pointwise``), or ``None`` where that path does not apply (not an
+    fp32 CPU tensor, or a torch without oneDNN). On this project's CPUs (AMD EPYC, torch's MKL)
+    the packed product is 1.1x / 1.6x / 1.4x faster than ``torch.matmul`` at 1 / 8 / 32 rows with
+    the small preset's weights (the GEMM of every decode step); it rounds differently (fp32, other
+    summation order)."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
 class EvalLinear:
     """megatron's ``ColumnParallelLinear`` (no output gather) or ``RowParallelLinear`` (parallel
     input) in eval mode: ``(x W^T + b, None)``, or ``(x W^T, b)`` with ``skip_bias_add``; a
-    row-parallel product is all-reduced over its TP group before the bias. Anything else: the module."""
+    row-parallel product is all-reduced over its TP group before the bias. Anything else: the module.
+
+    :meth:`pack` (on the CPU) computes ``x W^T`` with a oneDNN copy of ``W`` (:func:`onednn_packed`)
+    until :meth:`unpack`; the copy is taken when packing, so pack again after the weights change."""
+
+    #: oneDNN copy of the weight while packed (None: torch.matmul on the module's weight)
+    packed: Tensor | None = None
 
     def __init__(self, module):
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -104,11 +142,22 @@ class EvalLinear:
                           and not module.config.defer_embedding_wgrad_compute)
             self.group = None
 
+    def pack(self) -> Tensor | None:
+        """Switch to the oneDNN product where it applies (:func:`onednn_packed`); returns the copy."""
+        self.packed = onednn_packed(self.module.weight) if self.plain else None
+        return self.packed
+
+    def unpack(self) -> None:
+        self.packed = None
+
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         mod = self.module
         if not self.plain:
             return mod(x)
-        y = torch.matmul(x, mod.weight.t())
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        else:
+            y = torch.matmul(x, mod.weight.t())
         if self.group is not None:
             y = y.contiguous()
             torch.distributed.all_reduce(y, group=self.group)
@@ -200,6 +249,15 @@ class CachedStageForward:
         self.parts = [(EvalQKV(layer.self_attention), EvalLinear(layer.self_attention.linear_proj),
                        EvalMLP(layer.mlp), layer.self_attn_bda(False, fusion), layer.mlp_bda(False, fusion))
                       for layer in self.layers]
+        #: the last stage's output layer as a direct linear (``[.., V/tp]`` logits, no gather); None
+        #: before the last stage, for tied embeddings and any non-plain layer (then the module)
+        output = (EvalLinear(lm.output_layer) if lm.post_process and not lm.share_embeddings_and_output_weights
+                  else None)
+        self.output = output if output is not None and output.plain else None
+        #: every direct linear of the stage (packed for oneDNN during a generation on the CPU)
+        self.linears = [lin for qkv, proj, mlp, _, _ in self.parts for lin in (qkv.linear, proj, mlp.fc1, mlp.fc2)]
+        if self.output is not None:
+            self.linears.append(self.output)
         cfg = lm.config
         self.config = cfg
         self.rotary = lm.rotary_pos_emb
@@ -261,6 +319,9 @@ class CachedStageForward:
         """``q`` ``[sq, b, Nq, D]`` over ``keys``/``values`` ``[b, G, sk, D]`` -> ``[sq, b, Nq * D]``."""
         sq, b, nq, d = q.shape
         g = self.kv_heads
+        if sq == 1:  # a decode step (or the prefill's last column)
+            a = decode_attention(q.reshape(b, g, nq // g, d), keys, values, bias, self.scale)
+            return a.view(1, b, nq * d)
         # [sq, b, Nq, D] -> [b, Nq, sq, D] -> [b, G, (Nq/G) * sq, D] (query heads are group-major)
         qg = q.permute(1, 2, 0, 3).reshape(b, g, (nq // g) * sq, d)
         # the mask expanded over the groups (a stride-0 view): torch's CPU flash kernel is about 3x
