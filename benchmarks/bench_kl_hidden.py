@@ -8,6 +8,9 @@ tokens; forward+backward, the output-weight gradient counted in every path:
 
 * ``logits``: the output layer as megatron applies it (``h @ W.T`` in the input dtype, the student's
   hidden gradient summed over TP), ``[n, V/tp]`` logits of the three rows kept, the chunked KL;
+* ``logits-fp32``: the product's logits path (``loss.from_hidden: false``, ``loss.logits_dtype:
+  float32``): the output layer's fp32 accumulator, unrounded (``models.output_logits``), for the
+  three rows; the same precision as ``hidden``;
 * ``hidden``: :mod:`vigos_megatron.losses.hidden_kl` (recompute in backward, the product path);
 * ``hidden-fwd``: the alternative measured against it: the gradients formed in the forward
   (same chunks and statistics), kept until backward and scaled there by the incoming gradient.
@@ -19,6 +22,7 @@ is the process's resident high-water mark above what it held once its inputs exi
 
     .venv/bin/python benchmarks/bench_kl.py --from-hidden                       # the issue's table (long)
     .venv/bin/python benchmarks/bench_kl.py --from-hidden --hidden 256 --tokens 1024 4096
+    .venv/bin/python benchmarks/bench_kl.py --from-hidden --tp 1 --paths logits logits-fp32 hidden --clock cpu
 """
 
 from __future__ import annotations
@@ -33,7 +37,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kl import _status, run_worker  # noqa: E402
 
-PATHS = ("logits", "hidden", "hidden-fwd")
+PATHS = ("logits", "logits-fp32", "hidden", "hidden-fwd")
+
+
+def _side_logits(groups, xs, weights, block: int):
+    """A side's fp32 logits ``[c, V/tp]``, each weight widened to fp32 ``block`` rows at a time."""
+    import torch
+
+    v = weights[0].shape[0]
+    out = torch.zeros(xs[0].shape[0], v)
+    for grp, x in zip(groups, xs):
+        for b0 in range(0, v, block):
+            out[:, b0:b0 + block] += x @ weights[grp.weight][b0:b0 + block].float().t()
+    return out
 
 
 def _forward_grads_kl(hs, ws, ht, wt, group, chunk_bytes):
@@ -42,7 +58,7 @@ def _forward_grads_kl(hs, ws, ht, wt, group, chunk_bytes):
     import torch.distributed as dist
 
     from vigos_megatron.collectives import all_reduce
-    from vigos_megatron.losses.hidden_kl import Group, _combined, _side
+    from vigos_megatron.losses.hidden_kl import Group, _combined
     from vigos_megatron.losses.kl_common import kl_from_stats
     from vigos_megatron.losses.torch_kl import chunk_sums, side_grads
 
@@ -62,7 +78,7 @@ def _forward_grads_kl(hs, ws, ht, wt, group, chunk_bytes):
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
                 xs = [[_combined(g, hidden, lo, hi, 1.0) for g in side] for side in sides]
-                a, b = (_side(side, x, weights, 0, v, block) for side, x in zip(sides, xs))
+                a, b = (_side_logits(side, x, weights, block) for side, x in zip(sides, xs))
                 m = all_reduce(torch.stack([a.amax(-1), b.amax(-1)], 1), group, dist.ReduceOp.MAX)
                 s = all_reduce(chunk_sums(a.clone(), b.clone(), m, True, False), group, dist.ReduceOp.SUM)
                 k, lse_a, lse_b = kl_from_stats(m, s, rev[: hi - lo])
@@ -92,12 +108,26 @@ def _loss(path, hs, ws, ht, wt, group, chunk_bytes):
                        tp_group=group, chunk_bytes=chunk_bytes)
     if path == "hidden-fwd":
         return _forward_grads_kl(hs, ws, ht, wt, group, chunk_bytes)
-    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+    if path == "logits-fp32":
+        from types import SimpleNamespace
 
-    x = copy_to_tensor_model_parallel_region(hs, group=group) if group is not None else hs
-    zs = x @ ws.t()
-    with torch.no_grad():
-        zt = ht @ wt.t()
+        import torch.distributed as dist
+
+        from vigos_megatron.models.output_logits import fp32_output_logits
+
+        def layer(w):
+            return SimpleNamespace(weight=w, bias=None, sequence_parallel=False, tp_group=group or dist.group.WORLD)
+
+        zs = fp32_output_logits(hs, layer(ws))
+        with torch.no_grad():
+            zt = torch.stack([fp32_output_logits(ht[0], layer(wt)), fp32_output_logits(ht[1], layer(wt))])
+    else:
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        x = copy_to_tensor_model_parallel_region(hs, group=group) if group is not None else hs
+        zs = x @ ws.t()
+        with torch.no_grad():
+            zt = ht @ wt.t()
     return kl_rows(LogitRows(zs), [LogitRows(zt[0]), LogitRows(zt[1], coef=-1.0)], reverse=True, tp_group=group,
                    chunk_bytes=chunk_bytes, impl="torch")
 
@@ -125,10 +155,11 @@ def worker(args) -> None:
         dist.barrier()
         open("/proc/self/clear_refs", "w").write("5")
         base = _status("VmRSS")
-        t0 = time.perf_counter()
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        t0 = clock()
         kl = _loss(args.path, hs, ws, ht, wt, group, args.chunk_bytes)
         kl.sum().backward()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
         peak = max(peak, _status("VmHWM") - base)
         loss = float(kl.sum())
         del kl
@@ -142,7 +173,8 @@ def worker(args) -> None:
 def launch(path, tp, tokens, args) -> dict:
     return run_worker(__file__, tp, args.threads,
                       ["--path", path, "--tokens", str(tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-                       "--dtype", args.dtype, "--reps", str(args.reps), "--chunk-bytes", str(args.chunk_bytes)],
+                       "--dtype", args.dtype, "--reps", str(args.reps), "--chunk-bytes", str(args.chunk_bytes),
+                       "--clock", args.clock],
                       f"{path} tp={tp} tokens={tokens}")
 
 
@@ -160,6 +192,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--chunk-bytes", type=int, default=64 << 20)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: rank 0's process CPU time (all its threads), for a machine shared with other work")
     return p
 
 
@@ -173,7 +207,8 @@ def main(argv=None) -> None:
     rows = [launch(path, tp, n, args) for tp in args.tp for n in args.tokens for path in args.paths]
     gib = 2**30
     print(f"\nKL forward+backward from the same inputs, {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
-          f"1 student + 2 teacher rows per token, {args.threads} CPU threads total, median of {args.reps}")
+          f"1 student + 2 teacher rows per token, {args.threads} CPU threads total, median of {args.reps}, "
+          f"{args.clock} clock")
     print(f"{'path':<11}{'TP':>3}{'tokens':>7}{'time s':>9}{'x logits':>9}{'peak GiB':>10}{'x logits':>9}"
           f"{'beyond dW GiB':>15}{'loss':>13}")
     ref = {(r["tp"], r["tokens"]): r for r in rows if r["path"] == "logits"}

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from vigos_megatron.losses.objectives import DistillTokens, VGSLoss, VGSTokens, global_segment_counts
 from vigos_megatron.objectives.vgs import VGSLossConfig
 from vigos_megatron.objectives.vigos import ViGOSLossConfig, vigos_loss
-from vigos_megatron.losses.vocab_parallel_kl import LogitRows, kl_rows, vocab_parallel_kl
+from vigos_megatron.losses.vocab_parallel_kl import HiddenRows, LogitRows, kl_rows, vocab_parallel_kl
 from vigos_megatron.testing.kl_reference import clipped_reference, kl_reference, kl_tolerance_ok
 
 V = 300  # full vocabulary of the cases (interpreter blocks of 128: several blocks and a masked tail per shard)
@@ -340,6 +340,49 @@ def case_objective_vgs(ctx: Ctx) -> list[str]:
     return fails
 
 
+def case_hidden(ctx: Ctx, dtype: torch.dtype) -> list[str]:
+    """The KL from hidden states with each tile reduced by the kernels equals the torch tiles: VGS's
+    three-term target (a detached student row, two teacher rows with coefficients 1, -1), per-token
+    directions, T != 1, a clip inside the range, several vocabulary blocks and token chunks per shard;
+    at TP=2 four all-reduces (shard check, MAX, SUM, the hidden gradient's SUM), never a gather."""
+    g = torch.Generator().manual_seed(12)
+    n, h = 20, 12
+    hs_full = torch.randn(n, h, generator=g).to(dtype)
+    ht_full = (hs_full.float().repeat(2, 1) + 0.5 * torch.randn(2 * n, h, generator=g)).to(dtype)
+    ws_full = (torch.randn(ctx.vocab, h, generator=g) * 0.6).to(dtype)
+    wt_full = (ws_full.float() + 0.2 * torch.randn(ctx.vocab, h, generator=g)).to(dtype)
+    rev = torch.arange(n, device=ctx.device) % 3 != 0
+    i1 = torch.arange(n, device=ctx.device)
+    i2 = i1 + n
+    res, fails = {}, []
+    for impl in ("triton", "torch"):
+        hs = hs_full.clone().to(ctx.device).requires_grad_()
+        ws = ws_full[ctx.sl].clone().to(ctx.device).requires_grad_()
+        ht, wt = ht_full.to(ctx.device), wt_full[ctx.sl].clone().to(ctx.device)
+
+        def call():
+            target = [HiddenRows(hs.detach(), ws.detach()), HiddenRows(ht, wt, i1), HiddenRows(ht, wt, i2, coef=-1.0)]
+            kl = kl_rows(HiddenRows(hs, ws), target, reverse=rev, temperature=1.3, clip=0.9, tp_group=ctx.group,
+                         vocab_size=ctx.vocab, chunk_bytes=2048, impl=impl)
+            (kl * torch.linspace(0.5, 2.0, n, device=ctx.device)).sum().backward()
+            return kl
+
+        kl, f = _kl_call(ctx, 4, call)
+        fails += [f"{impl}: {m}" for m in f]
+        res[impl] = (kl.detach().cpu(), hs.grad.cpu(), ws.grad.cpu())
+    (k_tr, gh_tr, gw_tr), (k_to, gh_to, gw_to) = res["triton"], res["torch"]
+    if not 0 < int((k_to == 0.9).sum()) < n:
+        fails.append(f"the clip at 0.9 should cut some tokens, not all: {k_to.tolist()}")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: gradients are returned in bf16
+    if (k_tr - k_to).abs().max() > 1e-5 * (1 + k_to.abs().max()):
+        fails.append(f"KL differs from the torch tiles: {(k_tr - k_to).abs().max():.3e}")
+    for name, a, b in (("hidden grad", gh_tr, gh_to), ("weight grad", gw_tr, gw_to)):
+        rel = _grad_rel_err(a, b, ctx)
+        if rel > tol or a.dtype != dtype:
+            fails.append(f"{name}: rel err {rel:.3e} > {tol} vs the torch tiles (dtype {a.dtype})")
+    return fails
+
+
 def case_layouts(ctx: Ctx) -> list[str]:
     """A non-contiguous ``[S, R, V/tp]`` view (megatron's sequence-first output transposed) and a
     strided vocabulary slice give the torch implementation's values and gradients."""
@@ -437,6 +480,7 @@ CASES = {
        for dt in (torch.float32, torch.bfloat16)},
     "objective_vigos": case_objective_vigos,
     "objective_vgs": case_objective_vgs,
+    **{f"hidden-{str(dt).split('.')[-1]}": (lambda ctx, dt=dt: case_hidden(ctx, dt)) for dt in (torch.float32, torch.bfloat16)},
     "layouts": case_layouts,
     "dispatch": case_dispatch,
     "errors": case_errors,

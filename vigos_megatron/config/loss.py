@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import field, make_dataclass
 
-from vigos_megatron.errors import ConfigError, require_at_least, require_one_of
+from vigos_megatron.errors import require_at_least, require_one_of
 from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.objectives import MODULES, get
 
@@ -19,9 +19,6 @@ def _validate(self) -> None:
     require_one_of(self, "objective", MODULES)
     require_one_of(self, "impl", KL_IMPLS)
     require_at_least(self, 4096, "chunk_bytes")
-    if self.from_hidden and self.impl == "triton":
-        raise ConfigError("impl: 'triton' is the KL from logits; with from_hidden: true the KL is torch's "
-                          "(set from_hidden: false for the Triton kernels)")
     require_one_of(self, "logits_dtype", LOGITS_DTYPES)
 
 
@@ -31,7 +28,8 @@ def _settings(name: str) -> type:
 
 #: ``objective``; ``<name>`` for every registered objective (its settings); ``chunk_bytes``: bytes of
 #: one fp32 ``[chunk, V/tp]`` work tensor inside the KL (bounds the loss's memory); ``impl``: "auto"
-#: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton" (the KL from logits); ``from_hidden``: the last
+#: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton" (from hidden states: who reduces
+#: each tile); ``from_hidden``: the last
 #: stage hands the loss its final hidden states and output weights and the KL forms each chunk's logits
 #: itself, in fp32 (no [tokens, V/tp] logits kept; false: the logits path, the reference); ``logits_dtype``
 #: (the logits path): the logits the loss reads in a bf16 model, "float32" (the output layer's fp32

@@ -6,27 +6,41 @@ group, the output layer's input) and ``weight`` ``[V/tp, H]`` (this rank's vocab
 output layer, tied or not). Each term carries its own weight and hidden size, so a teacher of
 another width scores its rows with its own ``[V/tp, H_t]`` weight.
 
-Terms of one side that share a weight are summed BEFORE the output GEMM (logits are linear in the
-hidden state): ``sum_k c_k h_k @ W.T = (sum_k c_k h_k) @ W.T``; VGS's ``q_T(.|I,x) - q_T(.|x)`` is
-one GEMM on the difference of the teacher's two hidden rows.
+Both passes walk the same tiles: vocabulary blocks of ``Vb`` rows outer (``[Vb, H]`` about
+``chunk_bytes`` in fp32), token chunks of ``c`` tokens inner (fp32
+tiles ``[c, Vb]`` about ``chunk_bytes``). A tile's logits are fp32 either way (the products of the
+model's values accumulated in fp32, never rounded to the model's dtype), formed by one of two GEMM
+kinds, per weight:
 
-Forward, chunk by chunk over tokens (``c`` tokens, one fp32 ``[c, V/tp]`` tensor about
-``chunk_bytes``): the chunk's fp32 logits of both sides (fp32 GEMMs on fp32 copies of ``H``-rows and
-of weight blocks), the per-token maxima (``MAX`` all-reduce of ``[c, 2]``), the sums
-``(S_a, S_b, C_a, C_b)`` of :func:`~vigos_megatron.losses.torch_kl.chunk_sums` (``SUM`` all-reduce of
-``[c, 4]``); the logits are then dropped. Two all-reduces of per-token scalars per chunk, never a
-gather. The KL, ``lse`` and the clip (after the cross-shard sum) follow as in
+* fp32 operands (an fp32 weight; a bf16 weight on the CPU, which has no bf16 GEMM with an fp32
+  result): the weight block is widened once per pass and the terms sharing it are summed before the
+  GEMM (logits are linear in the hidden state), ``x = sum_k c_k/T h_k``: one GEMM per group, VGS's
+  ``q_T(.|I,x) - q_T(.|x)`` one GEMM on the difference of the teacher's two hidden rows;
+* low-precision operands (a bf16/fp16 weight on CUDA): one GEMM per term in the model's dtype with
+  an fp32 result (``torch.mm(..., out_dtype=float32)``), scaled by ``c_k/T`` and summed in fp32; in
+  backward ``dz`` is rounded once to the model's dtype for the ``dW``/``dh`` GEMMs (fp32 results),
+  as megatron's bf16 output layer rounds its logits' gradient.
+
+Forward: each tile is reduced to online statistics per token ``(m_a, m_b, S_a, S_b, C_a, C_b)``
+(running maxima; ``S = sum e^{z - m}``, ``C_a = sum e^{a - m_a} (a - b)``, ``C_b = sum e^{b - m_b} (b - a)``,
+rescaled by ``e^{m - m'}`` when a maximum moves) and dropped; after the last tile the shard's ``[n, 6]``
+statistics meet the other shards in two all-reduces of per-token scalars (``MAX`` of ``[n, 2]``, ``SUM``
+of ``[n, 4]``: :func:`~vigos_megatron.losses.kl_common.reduce_shard_stats`), per call, never a gather.
+The KL, ``lse`` and the clip (after the cross-shard sum) follow as in
 :mod:`~vigos_megatron.losses.vocab_parallel_kl`.
 
-Backward recomputes the logits tile by tile (vocabulary blocks of ``Vb`` rows outer, token chunks
-inner, tiles ``[c, Vb]`` fp32): ``dz = g * dKL/d(side)`` (:func:`~vigos_megatron.losses.torch_kl.side_grads`),
-then per weight group ``dW[block] += dz^T x`` (``x`` the group's combined fp32 hidden rows; an fp32
-``[Vb, H]`` accumulator per block, written once into the weight's gradient) and
-``dh_k[index] += c_k/T * dz @ W[block]`` (fp32 ``[rows, H]``). The hidden-state gradient is summed
-over the tensor-parallel group at the end (one ``SUM`` all-reduce of ``[rows, H]`` per hidden tensor
-that needs it: what megatron's output layer does in ``copy_to_tensor_model_parallel_region``); the
-weight gradient is local to the shard. Memory beyond inputs and returned gradients: the ``[n]``
-statistics, the fp32 hidden gradient and a few ``chunk_bytes`` tiles, whatever ``n`` is.
+Backward recomputes each tile's logits: ``dz = g * dKL/d(side)`` (fp32 ``[c, Vb]``), then per weight
+group ``dW[block] += dz^T x`` (``x`` the group's combined fp32 rows; an fp32 ``[Vb, H]`` accumulator
+per block, written once into the weight's gradient) and ``dh_k[index] += c_k/T * dz @ W[block]``
+(fp32 ``[rows, H]``). The hidden-state gradient is summed over the tensor-parallel group at the end
+(one ``SUM`` all-reduce of ``[rows, H]`` per hidden tensor that needs it: what megatron's output layer
+does in ``copy_to_tensor_model_parallel_region``); the weight gradient is local to the shard. Memory
+beyond inputs and returned gradients: the ``[n]`` statistics, the fp32 hidden gradient and a few
+``chunk_bytes`` tiles, whatever ``n`` is.
+
+A tile's reduction (its statistics; its ``dz``) runs on the Triton kernels of
+:mod:`~vigos_megatron.losses.triton_kl` (``tile_stats``/``tile_grads``: one program per token row) or
+on torch (:mod:`~vigos_megatron.losses.torch_kl`, the same names); the GEMMs are torch's either way.
 
 Recompute-in-backward rather than gradients formed in the forward and scaled in backward: the
 latter cannot tile the vocabulary (each token chunk's gradient touches the whole ``dW``, so an fp32
@@ -37,15 +51,14 @@ term less (``benchmarks/bench_kl.py --from-hidden`` measures both).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.collectives import all_reduce
-from vigos_megatron.losses.kl_common import kl_from_stats
-from vigos_megatron.losses.torch_kl import chunk_sums, side_grads
+from vigos_megatron.losses import torch_kl
+from vigos_megatron.losses.kl_common import kl_from_stats, matmul_fp32_out, reduce_shard_stats
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,29 @@ class HiddenMeta(NamedTuple):
     want_a: bool
     want_b: bool
     chunk_bytes: int
+    #: a tile's reductions: ``(tile_stats, tile_grads)`` of torch_kl or triton_kl
+    tiles: "TileOps"
+    #: GEMMs on the model's low-precision operands with fp32 results (module doc), else fp32 operands
+    low_precision_gemms: bool
+
+
+class TileOps(NamedTuple):
+    """The per-tile reductions of one implementation (module doc)."""
+
+    stats: Callable
+    grads: Callable
+
+
+def tile_ops(triton: bool, device: torch.device) -> TileOps:
+    """The Triton kernels' tile reductions (for tensors on ``device``), or torch's."""
+    if triton:
+        from vigos_megatron.losses import triton_kl
+
+        reason = triton_kl.unsupported_reason(1, 1, device)
+        if reason is not None:
+            raise ValueError(f"impl='triton': {reason}")
+        return TileOps(triton_kl.tile_stats, triton_kl.tile_grads)
+    return TileOps(torch_kl.tile_stats, torch_kl.tile_grads)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -106,49 +142,78 @@ def _combined(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float) 
     return out
 
 
-def _logits(x: Tensor, w: Tensor, v0: int, v1: int, block: int) -> Tensor:
-    """fp32 ``[c, v1-v0]`` ``x @ w[v0:v1].T``; a non-fp32 weight is converted ``block`` rows at a time."""
-    if w.dtype == torch.float32:
-        return x @ w[v0:v1].t()
-    out = torch.empty(x.shape[0], v1 - v0, dtype=torch.float32, device=x.device)
-    for b0 in range(v0, v1, block):
-        b1 = min(v1, b0 + block)
-        out[:, b0 - v0:b1 - v0] = x @ w[b0:b1].to(torch.float32).t()
+def _operands(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float, wblk: Tensor):
+    """A group's rows for tokens ``lo:hi``: the combined fp32 ``[c, H]`` (fp32 operands), or, for a
+    low-precision weight block, each term's rows in the model's dtype with its scale ``c_k/T``."""
+    if wblk.dtype == torch.float32:
+        return _combined(grp, hs, lo, hi, inv_t)
+    return [((hs[slot][lo:hi] if idx is None else hs[slot].index_select(0, idx[lo:hi])), coef * inv_t)
+            for slot, idx, coef in grp.terms]
+
+
+def _group_logits(x, wblk: Tensor) -> Tensor:
+    """fp32 ``[c, Vb]`` logits of one group's operands ``x`` (:func:`_operands`)."""
+    if isinstance(x, Tensor):
+        return x @ wblk.t()
+    out = None
+    for rows, scale in x:
+        z = matmul_fp32_out(rows, wblk.t())
+        out = z.mul_(scale) if out is None else out.add_(z, alpha=scale)
     return out
 
 
-def _side(groups, xs, ws, v0: int, v1: int, block: int) -> Tensor:
-    """A side's fp32 logits ``[c, v1-v0]`` (already divided by T) from its groups' combined rows ``xs``."""
+def _side(groups, xs, wblk) -> Tensor:
+    """A side's fp32 tile ``[c, Vb]`` (already divided by T): the sum of its groups' logits."""
     out = None
     for grp, x in zip(groups, xs):
-        z = _logits(x, ws[grp.weight], v0, v1, block)
+        z = _group_logits(x, wblk[grp.weight])
         out = z if out is None else out.add_(z)
     return out
 
 
-def _weight_block(ws: Sequence[Tensor], chunk_bytes: int) -> int:
-    """Vocabulary rows per fp32 weight block (``[block, H] * 4`` bytes about ``chunk_bytes / 4``)."""
-    h = max(w.shape[1] for w in ws)
-    return max(1, chunk_bytes // (16 * h))
+def _weight_grad(acc: Tensor, d: Tensor, x) -> None:
+    """``acc += dz^T x`` for one group (``d`` the tile's fp32 ``dz``, or its low-precision rounding)."""
+    if isinstance(x, Tensor):
+        acc.addmm_(d.t(), x)
+        return
+    for rows, scale in x:
+        acc.add_(matmul_fp32_out(d.t(), rows), alpha=scale)
+
+
+def _tile_shape(n: int, ws: Sequence[Tensor], chunk_bytes: int) -> tuple[int, int]:
+    """``(Vb, c)``: vocabulary rows per fp32 weight block ``[Vb, H]`` and tokens per fp32 tile ``[c, Vb]``,
+    each about ``chunk_bytes``."""
+    v, h = ws[0].shape[0], max(w.shape[1] for w in ws)
+    vb = max(1, min(v, chunk_bytes // (4 * h)))
+    return vb, max(1, min(n, chunk_bytes // (4 * vb)))
+
+
+def _tiles(meta: HiddenMeta, hs, ws, n: int):
+    """Yield ``(v0, v1, wblk, lo, hi, xs, a, b)`` over the tiles, vocabulary blocks outer (module doc);
+    ``v1 == v0`` marks the end of a block (``lo = hi = n``, no tile)."""
+    v = ws[0].shape[0]
+    vb, c = _tile_shape(n, ws, meta.chunk_bytes)
+    for v0 in range(0, v, vb):
+        v1 = min(v, v0 + vb)
+        wblk = [w[v0:v1] if meta.low_precision_gemms else w[v0:v1].to(torch.float32) for w in ws]
+        for lo in range(0, n, c):
+            hi = min(n, lo + c)
+            xs = [[_operands(g, hs, lo, hi, meta.inv_t, wblk[g.weight]) for g in groups] for groups in meta.sides]
+            a, b = (_side(groups, x, wblk) for groups, x in zip(meta.sides, xs))
+            yield v0, v1, wblk, lo, hi, xs, a, b
+        yield v0, v0, wblk, n, n, None, None, None
 
 
 def _stats(meta: HiddenMeta, hs, ws) -> tuple[Tensor, Tensor]:
-    """``m`` ``[n, 2]`` and ``s`` ``[n, 4]``: the global statistics, chunk by chunk (two all-reduces per chunk)."""
-    n, v = meta.reverse.numel(), ws[0].shape[0]
-    device = meta.reverse.device
-    m = torch.empty(n, 2, dtype=torch.float32, device=device)
-    s = torch.empty(n, 4, dtype=torch.float32, device=device)
-    chunk = max(1, min(n, meta.chunk_bytes // (4 * v)))
-    block = _weight_block(ws, meta.chunk_bytes)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        a, b = (_side(groups, [_combined(g, hs, lo, hi, meta.inv_t) for g in groups], ws, 0, v, block)
-                for groups in meta.sides)
-        mc = all_reduce(torch.stack([a.amax(-1), b.amax(-1)], dim=1), meta.group, dist.ReduceOp.MAX)
-        s[lo:hi] = all_reduce(chunk_sums(a, b, mc, meta.want_a, meta.want_b), meta.group, dist.ReduceOp.SUM)
-        m[lo:hi] = mc
-        del a, b
-    return m, s
+    """The global ``m`` ``[n, 2]`` and ``s`` ``[n, 4]``: this shard's online statistics over its tiles,
+    then two all-reduces of per-token scalars."""
+    n = meta.reverse.numel()
+    run = torch.zeros(n, 6, dtype=torch.float32, device=meta.reverse.device)
+    run[:, :2] = float("-inf")
+    for v0, v1, _, lo, hi, _, a, b in _tiles(meta, hs, ws, n):
+        if v1 > v0:
+            torch_kl.merge_stats(run[lo:hi], meta.tiles.stats(a, b, meta.want_a, meta.want_b))
+    return reduce_shard_stats(run, meta.group)
 
 
 def _scatter_hidden_grad(dh: Tensor, idx: Tensor | None, lo: int, hi: int, u: Tensor, scale: float) -> None:
@@ -160,41 +225,39 @@ def _scatter_hidden_grad(dh: Tensor, idx: Tensor | None, lo: int, hi: int, u: Te
 
 def _grads(meta: HiddenMeta, hs, ws, need_h, need_w, lse_a, lse_b, kl, g) -> tuple[list, list]:
     """fp32 hidden gradients (this shard's part) and the weight gradients, tile by tile (module doc)."""
-    n, v = kl.numel(), ws[0].shape[0]
+    n = kl.numel()
     device = kl.device
     mode = "mixed" if (meta.want_a and meta.want_b) else ("reverse" if meta.want_a else "forward")
     groups_b = meta.sides[1]
     need_b = any(need_w[grp.weight] or any(need_h[t[0]] for t in grp.terms) for grp in groups_b)
     dh = [torch.zeros(h.shape, dtype=torch.float32, device=device) if need_h[i] else None for i, h in enumerate(hs)]
     dw = [torch.empty_like(w) if need_w[j] else None for j, w in enumerate(ws)]
-    vb = min(v, _weight_block(ws, meta.chunk_bytes) * 4)
-    cb = max(1, min(n, meta.chunk_bytes // (4 * vb)))
-    for v0 in range(0, v, vb):
-        v1 = min(v, v0 + vb)
-        wblk = [w[v0:v1].to(torch.float32) for w in ws]
-        acc = [torch.zeros(v1 - v0, w.shape[1], dtype=torch.float32, device=device) if need_w[j] else None
-               for j, w in enumerate(ws)]
-        for lo in range(0, n, cb):
-            hi = min(n, lo + cb)
-            xs = [[_combined(grp, hs, lo, hi, meta.inv_t) for grp in groups] for groups in meta.sides]
-            a, b = (_side(groups, x, wblk, 0, v1 - v0, v1 - v0) for groups, x in zip(meta.sides, xs))
-            dz = side_grads(a, b, lse_a[lo:hi], lse_b[lo:hi], kl[lo:hi], meta.reverse[lo:hi], g[lo:hi, None], mode,
-                            need_b)
-            for groups, x, d in zip(meta.sides, xs, dz):
-                if d is None:
-                    continue
-                for grp, xg in zip(groups, x):
-                    if acc[grp.weight] is not None:
-                        acc[grp.weight].addmm_(d.t(), xg)
-                    terms = [t for t in grp.terms if dh[t[0]] is not None]
-                    if terms:
-                        u = d @ wblk[grp.weight]
-                        for slot, idx, coef in terms:
-                            _scatter_hidden_grad(dh[slot], idx, lo, hi, u, coef * meta.inv_t)
-            del a, b, dz
-        for j, a_j in enumerate(acc):
-            if a_j is not None:
-                dw[j][v0:v1] = a_j
+    acc = None
+    for v0, v1, wblk, lo, hi, xs, a, b in _tiles(meta, hs, ws, n):
+        if acc is None:
+            acc = [torch.zeros(wb.shape, dtype=torch.float32, device=device) if need_w[j] else None
+                   for j, wb in enumerate(wblk)]
+        if v1 == v0:  # the block is done: its weight gradient, once
+            for j, a_j in enumerate(acc):
+                if a_j is not None:
+                    dw[j][v0:v0 + a_j.shape[0]] = a_j
+            acc = None
+            continue
+        dz = meta.tiles.grads(a, b, lse_a[lo:hi], lse_b[lo:hi], kl[lo:hi], meta.reverse[lo:hi], g[lo:hi], mode, need_b)
+        for groups, x, d in zip(meta.sides, xs, dz):
+            if d is None:
+                continue
+            for grp, xg in zip(groups, x):
+                wb = wblk[grp.weight]
+                dg = d if wb.dtype == torch.float32 else d.to(wb.dtype)
+                if acc[grp.weight] is not None:
+                    _weight_grad(acc[grp.weight], dg, xg)
+                terms = [t for t in grp.terms if dh[t[0]] is not None]
+                if terms:
+                    u = dg @ wb if wb.dtype == torch.float32 else matmul_fp32_out(dg, wb)
+                    for slot, idx, coef in terms:
+                        _scatter_hidden_grad(dh[slot], idx, lo, hi, u, coef * meta.inv_t)
+        del a, b, dz
     return dh, dw
 
 
@@ -257,9 +320,17 @@ def _slots(sides: Sequence[Sequence[HiddenRows]]) -> tuple[tuple, list, list]:
 
 
 def hidden_kl_rows(s_terms: Sequence[HiddenRows], t_terms: Sequence[HiddenRows], *, reverse: Tensor, want_a: bool,
-                   want_b: bool, temperature: float, clip: float | None, tp_group, chunk_bytes: int) -> Tensor:
-    """fp32 ``[n]`` per-token KL of validated :class:`HiddenRows` terms (``reverse``: bool ``[n]``)."""
+                   want_b: bool, temperature: float, clip: float | None, tp_group, chunk_bytes: int,
+                   triton: bool = False, low_precision_gemms: bool | None = None) -> Tensor:
+    """fp32 ``[n]`` per-token KL of validated :class:`HiddenRows` terms (``reverse``: bool ``[n]``);
+    ``triton``: each tile reduced by the Triton kernels (CUDA tensors, or the CPU interpreter);
+    ``low_precision_gemms``: the GEMM kind (module doc; ``None``: low-precision operands for bf16/fp16
+    weights on CUDA; on the CPU the same numbers come from widened operands, at fp32 GEMM speed)."""
     sides, hiddens, weights = _slots((s_terms, t_terms))
+    if low_precision_gemms is None:
+        low_precision_gemms = weights[0].is_cuda
+    low_precision_gemms = bool(low_precision_gemms) and all(w.dtype in (torch.bfloat16, torch.float16)
+                                                            for w in weights)
     meta = HiddenMeta(sides, len(hiddens), reverse, 1.0 / float(temperature), clip, tp_group, bool(want_a),
-                      bool(want_b), int(chunk_bytes))
+                      bool(want_b), int(chunk_bytes), tile_ops(triton, reverse.device), low_precision_gemms)
     return _HiddenKL.apply(meta, *hiddens, *weights)

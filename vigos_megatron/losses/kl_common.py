@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from vigos_megatron.collectives import all_reduce, group_size
 
 #: Default bytes of ONE fp32 work tensor ``[chunk, V/tp]``; about 6 are alive at once.
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
@@ -35,6 +38,30 @@ class LogitRows:
     logits: Tensor
     index: Tensor | None = None
     coef: float = 1.0
+
+
+def matmul_fp32_out(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` as fp32 for low-precision ``a`` ``[N, K]`` and ``b`` ``[K, M]`` (fp32 accumulation, no rounding):
+    ``torch.mm(..., out_dtype=float32)`` on CUDA; on the CPU (no such kernel) the operands are widened, exact."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def reduce_shard_stats(stats: Tensor, group) -> tuple[Tensor, Tensor]:
+    """The global ``m`` ``[n, 2]`` and ``s`` ``[n, 4]`` from this shard's online statistics ``stats``
+    fp32 ``[n, 6]`` ``(m_a, m_b, S_a, S_b, C_a, C_b)`` (``S = sum_v e^{z_v - m}``, ``C_a = sum_v
+    e^{a_v - m_a} (a_v - b_v)``, ``C_b = sum_v e^{b_v - m_b} (b_v - a_v)`` over the local ``V/tp``).
+
+    Two all-reduces of per-token scalars over ``group``: ``MAX`` of the maxima, then, each rank's sums
+    rescaled by ``e^{m_local - m}`` onto the global maxima, ``SUM`` of ``[n, 4]``. Never a gather.
+    """
+    m_local = stats[:, 0:2]
+    m = all_reduce(m_local.clone(), group, dist.ReduceOp.MAX)
+    s = stats[:, 2:6]
+    if group_size(group) > 1:
+        s = s * torch.exp(m_local - m).repeat(1, 2)
+    return m, all_reduce(s.contiguous(), group, dist.ReduceOp.SUM)
 
 
 def kl_from_stats(m: Tensor, s: Tensor, reverse: Tensor):

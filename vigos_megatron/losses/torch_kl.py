@@ -121,6 +121,48 @@ def side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
     return da, db
 
 
+def tile_stats(a: Tensor, b: Tensor, want_a: bool, want_b: bool) -> Tensor:
+    """This tile's online statistics fp32 ``[c, 6]`` ``(m_a, m_b, S_a, S_b, C_a, C_b)`` of two fp32
+    ``[c, Vb]`` tiles of the sides (consumed), against the tile's own maxima::
+
+        S_a = sum_v e^{a_v - m_a}     C_a = sum_v e^{a_v - m_a} (a_v - b_v)
+        S_b = sum_v e^{b_v - m_b}     C_b = sum_v e^{b_v - m_b} (b_v - a_v)
+
+    (``C`` only where wanted, else 0); :func:`merge_stats` folds tiles into running statistics.
+    """
+    out = torch.zeros(a.shape[0], 6, dtype=torch.float32, device=a.device)
+    if a.shape[0] == 0:
+        return out
+    m_a = a.amax(-1, keepdim=True)
+    m_b = b.amax(-1, keepdim=True)
+    d = a - b if (want_a or want_b) else None
+    ea = a.sub_(m_a).exp_()
+    eb = b.sub_(m_b).exp_()
+    out[:, 0] = m_a[:, 0]
+    out[:, 1] = m_b[:, 0]
+    out[:, 2] = ea.sum(-1)
+    out[:, 3] = eb.sum(-1)
+    if want_a:
+        out[:, 4] = ea.mul_(d).sum(-1)
+    if want_b:
+        out[:, 5] = -eb.mul_(d).sum(-1)
+    return out
+
+
+def merge_stats(run: Tensor, tile: Tensor) -> None:
+    """Fold a tile's statistics ``[c, 6]`` into the running ones ``run`` (in place; ``m = -inf``,
+    sums 0 before the first tile): ``m' = max(m, m_t)``, each sum ``x e^{m - m'} + x_t e^{m_t - m'}``."""
+    m = torch.maximum(run[:, :2], tile[:, :2])
+    run[:, 2:] = run[:, 2:] * torch.exp(run[:, :2] - m).repeat(1, 2) + tile[:, 2:] * torch.exp(tile[:, :2] - m).repeat(1, 2)
+    run[:, :2] = m
+
+
+def tile_grads(a: Tensor, b: Tensor, lse_a: Tensor, lse_b: Tensor, kl: Tensor, reverse: Tensor, g: Tensor, mode: str,
+               need_b: bool) -> tuple[Tensor, Tensor | None]:
+    """fp32 ``(da, db)`` ``[c, Vb]`` of one tile (``a``/``b`` consumed; ``g`` ``[c]``): :func:`side_grads`."""
+    return side_grads(a, b, lse_a, lse_b, kl, reverse, g[:, None], mode, need_b)
+
+
 # --------------------------------------------------------------------------- autograd
 
 

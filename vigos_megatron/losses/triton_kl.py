@@ -35,12 +35,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from vigos_megatron.losses import _triton_kl_kernels as K
-from vigos_megatron.collectives import all_reduce, group_size
-from vigos_megatron.losses.kl_common import LogitRows, finish_forward, meta_for, saved_for_backward
+from vigos_megatron.losses.kl_common import LogitRows, finish_forward, meta_for, reduce_shard_stats, saved_for_backward
 
 #: True when the kernels were defined under Triton's interpreter (CPU tensors allowed).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -124,6 +122,52 @@ def _check_indices(indices: Sequence[Tensor | None], rows: Sequence[int], n_a: i
             raise IndexError(f"{name} (term {i}): index selects rows outside [0, {r})")
 
 
+# --------------------------------------------------------------------------- tiles (the KL from hidden states)
+
+
+def tile_stats(a: Tensor, b: Tensor, want_a: bool, want_b: bool, config: KernelConfig | None = None) -> Tensor:
+    """This tile's online statistics fp32 ``[c, 6]`` ``(m_a, m_b, S_a, S_b, C_a, C_b)`` of two fp32
+    ``[c, Vb]`` tiles of the sides (already divided by T), by ``kl_stats_kernel`` (one program per
+    token); the torch twin is :func:`~vigos_megatron.losses.torch_kl.tile_stats`."""
+    cfg = config or DEFAULT_CONFIG
+    c, v = a.shape
+    stats = torch.zeros(c, 6, dtype=torch.float32, device=a.device)
+    if c:
+        ident = torch.arange(c, dtype=torch.int64, device=a.device)
+        K.kl_stats_kernel[(c,)](*_side_slots([a], [ident], [1.0]), *_side_slots([b], [ident], [1.0]), stats, v,
+                                NA=1, NB=1, WANT_A=bool(want_a), WANT_B=bool(want_b),
+                                BLOCK_V=_block(cfg.fwd_block_v, v), num_warps=cfg.fwd_num_warps)
+    return stats
+
+
+_MODES = {"forward": 0, "reverse": 1, "mixed": 2}
+
+
+def tile_grads(a: Tensor, b: Tensor, lse_a: Tensor, lse_b: Tensor, kl: Tensor, reverse: Tensor, g: Tensor, mode: str,
+               need_b: bool, config: KernelConfig | None = None) -> tuple[Tensor, Tensor | None]:
+    """fp32 ``(da, db)`` ``[c, Vb]``: ``g_t * dKL_t/d(side)`` on one tile (``g`` ``[c]``, 0 where clipped),
+    by ``kl_grad_kernel`` (one program per token row); ``db`` only when ``need_b``. The torch twin is
+    :func:`~vigos_megatron.losses.torch_kl.tile_grads`."""
+    cfg = config or DEFAULT_CONFIG
+    c, v = a.shape
+    ident = torch.arange(c + 1, dtype=torch.int64, device=a.device)
+    slots = (*_side_slots([a], [ident[:c]], [1.0]), *_side_slots([b], [ident[:c]], [1.0]))
+    tok = torch.stack([lse_a, lse_b, kl, g], dim=1).contiguous()
+    rev = reverse.to(torch.int8)
+    out = []
+    for side_a in (True, False):
+        if not (side_a or need_b):
+            out.append(None)
+            continue
+        grad = torch.empty_like(a)
+        if c:
+            K.kl_grad_kernel[(c,)](*slots, tok, rev, ident[:c], ident, grad, grad.stride(0), 1.0, v, NA=1, NB=1,
+                                   SIDE_A=side_a, MODE=_MODES[mode], BF16_RTNE=False,
+                                   BLOCK_V=_block(cfg.bwd_block_v, v), num_warps=cfg.bwd_num_warps)
+        out.append(grad)
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------- autograd
 
 
@@ -162,12 +206,7 @@ class _TritonKL(torch.autograd.Function):
                 BLOCK_V=_block(cfg.fwd_block_v, v),
                 num_warps=cfg.fwd_num_warps,
             )
-        m_local = stats[:, 0:2]
-        m = all_reduce(m_local.clone(), group, dist.ReduceOp.MAX)  # all-reduce #1: [n, 2]
-        s = stats[:, 2:6]
-        if group_size(group) > 1:
-            s = s * torch.exp(m_local - m).repeat(1, 2)  # (S_a, S_b, C_a, C_b) onto the global maxima
-        s = all_reduce(s.contiguous(), group, dist.ReduceOp.SUM)  # all-reduce #2: [n, 4]
+        m, s = reduce_shard_stats(stats, group)  # MAX of [n, 2], SUM of [n, 4]
         return finish_forward(ctx, meta, m, s, indices, logits)
 
     @staticmethod

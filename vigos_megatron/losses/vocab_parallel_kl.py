@@ -165,8 +165,8 @@ def kl_rows(
 
     A side is a list of :class:`LogitRows` (vocabulary-sharded logits) or of
     :class:`~vigos_megatron.losses.hidden_kl.HiddenRows` (final hidden states and the output weight
-    shard scoring them, :mod:`~vigos_megatron.losses.hidden_kl`: no ``[n, V/tp]`` logits kept; torch on
-    every device, ``impl`` ignored); both sides of one call use the same kind.
+    shard scoring them, :mod:`~vigos_megatron.losses.hidden_kl`: no ``[n, V/tp]`` logits kept; ``impl``
+    picks who reduces each tile); both sides of one call use the same kind.
 
     Args:
         student: side ``a`` (terms summed); receives gradients where its tensors require them.
@@ -179,8 +179,9 @@ def kl_rows(
             gradient. ``None`` or ``<= 0`` disables it.
         tp_group: tensor-parallel group over which the vocabulary is sharded (``None``: not sharded).
         vocab_size: optional full vocabulary size, checked against ``V/tp * tp``.
-        chunk_bytes: size of one fp32 ``[chunk, V/tp]`` work tensor; bounds the temporaries
-            (torch implementation and hidden states only).
+        chunk_bytes: size of one fp32 ``[chunk, V/tp]`` work tensor (from hidden states: of one fp32
+            tile and one fp32 weight block); bounds the temporaries (torch implementation and hidden
+            states only).
         impl: ``"torch"`` (this module, chunked), ``"triton"`` (fused kernels of
             :mod:`vigos_megatron.losses.triton_kl`: CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise).
@@ -216,7 +217,8 @@ def kl_rows(
         want_a, want_b = bool(reverse), not bool(reverse)
     if from_hidden:
         return hidden_kl_rows(s_terms, t_terms, reverse=rev, want_a=want_a, want_b=want_b, temperature=temperature,
-                              clip=clip, tp_group=tp_group, chunk_bytes=chunk_bytes)
+                              clip=clip, tp_group=tp_group, chunk_bytes=chunk_bytes,
+                              triton=_use_triton(impl, ref.device, 1, 1))
     if _use_triton(impl, ref.device, len(s_terms), len(t_terms)):
         from vigos_megatron.losses.triton_kl import triton_kl_rows
 

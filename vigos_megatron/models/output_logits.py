@@ -23,12 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def matmul_fp32_out(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` as fp32 for low-precision ``a`` ``[N, K]`` and ``b`` ``[K, M]`` (fp32 accumulation, no rounding)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+from vigos_megatron.losses.kl_common import matmul_fp32_out
 
 
 class _OutputLinearFP32(torch.autograd.Function):

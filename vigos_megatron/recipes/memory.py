@@ -71,9 +71,9 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   (twice that for VGS) and, in both paths, returns the output weight's gradient ``2 V/tp H``
   (bf16, until DDP adds it to the gradient buffer). From hidden states (``loss.from_hidden``, the
   default): the rows' final hidden states ``2 H`` each, the student rows' hidden gradient (fp32
-  in the KL, then bf16: ``6 H``), and the KL's fp32 tiles (8 x ``loss.chunk_bytes``: the forward's
-  chunk logits and sums, the backward's tiles, weight blocks and block accumulator) whatever the
-  number of rows. From logits: ``[rows, V/tp]`` kept for the KL's backward, the student
+  in the KL, then bf16: ``6 H``), and the KL's fp32 work tensors (8 x ``loss.chunk_bytes``: the
+  student's and the teacher's weight blocks, the tiles of both sides and their reductions, the
+  block's weight-gradient accumulator) whatever the number of rows. From logits: ``[rows, V/tp]`` kept for the KL's backward, the student
   logits' gradient, and the KL's fp32 chunk temporaries (4 x ``loss.chunk_bytes``);
   ``loss.logits_dtype`` sets their price: ``float32`` (the default; the output layer's fp32
   accumulator, :mod:`vigos_megatron.models.output_logits`) keeps ``4 (C_s + C_t)`` bytes per
