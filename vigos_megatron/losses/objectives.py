@@ -250,7 +250,8 @@ class VGSLoss:
 
     ``Q_p`` is the quantile over the micro-batch's completion tokens (``quantile_scope: micro_batch``,
     known on the last stage) or the step's ``thresholds`` (``global``: over the global batch,
-    :func:`~vigos_megatron.losses.vds_quantiles.global_vds_quantiles`). ``reduction: token``: ``mean_t`` is over all completion tokens of the global batch
+    :func:`~vigos_megatron.losses.vds_quantiles.global_vds_quantiles`).
+    ``reduction: token``: ``mean_t`` is over all completion tokens of the global batch
     (megatron's per-token normalisation; ``num_tokens`` = ``n``); ``reduction: sequence``: each
     token is weighted by :func:`sequence_token_weights` (``global_counts`` = ``(N, M)``), so that
     ``mean_t`` becomes the mean over trajectories of each trajectory's token mean. The reported
@@ -302,7 +303,8 @@ class VGSLoss:
         if c.quantile_scope == "global":
             lo, hi = self._global_thresholds().to(device=vds.device, dtype=vds.dtype)[1:]
         else:
-            lo, hi = torch.quantile(vds, torch.tensor([c.adaptive_low_quantile, c.adaptive_high_quantile], dtype=vds.dtype, device=vds.device))
+            lo, hi = torch.quantile(vds, torch.tensor([c.adaptive_low_quantile, c.adaptive_high_quantile],
+                                                      dtype=vds.dtype, device=vds.device))
         return torch.where(vds > hi, c.gamma, torch.where(vds > lo, c.gamma / 2, 0.0)).to(vds.dtype)
 
     def __call__(self, tokens: VGSTokens, output_tensor):
