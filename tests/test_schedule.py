@@ -13,6 +13,8 @@ invalid completions -> parse_completion -> assemble_vigos -> 2 micro-batches of 
   the same rows, float64 ViGOS by hand on the supervised tokens; the teacher is perturbed so
   that it differs from the student; the loss from hidden states (untied and tied embeddings) and
   from logits;
+* fast: ``StreamBatch.teacher_only`` (the teacher pass of ``loss.vgs.quantile_scope: global``) runs no
+  student row and returns the full pass's teacher rows bit for bit;
 * slow: PP=2 (tied) and TP=2xPP=2 with the loss from hidden states give the PP=1 loss and student
   gradients of the logits path (by HF name, gathered over TP/PP by megatron-bridge's export;
   the output weight's gradient included), with a separate teacher checkpoint; the teacher gets no
