@@ -230,8 +230,9 @@ def _vgs_layout(n=6, seed=0, teacher_equals_student=False, same_contexts=False):
     return out, toks
 
 
-def _vgs_token_losses(f, toks, cfg):
-    """Float64 ``[n]``: ``l_std + gamma_t * l_vis + lambda * l_lp`` per token of one micro-batch (rows ``f``)."""
+def _vgs_token_losses(f, toks, cfg, thresholds=None):
+    """Float64 ``[n]``: ``l_std + gamma_t * l_vis + lambda * l_lp`` per token of one micro-batch (rows ``f``);
+    ``thresholds``: the VDS quantiles ``(Q_lp, Q_low, Q_high)`` (default: the micro-batch's)."""
     T = cfg.temperature
     zsi, zsx, zti, ztx = f[toks.student_image_index], f[toks.student_text_index], f[toks.teacher_image_index].detach(), f[toks.teacher_text_index].detach()
     lsm = lambda z: torch.log_softmax(z / T, -1)  # noqa: E731
@@ -240,10 +241,13 @@ def _vgs_token_losses(f, toks, cfg):
     log_qstar = torch.log_softmax(lsm(zsx_t) + lsm(zti) - lsm(ztx), -1)
     l_vis = (lsm(zsi).exp() * (lsm(zsi) - log_qstar)).sum(-1)
     vds = (lsm(zti).exp() * (lsm(zti) - lsm(ztx))).sum(-1).detach()
-    sel = (vds > torch.quantile(vds, cfg.lp_quantile)).double()
+    if thresholds is None:
+        thresholds = [torch.quantile(vds, q) for q in (cfg.lp_quantile, cfg.adaptive_low_quantile,
+                                                         cfg.adaptive_high_quantile)]
+    sel = (vds > thresholds[0]).double()
     l_lp = sel * (lsm(zsx).exp() * (lsm(zsx) - lsm(ztx))).sum(-1)
     if cfg.adaptive_gamma:
-        lo, hi = torch.quantile(vds, torch.tensor([cfg.adaptive_low_quantile, cfg.adaptive_high_quantile], dtype=vds.dtype))
+        lo, hi = thresholds[1:]
         gamma = torch.where(vds > hi, cfg.gamma, torch.where(vds > lo, cfg.gamma / 2, 0.0))
     else:
         gamma = cfg.gamma
@@ -304,6 +308,70 @@ def test_vgs_sequence_reduction_matches_a_hand_written_reference():
         VGSLoss(cfg)
     with pytest.raises(ConfigError, match="reduction: must be one of"):
         VGSLossConfig(reduction="trajectory").validate()
+
+
+def _hand_quantile(values, q):
+    """The linear-interpolation quantile of a list of floats, by hand (sorted, ``q (n - 1)``)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    return v[lo] + (pos - lo) * (v[min(lo + 1, len(v) - 1)] - v[lo])
+
+
+def test_vgs_global_quantile_scope_matches_a_hand_written_reference():
+    """``quantile_scope: global``: two micro-batches of this rank and the VDS of another data-parallel rank's
+    tokens (hand-made values, as its teacher pass would report them); the thresholds are the quantiles over all
+    of them, the loss of the two micro-batches (summed, divided once by their tokens, as megatron does) equals
+    the hand-written reference with those thresholds, and differs from the micro-batch scope."""
+    from dataclasses import replace
+
+    from vigos_megatron.losses.vds_quantiles import TeacherVDSPass, global_vds_quantiles, quantile_levels
+
+    cfg = VGSLossConfig(quantile_scope="global", adaptive_gamma=True, lambda_lp=0.5)
+    layouts = [_vgs_layout(n=n, seed=seed) for seed, n in ((0, 6), (1, 9))]
+    # above all of this rank's VDS (2.4 to 5.1); 20 values: no quantile level falls on one value
+    other_rank = torch.tensor([6.0, 7.5, 9.0, 12.0, 30.0])
+    vgs = objectives.get("vgs")
+    teacher_pass = vgs.teacher_pass(cfg, chunk_bytes=4096, impl="torch", tp_group=None)
+    reports = [teacher_pass(t, o)[2] for o, t in layouts] + [{"vds": other_rank}]
+    assert vgs.teacher_pass(replace(cfg, quantile_scope="micro_batch"), chunk_bytes=4096, impl="torch",
+                            tp_group=None) is None and isinstance(teacher_pass, TeacherVDSPass)
+    fn = vgs.build_loss(cfg, [t for _, t in layouts], chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None,
+                        teacher_reports=reports)
+
+    xs = [o.detach().double().requires_grad_() for o, _ in layouts]
+    lsm = lambda z: torch.log_softmax(z, -1)  # noqa: E731
+    vds = []
+    for x, (_, t) in zip(xs, layouts):
+        f = x.detach().reshape(-1, V)
+        zti, ztx = f[t.teacher_image_index], f[t.teacher_text_index]
+        vds += (lsm(zti).exp() * (lsm(zti) - lsm(ztx))).sum(-1).tolist()
+    hand = [_hand_quantile(vds + other_rank.tolist(), q) for q in quantile_levels(cfg)]
+    assert torch.allclose(fn.thresholds.double(), torch.tensor(hand, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+
+    outs = [o.requires_grad_() for o, _ in layouts]
+    results = [fn(t, o) for o, (_, t) in zip(outs, layouts)]
+    total = sum(r[0] for r in results) / sum(int(r[1]) for r in results)
+    total.backward()
+    ref = cfg.eta * torch.cat([_vgs_token_losses(x.reshape(-1, V), t, cfg, thresholds=hand)
+                               for x, (_, t) in zip(xs, layouts)]).mean()
+    ref.backward()
+    assert abs(float(total) - float(ref)) <= 1e-5 * abs(float(ref))
+    for o, x in zip(outs, xs):
+        assert rel_norm_err(o.grad, x.grad) < 1e-4
+    # the other rank's larger VDS raise the thresholds: fewer of this rank's tokens are selected than per micro-batch
+    selected = sum(int(r[2]["vgs/lp_selected_fraction"][0]) for r in results)
+    micro = vgs.build_loss(replace(cfg, quantile_scope="micro_batch"), [t for _, t in layouts], chunk_bytes=4096,
+                           impl="torch", dp_group=None, tp_group=None)
+    micro_results = [micro(t, o.detach()) for o, (_, t) in zip(outs, layouts)]
+    assert selected == sum(v > hand[0] for v in vds) < sum(int(r[2]["vgs/lp_selected_fraction"][0])
+                                                             for r in micro_results)
+    micro_total = sum(float(r[0]) for r in micro_results) / sum(int(r[1]) for r in micro_results)
+    assert abs(micro_total - float(ref)) > 1e-3 * abs(float(ref))
+    with pytest.raises(ValueError, match="quantile_scope 'global' needs the reports of its teacher pass"):
+        vgs.build_loss(cfg, [], chunk_bytes=4096, impl="torch", dp_group=None, tp_group=None)
+    with pytest.raises(ConfigError, match="quantile_scope: must be one of"):
+        VGSLossConfig(quantile_scope="batch").validate()
 
 
 def test_vgs_zero_when_teacher_is_student_and_contexts_equal():

@@ -13,6 +13,8 @@ invalid completions -> parse_completion -> assemble_vigos -> 2 micro-batches of 
   the same rows, float64 ViGOS by hand on the supervised tokens; the teacher is perturbed so
   that it differs from the student; the loss from hidden states (untied and tied embeddings) and
   from logits;
+* fast: ``StreamBatch.teacher_only`` (the teacher pass of ``loss.vgs.quantile_scope: global``) runs no
+  student row and returns the full pass's teacher rows bit for bit;
 * slow: PP=2 (tied) and TP=2xPP=2 with the loss from hidden states give the PP=1 loss and student
   gradients of the logits path (by HF name, gathered over TP/PP by megatron-bridge's export;
   the output weight's gradient included), with a separate teacher checkpoint; the teacher gets no
@@ -232,6 +234,39 @@ def test_stage_path_equals_direct_computation_pp1(tiny, share_vision, kind, from
     assert worst < PER_TENSOR_REL_TOL
     assert all(p.grad is None for p in teacher.parameters())
     assert all(float(v.norm()) > 0 for v in ref_grads.values()), "every student tensor should get a gradient"
+
+
+def test_teacher_only_view_runs_the_teacher_alone(tiny):
+    """``StreamBatch.teacher_only`` (the teacher pass of VGS's ``quantile_scope: global``): the stage runs no
+    student row and no student tower, returns the teacher's rows bit for bit as in the full pass (hidden states
+    and logits, a teacher of another width), and the shifted teacher indices select the same rows."""
+    from vigos_megatron.models.family import family_of
+    from vigos_megatron.schedule import StudentTeacherStage
+    from vigos_megatron.startup import local_model_parallel
+
+    with local_model_parallel():
+        inputs = sc.build_inputs(tiny["student"])
+        _, student, teacher = sc.build_models(tiny["student"], 1, 1, teacher_hf=tiny["teacher_larger"])
+        calls = []
+        hook = family_of(student).vision_tower(student).register_forward_hook(lambda *a: calls.append(1))
+        try:
+            for from_hidden in (True, False):
+                stage = StudentTeacherStage(student, teacher, from_hidden=from_hidden)
+                for batch in inputs.batches:
+                    view = batch.teacher_only()
+                    assert view.stream_length == batch.rollouts * sum(batch.slot_lengths[batch.student_slots:])
+                    with torch.no_grad():
+                        full_s, full_t = stage(batch)
+                        n_calls = len(calls)
+                        only_s, only_t = stage(view)
+                    assert len(calls) == n_calls and only_s.shape[0] == 0 and torch.equal(only_t, full_t)
+                    width = student.config.hidden_size if from_hidden else full_s.shape[1]
+                    assert only_s.shape[1] == width
+                    shift = full_s.shape[0]
+                    assert torch.equal(view.tokens.teacher_index, batch.tokens.teacher_index - shift)
+                    assert torch.equal(view.tokens.student_index, batch.tokens.student_index)
+        finally:
+            hook.remove()
 
 
 # ----------------------------------------------------------------------------- slow (torchrun)

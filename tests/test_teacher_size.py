@@ -12,7 +12,9 @@ Here:
   (``conf/vgs_qwen3_vl_{2b,4b}_from_8b.yaml``) validate without a process group and state the estimate;
 * slow: ``conf/tiny_vgs_teacher_cpu.yaml`` (a tiny student, hidden 64 / 2 layers / 4 heads, and a
   teacher of hidden 96 / 3 layers / 6 heads): VGS's first step equal across TP1 / TP2 / PP2 / TP2 x PP2
-  / DP2, ``opd`` and ViGOS at TP2 x PP2 and DP2 equal TP1; a run stopped after 2 steps resumes exactly;
+  / DP2, ``opd`` and ViGOS at TP2 x PP2 and DP2 equal TP1; ``loss.vgs.quantile_scope=global`` at PP2 x DP2
+  with one rollout per micro-batch equals the step with the whole batch in one micro-batch (the default
+  micro-batch scope does not); a run stopped after 2 steps resumes exactly;
   VGS with the student's own checkpoint as the teacher gives a loss and gradient of exactly zero.
 """
 
@@ -206,7 +208,8 @@ def vgs_launch():
 
 
 LAYOUTS = {"tp1": (1, ["parallel.tp=1"]), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
-           "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "dp2": (2, ["parallel.tp=1"])}
+           "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "dp2": (2, ["parallel.tp=1"]),
+           "pp2xdp2": (4, ["parallel.tp=1", "parallel.pp=2"])}
 VGS_KEYS = ("loss", "term/l_std", "term/l_vis", "term/l_lp", "grad_norm")
 
 
@@ -219,17 +222,32 @@ def vgs_straight(vgs_launch, tmp_path_factory):
     return _metrics(run)
 
 
+@pytest.fixture(scope="module")
+def first_step(vgs_launch, tmp_path_factory):
+    """``first_step(layout, *overrides)``: the metrics of a one-step launch, launched once per module."""
+    cache = {}
+
+    def first(layout: str, *overrides: str) -> dict:
+        key = (layout, overrides)
+        if key not in cache:
+            run = tmp_path_factory.mktemp("first") / layout
+            vgs_launch(layout, run, "train.steps=1", *overrides)
+            cache[key] = _metrics(run)[0]
+        return cache[key]
+
+    return first
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective,layouts,keys", [
     ("vgs", ("tp1", "tp2", "tp2xpp2", "dp2"), VGS_KEYS),
     ("opd", ("tp1", "tp2xpp2", "dp2"), ("loss", "term/std", "grad_norm")),
     ("vigos", ("tp1", "tp2xpp2", "dp2"), ("loss", "term/perception", "term/reasoning", "grad_norm")),
 ])
-def test_larger_teacher_first_step_parity(vgs_launch, vgs_straight, tmp_path, objective, layouts, keys):
+def test_larger_teacher_first_step_parity(first_step, vgs_straight, objective, layouts, keys):
     first = {"pp2": vgs_straight[0]} if objective == "vgs" else {}
     for name in layouts:
-        vgs_launch(name, tmp_path / name, "train.steps=1", f"loss.objective={objective}")
-        first[name] = _metrics(tmp_path / name)[0]
+        first[name] = first_step(name, f"loss.objective={objective}")
     ref = first["tp1"]
     print(objective, {n: {k: m.get(k) for k in keys} for n, m in first.items()})
     assert ref["loss"] > 1e-4 and ref["grad_norm"] > 0, ref
@@ -238,6 +256,23 @@ def test_larger_teacher_first_step_parity(vgs_launch, vgs_straight, tmp_path, ob
             assert key in ref, (key, ref)
             assert _close(m[key], ref[key]), (objective, name, key, m[key], ref[key])
         assert m["completion_tokens"] == ref["completion_tokens"], name
+
+
+@pytest.mark.slow
+def test_vgs_global_quantile_scope_equals_one_micro_batch_of_the_whole_batch(first_step):
+    """``loss.vgs.quantile_scope=global`` at PP2 x DP2 with one rollout per micro-batch (4 micro-batches on 2
+    data-parallel ranks; the teacher pass through the pipeline, the VDS gathered over the ranks) equals the
+    step that holds all 4 rollouts in one micro-batch at TP1 (whose micro-batch quantile is the global one); the
+    default micro-batch scope with 2 micro-batches of 2 (the parity test's TP1 step) selects other tokens."""
+    ref = first_step("tp1", "loss.objective=vgs", "train.micro_batch_size=4")
+    scope = first_step("pp2xdp2", "loss.objective=vgs", "train.micro_batch_size=1", "loss.vgs.quantile_scope=global")
+    micro = first_step("tp1", "loss.objective=vgs")
+    keys = (*VGS_KEYS, "term/vds", "term/lp_selected_fraction")
+    print({n: {k: m[k] for k in keys} for n, m in (("one micro-batch", ref), ("global", scope), ("micro", micro))})
+    assert ref["term/l_lp"] > 0 and scope["completion_tokens"] == ref["completion_tokens"]
+    for key in keys:
+        assert _close(scope[key], ref[key]), (key, scope[key], ref[key])
+    assert _close(micro["term/vds"], ref["term/vds"]) and not _close(micro["term/l_lp"], ref["term/l_lp"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -29,3 +29,22 @@ def all_reduce(t: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
 def reduce_int(value: int, group, op=dist.ReduceOp.SUM, *, device=None) -> int:
     """One integer reduced over ``group`` (``device``: the backend's, e.g. CUDA for NCCL)."""
     return int(all_reduce(torch.tensor([int(value)], dtype=torch.int64, device=device), group, op).item())
+
+
+def all_gather_rows(t: Tensor, group) -> Tensor:
+    """The 1-D tensors ``t`` of every rank of ``group`` (their lengths may differ), concatenated in rank order.
+
+    Two all-gathers: the lengths (int64), then the values padded to the longest. ``t`` itself without
+    communication for a group of one rank.
+    """
+    n = group_size(group)
+    if n == 1:
+        return t
+    sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([t.numel()], dtype=torch.int64, device=t.device), group=group)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros(max(sizes), dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])

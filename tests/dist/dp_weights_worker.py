@@ -199,7 +199,8 @@ def main():
 
     for step in range(1, steps + 1):
         pre = snapshot(params)
-        inputs = build_step_inputs(rollouts, cfg, hf_config=hf_config, pad_id=ctx.pad_id, cut=ctx.cut, dp_group=dp_group,
+        inputs = build_step_inputs(rollouts, cfg, hf_config=hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
+                                   model=ctx.models.model, dp_group=dp_group,
                                    tp_group=ps.get_tensor_model_parallel_group())
         result = train_step(ctx.models.model, ctx.optimizer, ctx.scheduler, inputs.batches, inputs.loss_fn,
                             on_nonfinite="stop")

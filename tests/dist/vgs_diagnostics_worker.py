@@ -56,7 +56,7 @@ def probes_against_hand(run_dir: Path, ps) -> dict:
                                  parse=completion_parser("vigos"))
     groups = {"dp_group": ps.get_data_parallel_group(), "tp_group": ps.get_tensor_model_parallel_group()}
     inputs = build_step_inputs(rollouts, cfg, hf_config=ctx.models.builder.hf_config, pad_id=ctx.pad_id,
-                               cut=ctx.cut, **groups)
+                               cut=ctx.cut, model=model, **groups)
     compute_gradients(model, opt, inputs.batches, inputs.loss_fn)
     before = gradient(model).clone()
     probes = build_gradient_probes(cfg, inputs.batches, 1, **groups)

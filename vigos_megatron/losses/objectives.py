@@ -248,8 +248,10 @@ class VGSLoss:
         l_lp  = 1[VDS > Q_p(VDS)] * KL(p_S(.|x) || q_T(.|x))
         L     = eta * mean_t (l_std + gamma_t * l_vis + lambda * l_lp)
 
-    ``Q_p`` is the quantile over the micro-batch's completion tokens (known on the last
-    stage). ``reduction: token``: ``mean_t`` is over all completion tokens of the global batch
+    ``Q_p`` is the quantile over the micro-batch's completion tokens (``quantile_scope: micro_batch``,
+    known on the last stage) or the step's ``thresholds`` (``global``: over the global batch,
+    :func:`~vigos_megatron.losses.vds_quantiles.global_vds_quantiles`).
+    ``reduction: token``: ``mean_t`` is over all completion tokens of the global batch
     (megatron's per-token normalisation; ``num_tokens`` = ``n``); ``reduction: sequence``: each
     token is weighted by :func:`sequence_token_weights` (``global_counts`` = ``(N, M)``), so that
     ``mean_t`` becomes the mean over trajectories of each trajectory's token mean. The reported
@@ -259,15 +261,18 @@ class VGSLoss:
     the difference of their hidden states).
     """
 
-    def __init__(self, cfg, *, global_counts: Tensor | None = None, std_weight: float = 1.0, tp_group=None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
+    def __init__(self, cfg, *, global_counts: Tensor | None = None, thresholds: Tensor | None = None,
+                 std_weight: float = 1.0, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto"):
         """``cfg``: :class:`~vigos_megatron.objectives.vgs.VGSLossConfig`; ``global_counts``: ``(N, M)`` of
-        :func:`global_trajectory_counts`, needed by ``reduction: sequence``; ``std_weight``: the factor of
-        ``l_std`` (1; 0 in the eta diagnostics' ``l_vis`` probe)."""
+        :func:`global_trajectory_counts`, needed by ``reduction: sequence``; ``thresholds``: float32 ``[3]``, the
+        step's VDS quantiles at ``(lp_quantile, adaptive_low_quantile, adaptive_high_quantile)``, needed by
+        ``quantile_scope: global`` on the last stage (the only one that calls the loss); ``std_weight``: the
+        factor of ``l_std`` (1; 0 in the eta diagnostics' ``l_vis`` probe)."""
         if cfg.reduction == "sequence" and global_counts is None:
             raise ValueError("VGSLoss: reduction 'sequence' needs global_counts (global_trajectory_counts)")
         self.cfg = cfg
         self.global_counts = global_counts
+        self.thresholds = thresholds
         self.std_weight = std_weight
         self.tp_group = tp_group
         self.chunk_bytes = chunk_bytes
@@ -280,11 +285,26 @@ class VGSLoss:
             impl=self.impl,
         )
 
+    def token_vds(self, rows, tokens: VGSTokens) -> Tensor:
+        """float32 ``[n]``: ``VDS_t = KL(q_T(.|I,x) || q_T(.|x))`` of each token (teacher rows only, no grad)."""
+        with torch.no_grad():
+            return self._kl(rows.teacher(tokens.teacher_image_index), rows.teacher(tokens.teacher_text_index),
+                            clip=False)
+
+    def _global_thresholds(self) -> Tensor:
+        if self.thresholds is None:
+            raise ValueError("VGSLoss: quantile_scope 'global' needs the step's thresholds (global_vds_quantiles)")
+        return self.thresholds
+
     def gamma_per_token(self, vds: Tensor) -> Tensor:
         c = self.cfg
         if not c.adaptive_gamma or vds.numel() == 0:
             return torch.full_like(vds, c.gamma)
-        lo, hi = torch.quantile(vds, torch.tensor([c.adaptive_low_quantile, c.adaptive_high_quantile], dtype=vds.dtype, device=vds.device))
+        if c.quantile_scope == "global":
+            lo, hi = self._global_thresholds().to(device=vds.device, dtype=vds.dtype)[1:]
+        else:
+            lo, hi = torch.quantile(vds, torch.tensor([c.adaptive_low_quantile, c.adaptive_high_quantile],
+                                                      dtype=vds.dtype, device=vds.device))
         return torch.where(vds > hi, c.gamma, torch.where(vds > lo, c.gamma / 2, 0.0)).to(vds.dtype)
 
     def __call__(self, tokens: VGSTokens, output_tensor):
@@ -294,8 +314,7 @@ class VGSLoss:
         si, sx = tokens.student_image_index, tokens.student_text_index
         ti, tx = tokens.teacher_image_index, tokens.teacher_text_index
         n = si.numel()
-        with torch.no_grad():
-            vds = self._kl(rows.teacher(ti), rows.teacher(tx), clip=False)
+        vds = self.token_vds(rows, tokens)
         l_std = self._kl(rows.student(si), rows.teacher(ti))
         target = [
             rows.student(sx, detach=c.detach_text_student_in_target),
@@ -305,7 +324,10 @@ class VGSLoss:
         l_vis = self._kl(rows.student(si), target)
         gamma_t = self.gamma_per_token(vds)
         if n:
-            threshold = torch.quantile(vds, c.lp_quantile)
+            if c.quantile_scope == "global":
+                threshold = self._global_thresholds().to(device=vds.device, dtype=vds.dtype)[0]
+            else:
+                threshold = torch.quantile(vds, c.lp_quantile)
             selected = (vds > threshold).nonzero().squeeze(1)
         else:
             selected = torch.zeros(0, dtype=torch.int64, device=dev)

@@ -58,10 +58,19 @@ class Objective:
         """One micro-batch of assembled rollouts as a stream with its loss tokens."""
         raise NotImplementedError
 
-    def build_loss(self, settings: Any, tokens: list, *, chunk_bytes: int, impl: str, dp_group, tp_group):
+    def teacher_pass(self, settings: Any, *, chunk_bytes: int, impl: str, tp_group):
+        """The loss callable ``(tokens, output) -> (loss, num_tokens, report)`` of a forward-only pass of the
+        teacher alone over all of the step's micro-batches, run before the step's schedule when its loss
+        needs data from the whole global batch (:func:`~vigos_megatron.training.update.teacher_pass_reports`);
+        None (the default): no such pass."""
+        return None
+
+    def build_loss(self, settings: Any, tokens: list, *, chunk_bytes: int, impl: str, dp_group, tp_group,
+                   teacher_reports: list | None = None):
         """The megatron loss callable ``(tokens, output) -> (loss, num_tokens, report)`` of one step
         (``settings``: this objective's ``loss.<name>``; ``tokens``: the loss tokens of this rank's
-        micro-batches, e.g. ``[b.tokens for b in batches]``)."""
+        micro-batches, e.g. ``[b.tokens for b in batches]``; ``teacher_reports``: the last stage's reports of
+        :meth:`teacher_pass` over them, None without a pass)."""
         raise NotImplementedError
 
     def gradient_probes(self, settings: Any, step: int, tokens: list, *, chunk_bytes: int, impl: str, dp_group,
@@ -88,7 +97,8 @@ class SegmentedObjective(Objective):
 
         return pack_distill(group, pad_id=pad_id, multiple=multiple)
 
-    def build_loss(self, settings: Any, tokens: list, *, chunk_bytes: int, impl: str, dp_group, tp_group):
+    def build_loss(self, settings: Any, tokens: list, *, chunk_bytes: int, impl: str, dp_group, tp_group,
+                   teacher_reports: list | None = None):
         from vigos_megatron.losses.objectives import SegmentedDistillationLoss, global_segment_counts
         from vigos_megatron.runtime import compute_device
 

@@ -18,6 +18,13 @@ from vigos_megatron.objectives.base import Objective, StreamRows
 #: trajectories (the paper's equations, ``1/|tau| sum_t``)
 REDUCTIONS = ("token", "sequence")
 
+#: ``loss.vgs.quantile_scope``: the tokens the VDS quantiles (``lp_quantile``, ``adaptive_*_quantile``) are taken
+#: over. ``micro_batch``: the micro-batch's completion tokens (known on the last stage, no extra work);
+#: ``global``: every completion token of the step's global batch (all micro-batches, all data-parallel ranks),
+#: exact, from a forward-only pass of the teacher over the step's micro-batches before the schedule
+#: (:func:`~vigos_megatron.training.update.teacher_pass_reports`)
+QUANTILE_SCOPES = ("micro_batch", "global")
+
 
 @dataclass
 class VGSLossConfig:
@@ -26,12 +33,19 @@ class VGSLossConfig:
     eta: float = 0.41
     gamma: float = 2.0
     lambda_lp: float = 0.01
-    #: VDS quantile above which the language-preservation term is active (micro-batch tokens)
+    #: VDS quantile above which the language-preservation term is active (over ``quantile_scope``'s tokens)
     lp_quantile: float = 0.7
     #: paper appendix E: gamma_t = 0 below Q_low, gamma/2 between, gamma above Q_high
     adaptive_gamma: bool = False
     adaptive_low_quantile: float = 0.4
     adaptive_high_quantile: float = 0.7
+    #: the tokens of the VDS quantiles (:data:`QUANTILE_SCOPES`). ``global`` costs, per step, one more forward of
+    #: the teacher's two rows (``I,x`` and ``x``; no student row, no autograd) over every micro-batch: ~4 P_t FLOPs
+    #: per token of a row pair (2 P_t per row; P_t, P_s: the parameters) against ~4 P_t + 16 P_s for the update
+    #: (the teacher's rows forward; the student's forward, recompute, backward at full recompute), i.e. ~+50% at
+    #: 8B/2B, ~+33% at 8B/4B; and one all-gather of a float32 per completion token over the data-parallel group.
+    #: No state crosses steps.
+    quantile_scope: str = "micro_batch"
     #: p_S(.|x) inside the visual target q* is a constant (no gradient through the target)
     detach_text_student_in_target: bool = True
     temperature: float = 1.0
@@ -53,6 +67,7 @@ class VGSLossConfig:
         require_positive(self, "temperature")
         require_at_least(self, 0, "eta", "gamma", "lambda_lp")
         require_one_of(self, "reduction", REDUCTIONS)
+        require_one_of(self, "quantile_scope", QUANTILE_SCOPES)
         require_at_least(self, 0, "eta_diagnostics_interval")
 
 
@@ -102,22 +117,38 @@ class VGS(Objective):
 
         return pack_vgs(group, pad_id=pad_id, multiple=multiple)
 
-    def build_loss(self, settings, tokens, *, chunk_bytes, impl, dp_group, tp_group, std_weight=1.0):
+    def teacher_pass(self, settings, *, chunk_bytes, impl, tp_group):
+        if settings.quantile_scope != "global":
+            return None
+        from vigos_megatron.losses.objectives import VGSLoss
+        from vigos_megatron.losses.vds_quantiles import TeacherVDSPass
+
+        return TeacherVDSPass(VGSLoss(settings, tp_group=tp_group, chunk_bytes=chunk_bytes, impl=impl))
+
+    def build_loss(self, settings, tokens, *, chunk_bytes, impl, dp_group, tp_group, teacher_reports=None,
+                   std_weight=1.0):
         from vigos_megatron.losses.objectives import VGSLoss, global_trajectory_counts
+        from vigos_megatron.losses.vds_quantiles import global_vds_quantiles, quantile_levels
         from vigos_megatron.runtime import compute_device
 
-        counts = None
+        counts = thresholds = None
         if settings.reduction == "sequence":
             # counted on the backend's device: the DP all-reduce runs on NCCL where CUDA is used
             counts = global_trajectory_counts([t.trajectory.to(compute_device()) for t in tokens], dp_group=dp_group)
-        return VGSLoss(settings, global_counts=counts, std_weight=std_weight, tp_group=tp_group,
-                       chunk_bytes=chunk_bytes, impl=impl)
+        if settings.quantile_scope == "global":
+            if teacher_reports is None:
+                raise ValueError("VGS: quantile_scope 'global' needs the reports of its teacher pass")
+            thresholds = global_vds_quantiles(teacher_reports, quantile_levels(settings), dp_group)
+        return VGSLoss(settings, global_counts=counts, thresholds=thresholds, std_weight=std_weight,
+                       tp_group=tp_group, chunk_bytes=chunk_bytes, impl=impl)
 
     def gradient_probes(self, settings, step, tokens, *, chunk_bytes, impl, dp_group, tp_group):
         k = settings.eta_diagnostics_interval
         if not k or step % k:
             return {}
-        return {name: self.build_loss(replace(settings, eta=1.0, gamma=gamma, lambda_lp=0.0, adaptive_gamma=False),
+        # lambda 0 and a constant gamma: no VDS quantile enters a probe, whatever its scope
+        return {name: self.build_loss(replace(settings, eta=1.0, gamma=gamma, lambda_lp=0.0, adaptive_gamma=False,
+                                              quantile_scope="micro_batch"),
                                       tokens, chunk_bytes=chunk_bytes, impl=impl, dp_group=dp_group,
                                       tp_group=tp_group, std_weight=std)
                 for name, (std, gamma) in ETA_PROBES.items()}

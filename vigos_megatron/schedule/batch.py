@@ -151,6 +151,22 @@ class StreamBatch:
     def student_slots(self) -> int:
         return self.num_student_rows // self.rollouts
 
+    def teacher_only(self) -> "StreamBatch":
+        """This micro-batch without its student rows, for a pass of the teacher alone: the student's slots
+        empty (``S_c = 0``: the stage skips them and the stream carries the teacher's part only), no student
+        image row, no student position; the tokens' teacher indices shifted to index the teacher's rows alone
+        (the last stage then returns none of the student's). The tokens' student indices are left as they
+        are and do not index that output: such a pass reads teacher rows only."""
+        ks = self.student_slots
+        scored = sum(int(p.numel()) for p in self.positions[:ks])
+        shifted = {f.name: getattr(self.tokens, f.name) - scored for f in dataclasses.fields(self.tokens)
+                   if f.name.startswith("teacher_")}
+        empty = [p[:0] for p in self.positions[:ks]]
+        return dataclasses.replace(
+            self, student=RowsInput(self.student.input_ids, [None] * len(self.student.row_images)),
+            slot_lengths=[0] * ks + self.slot_lengths[ks:], positions=empty + self.positions[ks:],
+            tokens=dataclasses.replace(self.tokens, **shifted))
+
     def to(self, device) -> "StreamBatch":
         return dataclasses.replace(
             self, student=self.student.to(device), teacher=self.teacher.to(device),

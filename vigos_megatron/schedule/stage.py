@@ -210,6 +210,8 @@ class StudentTeacherStage(MegatronModule):
             t_outs = self._run_slots(self.teacher, batch.teacher, range(ks, len(batch.slot_lengths)), batch, xs,
                                      t_feats)
         if self.post_process:
+            if not outs:  # the teacher alone (StreamBatch.teacher_only): no student row
+                outs = [t_outs[0].new_empty(0, self.widths[0] if self.from_hidden else t_outs[0].shape[-1])]
             return _cat_rows(outs), _cat_rows(t_outs)
         # a fresh tensor, not a view (megatron frees the sent output's storage)
         return torch.cat([o.view(-1, 1, 1) for o in outs + t_outs])

@@ -94,7 +94,8 @@ def step_gradients(cfg, layout, rollouts, ps) -> StepRecord:
         raise ValueError("step_gradients compares the logits the loss reads: set loss.from_hidden=false")
     ctx, _ = build_run(cfg, layout)
     inputs = build_step_inputs(rollouts, cfg, hf_config=ctx.models.builder.hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
-                               dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group())
+                               model=ctx.models.model, dp_group=ps.get_data_parallel_group(),
+                               tp_group=ps.get_tensor_model_parallel_group())
     loss = inputs.loss_fn.objective
     if not isinstance(loss, SegmentedDistillationLoss):
         raise ValueError(f"step_gradients: objective {cfg.loss.objective} has no segmented terms (vigos, opsd, opd)")

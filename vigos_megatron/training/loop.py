@@ -6,7 +6,8 @@ One iteration (``step`` counts optimizer steps; step 1 is the first update), :fu
 2. **generate**: rollouts from the student's current weights (the Megatron-native engine; with
    the distributed optimizer the parameter all-gather is completed first), parsed in the prompt
    template's completion format (:mod:`vigos_megatron.rollout.formats`);
-3. **score**: the rows the objective needs, packed micro-batches, its loss (:mod:`.scoring`);
+3. **score**: the rows the objective needs, packed micro-batches, its loss (:mod:`.scoring`; VGS with
+   ``quantile_scope: global`` first runs its teacher alone over the micro-batches, forward only);
 4. **update**: ONE megatron schedule call over the micro-batches, the frozen teacher inside the
    student's pipeline stages, then the optimizer step (student parameters only); on the steps the
    objective probes (``loss.vgs.eta_diagnostics_interval``) its probe losses' gradient norms come
@@ -103,7 +104,7 @@ def run_step(run: Run, ps, step: int, samples: list[dict], t0: float, *, last: i
     t1 = time.perf_counter()
     groups = {"dp_group": ps.get_data_parallel_group(), "tp_group": ps.get_tensor_model_parallel_group()}
     inputs = build_step_inputs(rollouts, cfg, hf_config=ctx.models.builder.hf_config, pad_id=ctx.pad_id, cut=ctx.cut,
-                               **groups)
+                               model=ctx.models.model, **groups)
     probes = build_gradient_probes(cfg, inputs.batches, step, **groups)
     norms = probe_gradient_norms(ctx.models.model, ctx.optimizer, inputs.batches, probes)
     result = train_step(ctx.models.model, ctx.optimizer, ctx.scheduler, inputs.batches, inputs.loss_fn,

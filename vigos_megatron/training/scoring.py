@@ -48,12 +48,15 @@ def fill_micro_batches(assembled: list, vision: list, micro_batch_size: int) -> 
 
 
 def build_step_inputs(rollouts: list[Rollout], cfg: "PretrainConfig", *, hf_config, pad_id: int, cut: "PrefixCut",
-                      dp_group, tp_group) -> StepInputs:
+                      model: list, dp_group, tp_group) -> StepInputs:
     """Micro-batches of ``cfg.train.micro_batch_size`` rollouts and the objective's loss over the global batch
-    (byte-exact teacher contexts: ``cut`` is the tokenizer's :class:`~vigos_megatron.data.contexts.PrefixCut`)."""
+    (byte-exact teacher contexts: ``cut`` is the tokenizer's :class:`~vigos_megatron.data.contexts.PrefixCut`).
+    When the objective has a teacher pass (VGS with ``quantile_scope: global``) it runs first on ``model``
+    (this rank's stage), over all of the step's micro-batches (:func:`~.update.teacher_pass_reports`)."""
     from vigos_megatron import objectives
     from vigos_megatron.schedule.batch import make_stream_batches
     from vigos_megatron.schedule.forward_step import ReportedLoss
+    from vigos_megatron.training.update import teacher_pass_reports
 
     objective = objectives.get(cfg.loss.objective)
     assembled = [objective.assemble(r, cfg, cut) for r in rollouts]
@@ -66,9 +69,11 @@ def build_step_inputs(rollouts: list[Rollout], cfg: "PretrainConfig", *, hf_conf
         spatial_merge_size=hf_config.vision_config.spatial_merge_size, multiple=cfg.train.seq_multiple,
         pack=objective.pack, group_by_length=cfg.train.group_by_length,
     )
-    loss = objective.build_loss(getattr(cfg.loss, objective.name), [b.tokens for b in batches],
-                                chunk_bytes=cfg.loss.chunk_bytes,
-                                impl=cfg.loss.impl, dp_group=dp_group, tp_group=tp_group)
+    settings = getattr(cfg.loss, objective.name)
+    kl = {"chunk_bytes": cfg.loss.chunk_bytes, "impl": cfg.loss.impl, "tp_group": tp_group}
+    teacher_pass = objective.teacher_pass(settings, **kl)
+    reports = None if teacher_pass is None else teacher_pass_reports(model, batches, teacher_pass)
+    loss = objective.build_loss(settings, [b.tokens for b in batches], dp_group=dp_group, teacher_reports=reports, **kl)
     return StepInputs(batches=batches, loss_fn=ReportedLoss(loss), assembled=rolled)
 
 

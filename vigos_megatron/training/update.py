@@ -101,6 +101,22 @@ def probe_gradient_norms(model: list, optimizer, batches: list, probes: dict) ->
     return {name: compute_gradients(model, optimizer, batches, ReportedLoss(fn)).grad_norm for name, fn in probes.items()}
 
 
+def teacher_pass_reports(model: list, batches: list, fn) -> list[dict]:
+    """The last stage's reports of ``fn`` (``(tokens, output) -> (loss, num_tokens, report)``, an objective's
+    :meth:`~vigos_megatron.objectives.base.Objective.teacher_pass`) on the teacher's rows of ``batches``.
+
+    One forward-only schedule call over the batches' :meth:`~vigos_megatron.schedule.batch.StreamBatch.teacher_only`
+    views, without autograd: only the teacher's slots run and travel between the stages (about the teacher's
+    forward FLOPs of the step once more), no gradient buffer is touched. ``[]`` on the other stages.
+    """
+    import torch
+
+    from vigos_megatron.schedule.forward_step import run_stream_schedule
+
+    with torch.no_grad():
+        return run_stream_schedule(model, [b.teacher_only() for b in batches], fn, forward_only=True)
+
+
 def train_step(model: list, optimizer, scheduler, batches: list, loss_fn, *, on_nonfinite: str = "skip") -> UpdateResult:
     """Forward+backward of student and teacher over ``batches`` in one schedule call, then the update.
 
