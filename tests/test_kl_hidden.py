@@ -62,14 +62,16 @@ def test_tiles_do_not_change_the_result(reverse):
 
 
 def test_bf16_inputs_give_the_fp32_result_of_their_values():
-    """Each chunk's logits are formed in fp32 from the bf16 values: the KL equals the fp32 path's on
-    the same (bf16-representable) numbers; gradients come back in bf16."""
+    """Each tile's logits are formed in fp32 from the bf16 values: the KL equals the fp32 path's on the
+    same (bf16-representable) numbers. The backward runs on bf16 operands (``dz`` rounded once, as the
+    logits path's bf16 output layer): gradients in bf16 within bf16's rounding of the fp32 ones."""
     bf = _case(dtype=torch.bfloat16)
     kl_b, gh_b, gw_b = _run(*bf, chunk_bytes=4096, reverse=True)
     kl_f, gh_f, gw_f = _run(*(x.float() for x in bf), chunk_bytes=4096, reverse=True)
     assert gh_b.dtype == gw_b.dtype == torch.bfloat16
     assert torch.allclose(kl_b, kl_f, rtol=1e-6, atol=1e-7)
-    assert torch.allclose(gw_b.float(), gw_f, rtol=1e-2, atol=1e-4)
+    for got, ref in ((gh_b, gh_f), (gw_b, gw_f)):
+        assert float((got.float() - ref).norm() / ref.norm()) < 1e-2  # measured 2.0e-3 / 2.5e-3
 
 
 def test_low_precision_gemms_give_the_same_kl():

@@ -17,9 +17,13 @@ kinds, per weight:
   GEMM (logits are linear in the hidden state), ``x = sum_k c_k/T h_k``: one GEMM per group, VGS's
   ``q_T(.|I,x) - q_T(.|x)`` one GEMM on the difference of the teacher's two hidden rows;
 * low-precision operands (a bf16/fp16 weight on CUDA): one GEMM per term in the model's dtype with
-  an fp32 result (``torch.mm(..., out_dtype=float32)``), scaled by ``c_k/T`` and summed in fp32; in
-  backward ``dz`` is rounded once to the model's dtype for the ``dW``/``dh`` GEMMs (fp32 results),
-  as megatron's bf16 output layer rounds its logits' gradient.
+  an fp32 result (``torch.mm(..., out_dtype=float32)``), scaled by ``c_k/T`` and summed in fp32.
+
+Backward, a low-precision weight on any device: ``dz`` is rounded once to the model's dtype and its
+``dW``/``dh`` GEMMs run on the model's operands, one per term
+(:func:`~vigos_megatron.losses.kl_common.matmul_model_dtype`: fp32 results on CUDA, results rounded
+to bf16 on the CPU), as megatron's bf16 output layer runs its backward on its rounded logits'
+gradient (the logits path, ``models.output_logits``); accumulation across tiles is fp32.
 
 Forward: each tile is reduced to online statistics per token ``(m_a, m_b, S_a, S_b, C_a, C_b)``
 (running maxima; ``S = sum e^{z - m}``, ``C_a = sum e^{a - m_a} (a - b)``, ``C_b = sum e^{b - m_b} (b - a)``,
@@ -58,7 +62,7 @@ from torch import Tensor
 
 from vigos_megatron.collectives import all_reduce
 from vigos_megatron.losses import torch_kl
-from vigos_megatron.losses.kl_common import kl_from_stats, matmul_fp32_out, reduce_shard_stats
+from vigos_megatron.losses.kl_common import kl_from_stats, matmul_fp32_out, matmul_model_dtype, reduce_shard_stats
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,7 @@ def _operands(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float, 
     low-precision weight block, each term's rows in the model's dtype with its scale ``c_k/T``."""
     if wblk.dtype == torch.float32:
         return _combined(grp, hs, lo, hi, inv_t)
-    return [((hs[slot][lo:hi] if idx is None else hs[slot].index_select(0, idx[lo:hi])), coef * inv_t)
-            for slot, idx, coef in grp.terms]
+    return _term_rows(grp, hs, lo, hi, inv_t)
 
 
 def _group_logits(x, wblk: Tensor) -> Tensor:
@@ -171,13 +174,28 @@ def _side(groups, xs, wblk) -> Tensor:
     return out
 
 
-def _weight_grad(acc: Tensor, d: Tensor, x) -> None:
-    """``acc += dz^T x`` for one group (``d`` the tile's fp32 ``dz``, or its low-precision rounding)."""
-    if isinstance(x, Tensor):
-        acc.addmm_(d.t(), x)
-        return
-    for rows, scale in x:
-        acc.add_(matmul_fp32_out(d.t(), rows), alpha=scale)
+def _term_rows(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float) -> list:
+    """Each term's rows for tokens ``lo:hi`` in the model's dtype, with its scale ``c_k/T``."""
+    return [((hs[slot][lo:hi] if idx is None else hs[slot].index_select(0, idx[lo:hi])), coef * inv_t)
+            for slot, idx, coef in grp.terms]
+
+
+def _group_backward(d: Tensor, x, grp: Group, hs, lo: int, hi: int, inv_t: float, w: Tensor,
+                    wblk: Tensor, acc: Tensor | None, need_dh: bool) -> Tensor | None:
+    """One group's share of a tile's backward: ``acc += dz^T x`` (``acc`` fp32 ``[Vb, H]`` or None) and
+    the returned ``u = dz @ W[block]`` fp32 ``[c, H]`` (``need_dh``). ``w`` is the weight's block in its
+    own dtype, ``wblk`` the block the forward used; a low-precision ``w`` takes the model's operands."""
+    if acc is None and not need_dh:
+        return None
+    if w.dtype == torch.float32:
+        if acc is not None:
+            acc.addmm_(d.t(), x)
+        return d @ wblk if need_dh else None
+    dg = d.to(w.dtype)
+    if acc is not None:
+        for rows, scale in _term_rows(grp, hs, lo, hi, inv_t):
+            acc.add_(matmul_model_dtype(dg.t(), rows.to(w.dtype)), alpha=scale)
+    return matmul_model_dtype(dg, w) if need_dh else None
 
 
 def _tile_shape(n: int, ws: Sequence[Tensor], chunk_bytes: int) -> tuple[int, int]:
@@ -248,13 +266,10 @@ def _grads(meta: HiddenMeta, hs, ws, need_h, need_w, lse_a, lse_b, kl, g) -> tup
             if d is None:
                 continue
             for grp, xg in zip(groups, x):
-                wb = wblk[grp.weight]
-                dg = d if wb.dtype == torch.float32 else d.to(wb.dtype)
-                if acc[grp.weight] is not None:
-                    _weight_grad(acc[grp.weight], dg, xg)
                 terms = [t for t in grp.terms if dh[t[0]] is not None]
+                u = _group_backward(d, xg, grp, hs, lo, hi, meta.inv_t, ws[grp.weight][v0:v1], wblk[grp.weight],
+                                    acc[grp.weight], bool(terms))
                 if terms:
-                    u = dg @ wb if wb.dtype == torch.float32 else matmul_fp32_out(dg, wb)
                     for slot, idx, coef in terms:
                         _scatter_hidden_grad(dh[slot], idx, lo, hi, u, coef * meta.inv_t)
         del a, b, dz

@@ -48,6 +48,15 @@ def matmul_fp32_out(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def matmul_model_dtype(a: Tensor, b: Tensor) -> Tensor:
+    """fp32 ``a @ b`` of operands in one low-precision dtype, at that dtype's GEMM speed: the fp32
+    accumulator on CUDA (:func:`matmul_fp32_out`); on the CPU, which has no such kernel, the result
+    rounded to the operands' dtype, then widened (a relative error of 2^-9 per entry in bf16)."""
+    if a.is_cuda:
+        return matmul_fp32_out(a, b)
+    return torch.mm(a, b).float()
+
+
 def reduce_shard_stats(stats: Tensor, group) -> tuple[Tensor, Tensor]:
     """The global ``m`` ``[n, 2]`` and ``s`` ``[n, 4]`` from this shard's online statistics ``stats``
     fp32 ``[n, 6]`` ``(m_a, m_b, S_a, S_b, C_a, C_b)`` (``S = sum_v e^{z_v - m}``, ``C_a = sum_v
