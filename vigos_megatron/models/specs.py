@@ -39,12 +39,14 @@ megatron's rope fp32 query and key (``get_query_key_value_tensors`` upcasts them
 ``t * cos + rotate_half(t) * sin`` runs in fp32 with unrounded ``cos``/``sin`` (megatron's unfused
 rope, the one mrope takes, rounds ``cos``/``sin`` to the activations' dtype and rounds each
 product and the sum); :func:`sdpa_attention` rounds query and key once to the value's dtype. In
-bf16 that is one rounding of the rotated query/key instead of five, the numerics of fused rope
-kernels (Transformer Engine's, which megatron does not use for mrope at batch > 1); in fp32 it
-changes nothing. Measured (``benchmarks/bench_precision.py``): the bf16 rope alone moved the bf16
-step's gradient norm by -2.4 to -2.7 % against fp32 on the demo's batches, through the teacher's
-logits. The transient cost: fp32 query/key between the qkv projection and the core attention
-(under selective recomputation the checkpoint keeps them, 2x their bf16 bytes).
+bf16 that is one rounding of the rotated query/key, as a fused rope kernel's output; in fp32 it
+changes nothing. Measured (``benchmarks/bench_precision.py``, the demo's batches without clip
+flips): with megatron's bf16 rope the bf16 step's gradient norm was -2.4 to -2.7 % off fp32,
+through the teacher's logits; with the fp32 rotation +0.04 to +0.9 %. The transient cost: fp32
+query/key between the qkv projection and the core attention; autograd keeps the fp32 cos/sin
+tables (16 instead of 8 bytes per token and head dim) and, under selective recomputation, the
+checkpoint's fp32 query/key (``recipes/shapes.py``). Qwen3-VL's language model replaces the
+self-attention by Bridge's ``Qwen3VLSelfAttention`` (its own rope): no fp32 rotation there.
 
 Not supported (a clear error, as in the local spec): packed sequences (THD), attention bias,
 context parallelism, sliding windows, non-vanilla softmax, qk-clip.
