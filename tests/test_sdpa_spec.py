@@ -4,6 +4,7 @@
   without a mask tensor, causal+padding masks (right and left padding), a decode step, a chunk
   of queries over a longer key cache (bottom-right causality), no mask, an explicit softmax
   scale; outputs and the gradients of query, key and value within 1e-5; bf16; dropout;
+* the spec's self-attention in bf16 hands the core attention the rope computed in fp32;
 * the tiny Qwen2.5-VL built with each spec from one checkpoint: logits within 1e-5 and every
   parameter gradient within 1e-5 of its scale, same parameter names and checkpoint keys;
   an explicit padding mask through the whole model (also vs. the unpadded rows run alone);
@@ -165,6 +166,40 @@ def test_core_attention_bf16_and_dropout(mp):
     assert (outs[0] - ref).abs().max() > 1e-2, "attention_dropout=0.5 in training changed nothing"
 
 
+def test_sdpa_self_attention_rotates_query_and_key_in_fp32(mp):
+    """The sdpa spec's self-attention (bf16): the core attention receives the rope of the bf16
+    projections computed in fp32 (megatron's unfused rope rounds cos/sin and every product)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.spec_utils import build_module
+
+    from vigos_megatron.models.specs import Fp32RopeSelfAttention, get_gpt_layer_sdpa_spec
+
+    cfg = _config(bf16=True, params_dtype=torch.bfloat16)
+    attn = build_module(get_gpt_layer_sdpa_spec().submodules.self_attention, config=cfg, layer_number=1)
+    assert isinstance(attn, Fp32RopeSelfAttention)
+    s, b = 40, 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(s, b, 64, generator=g).bfloat16()
+    freqs = (torch.arange(s, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(8) / 8))
+    freqs = torch.cat([freqs, freqs], -1)[:, None, None, :] * 7.0  # [s, 1, 1, hn], positions up to 273
+    seen = {}
+    attn.core_attention.register_forward_pre_hook(lambda m, args: seen.update(q=args[0], k=args[1], v=args[2]))
+    with torch.no_grad():
+        out, _ = attn(x, None, rotary_pos_emb=(freqs, freqs))
+        q16, k16, v16 = SelfAttention.get_query_key_value_tensors(attn, x, None)
+    assert out.dtype == torch.bfloat16 and seen["v"].dtype == torch.bfloat16
+    assert seen["q"].dtype == seen["k"].dtype == torch.float32
+    assert torch.equal(seen["v"], v16)
+    for name, raw in (("q", q16), ("k", k16)):
+        exact = _apply_rotary_pos_emb_bshd(raw.double(), freqs.double())
+        bf16_rope = _apply_rotary_pos_emb_bshd(raw, freqs)  # megatron's, in the activations' dtype
+        err = float((seen[name].double() - exact).abs().max() / exact.abs().max())
+        err16 = float((bf16_rope.double() - exact).abs().max() / exact.abs().max())
+        assert err < 1e-6, (name, err)
+        assert err16 > 1e-3, (name, err16)  # what the fp32 rotation avoids
+
+
 def test_core_attention_errors(mp):
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -312,14 +347,15 @@ def test_transformer_impl_selection(monkeypatch, tiny_dir):
         load_config(ModelConfig, None, ["transformer_impl=flash"])
 
 
-def test_layer_spec_is_the_local_spec_but_core_attention():
+def test_layer_spec_is_the_local_spec_but_attention():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from vigos_megatron.models.specs import SDPADotProductAttention, get_gpt_layer_sdpa_spec
+    from vigos_megatron.models.specs import Fp32RopeSelfAttention, SDPADotProductAttention, get_gpt_layer_sdpa_spec
 
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
     sdpa = get_gpt_layer_sdpa_spec(normalization="RMSNorm")
     assert sdpa.submodules.self_attention.submodules.core_attention is SDPADotProductAttention
+    assert sdpa.submodules.self_attention.module is Fp32RopeSelfAttention
     def same(a, b):  # functools.partial compares by identity
         if isinstance(a, functools.partial) and isinstance(b, functools.partial):
             return a.func == b.func and a.args == b.args and a.keywords == b.keywords

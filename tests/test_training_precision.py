@@ -11,14 +11,16 @@ spec, the Triton KL) on the CPU, against fp32.
 
 Tolerances, from ``benchmarks/bench_precision.py`` on the demo's assets (identical rollouts, the
 first step's batch, at TP1 and in the worker at DP2; TP2 alike): with fp32 logits the bf16
-``sdpa`` step's whole-gradient relative error is 0.064 (``local``: 0.027-0.029), the
-language-model parameters' median 0.066 and max 0.097, the gradient norm -2.6 % (TP2: -3.3 %), the loss -0.17 %,
-the terms 0.07-0.6 %, the per-token KL 1.3 % (relative L2), no clip decision changed. The bounds
-leave about 1.5x the measured figures. A flipped clip decision moves one token's
-whole gradient in or out (14-60 % of the step's gradient in the benchmark's batches): the step
-must have none. The bf16-logits ``local`` step (whole-gradient error 0.144-0.155, one flip) fails
-them; the bf16-logits ``sdpa`` step (0.067-0.087) would not: that the loss reads fp32 logits is
-checked directly (``logits_dtype``, and the fast test above).
+``sdpa`` step (its rope in fp32, ``models/specs.py``) has whole-gradient relative error 0.027
+(TP1 batches 0-3: 0.027-0.036), the language-model parameters' median 0.022 and max 0.034, the
+gradient norm +0.47 % (batches 0-3: +0.04 to +0.90 %; TP2: +0.23 %), the loss +0.27 %, the terms
+0.3-1.3 %, the per-token KL 1.4-1.6 % (relative L2), no clip decision changed. The bounds leave
+about 1.5x the measured figures (the gradient norm: the issue's 2 %). With megatron's bf16 rope
+the same step was at 0.064 / 0.066 / 0.097 and -2.6 %: the bounds catch its return. A flipped
+clip decision moves one token's whole gradient in or out (14-60 % of the step's gradient in the
+benchmark's batches): the step must have none. The bf16-logits ``local`` step (whole-gradient
+error 0.144-0.155, one flip) fails them: that the loss reads fp32 logits is checked directly
+(``logits_dtype``, and the fast test above).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 #: ``key: bound`` on the worker's figures (module docstring)
-WHOLE_GRAD_REL = 0.10
-LM_GRAD_MEDIAN_REL = 0.10
-LM_GRAD_MAX_REL = 0.15
-GRAD_NORM_REL = 0.05
+WHOLE_GRAD_REL = 0.05
+LM_GRAD_MEDIAN_REL = 0.035
+LM_GRAD_MAX_REL = 0.055
+GRAD_NORM_REL = 0.02
 LOSS_REL = 0.01
 TERM_REL = 0.02
 KL_REL = 0.03

@@ -34,6 +34,20 @@ Attention semantics (query rows ``i`` of ``sq``, key columns ``j`` of ``sk``)::
   spec, a no-op in exact arithmetic, so it is not replicated); dropout ``config.attention_dropout``
   in training only, under megatron's model-parallel RNG tracker like the local spec.
 
+Rotary embeddings in fp32: the spec's self-attention, :class:`Fp32RopeSelfAttention`, hands
+megatron's rope fp32 query and key (``get_query_key_value_tensors`` upcasts them), so the rotation
+``t * cos + rotate_half(t) * sin`` runs in fp32 with unrounded ``cos``/``sin`` (megatron's unfused
+rope, the one mrope takes, rounds ``cos``/``sin`` to the activations' dtype and rounds each
+product and the sum); :func:`sdpa_attention` rounds query and key once to the value's dtype. In
+bf16 that is one rounding of the rotated query/key, as a fused rope kernel's output; in fp32 it
+changes nothing. Measured (``benchmarks/bench_precision.py``, the demo's batches without clip
+flips): with megatron's bf16 rope the bf16 step's gradient norm was -2.4 to -2.7 % off fp32,
+through the teacher's logits; with the fp32 rotation +0.04 to +0.9 %. The transient cost: fp32
+query/key between the qkv projection and the core attention; autograd keeps the fp32 cos/sin
+tables (16 instead of 8 bytes per token and head dim) and, under selective recomputation, the
+checkpoint's fp32 query/key (``recipes/shapes.py``). Qwen3-VL's language model replaces the
+self-attention by Bridge's ``Qwen3VLSelfAttention`` (its own rope): no fp32 rotation there.
+
 Not supported (a clear error, as in the local spec): packed sequences (THD), attention bias,
 context parallelism, sliding windows, non-vanilla softmax, qk-clip.
 
@@ -56,6 +70,7 @@ from torch import Tensor
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -136,9 +151,12 @@ def sdpa_attention(
     """Scaled dot-product attention in megatron's layout.
 
     ``query`` ``[sq, b, np, hn]``, ``key``/``value`` ``[sk, b, ng, hn]`` with ``np % ng == 0``
-    (any strides; same dtype and device); ``attn_mask`` bool ``True`` = attends, broadcastable
-    to ``[b, np, sq, sk]``. Returns ``[sq, b, np * hn]`` (contiguous) in the input dtype.
+    (any strides; same device); ``query``/``key`` may be fp32 (rotated in fp32 by
+    :class:`Fp32RopeSelfAttention`) and are rounded once to ``value``'s dtype; ``attn_mask`` bool
+    ``True`` = attends, broadcastable to ``[b, np, sq, sk]``. Returns ``[sq, b, np * hn]``
+    (contiguous) in ``value``'s dtype.
     """
+    query, key = query.to(value.dtype), key.to(value.dtype)
     sq, b, n_heads, head_dim = query.shape
     n_groups = key.size(2)
     if n_heads % n_groups != 0:
@@ -161,6 +179,18 @@ def sdpa_attention(
 
 
 # --------------------------------------------------------------------------- core attention
+
+
+class Fp32RopeSelfAttention(SelfAttention):
+    """megatron-core's ``SelfAttention`` whose query and key leave the qkv projection (and the q/k
+    norms) in fp32, so that its rope rotates them in fp32 (module docstring); the value keeps the
+    activations' dtype. The core attention rounds query and key to it (:func:`sdpa_attention`)."""
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        if len(out) < 3:  # (mixed qkv, split sizes): the fused-qkv rope path, left as it is
+            return out
+        return (out[0].float(), out[1].float(), *out[2:])
 
 
 class SDPADotProductAttention(MegatronModule):
@@ -283,10 +313,12 @@ def _check_supported(config: TransformerConfig, layer_number: int) -> None:
 
 
 def get_gpt_layer_sdpa_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False) -> ModuleSpec:
-    """megatron-core's local GPT layer spec with :class:`SDPADotProductAttention` as core attention."""
+    """megatron-core's local GPT layer spec with :class:`Fp32RopeSelfAttention` and
+    :class:`SDPADotProductAttention` as core attention."""
     local = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     attn = local.submodules.self_attention
-    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SDPADotProductAttention))
+    attn = dataclasses.replace(attn, module=Fp32RopeSelfAttention,
+                               submodules=dataclasses.replace(attn.submodules, core_attention=SDPADotProductAttention))
     return dataclasses.replace(local, submodules=dataclasses.replace(local.submodules, self_attention=attn))
 
 

@@ -36,6 +36,7 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   head dim)::
 
       sdpa / local (torch RMSNorm)   2 (10H + 4) + 8d + [2ad + 2gd + 2(a + 2g)d + 4a + 2ad + 10F] / tp
+        (sdpa on Qwen2.5-VL: fp32 rope, 16d for 8d; selective: fp32 q/k, + [2ad + 2gd] / tp)
       local (unfused attention)      2 (10H + 4) + 8d + [8ad + 10F] / tp + per row (2 a / tp) S^2 + S^2 (mask)
       transformer_engine             2 (4H + 4)  + 8d + [2ad + 2gd + 2(a + 2g)d + 4a + 2ad + 6F] / tp
 

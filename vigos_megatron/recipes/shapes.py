@@ -285,6 +285,12 @@ class ModelShape:
         (``core_attn``) does not reach it."""
         return spec == "local" and self.qk_norm
 
+    def _fp32_rope(self, spec: str) -> bool:
+        """The sdpa spec's self-attention rotates query and key in fp32 (``models/specs.py``
+        ``Fp32RopeSelfAttention``): fp32 rope tables, and fp32 query/key in a selective checkpoint.
+        Qwen3-VL's language model takes Bridge's ``Qwen3VLSelfAttention`` and its own rope instead."""
+        return spec == "sdpa" and not self.qk_norm
+
     def layer_bytes_per_token(self, tp: int, spec: str, recompute: str = "none") -> int:
         """Bytes autograd keeps per token in one language layer (bf16; see the module docstring)."""
         _check_choice("layer_spec", spec, LAYER_SPECS)
@@ -301,6 +307,9 @@ class ModelShape:
         flash_attn = 2 * a * d + 2 * g * d + 2 * (a + 2 * g) * d + lse + 2 * a * d + qk_norm
         if spec == "transformer_engine":
             return 2 * (4 * h + 4) + 8 * d + (flash_attn + 6 * f) // tp
+        if self._fp32_rope(spec):  # fp32 cos/sin of query and key; a selective checkpoint's fp32 query/key
+            fp32_qk = 2 * a * d + 2 * g * d if recompute == "selective" else 0
+            return 2 * (10 * h + 4) + 16 * d + (flash_attn + fp32_qk + 10 * f) // tp
         if spec == "sdpa" or recompute == "selective":
             return 2 * (10 * h + 4) + 8 * d + (flash_attn + 10 * f) // tp
         fp32_path = 4 * a * d if self._unfused_outside_core(spec) else 0  # its fp32 attention output

@@ -212,8 +212,9 @@ class EvalQKV:
 
     def __call__(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         attn = self.attn
-        if not self.plain:
-            return attn.get_query_key_value_tensors(h)
+        if not self.plain:  # the sdpa spec's self-attention gives fp32 query/key (its rope's): the cache's dtype
+            q, k, v = attn.get_query_key_value_tensors(h)
+            return q.to(v.dtype), k.to(v.dtype), v
         mixed, _ = self.linear(h)
         s, b, d = mixed.shape[0], mixed.shape[1], self.d
         mixed = mixed.view(s, b, self.groups, (self.per_group + 2) * d)
