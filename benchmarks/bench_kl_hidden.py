@@ -11,7 +11,10 @@ tokens; forward+backward, the output-weight gradient counted in every path:
 * ``logits-fp32``: the product's logits path (``loss.from_hidden: false``, ``loss.logits_dtype:
   float32``): the output layer's fp32 accumulator, unrounded (``models.output_logits``), for the
   three rows; the same precision as ``hidden``;
-* ``hidden``: :mod:`vigos_megatron.losses.hidden_kl` (recompute in backward, the product path);
+* ``hidden``: :mod:`vigos_megatron.losses.hidden_kl` (recompute in backward, the product path), fp32
+  logits (``loss.logits_dtype: float32``): ``logits-fp32``'s precision;
+* ``hidden-model``: the same with ``loss.logits_dtype: model`` (``HiddenRows.rounded``: bf16 GEMMs,
+  results rounded to bf16): ``logits``'s precision;
 * ``hidden-fwd``: the alternative measured against it: the gradients formed in the forward
   (same chunks and statistics), kept until backward and scaled there by the incoming gradient.
   It cannot tile the vocabulary, so it holds an fp32 ``[V/tp, H]`` weight-gradient accumulator.
@@ -22,7 +25,7 @@ is the process's resident high-water mark above what it held once its inputs exi
 
     .venv/bin/python benchmarks/bench_kl.py --from-hidden                       # the issue's table (long)
     .venv/bin/python benchmarks/bench_kl.py --from-hidden --hidden 256 --tokens 1024 4096
-    .venv/bin/python benchmarks/bench_kl.py --from-hidden --tp 1 --paths logits logits-fp32 hidden --clock cpu
+    .venv/bin/python benchmarks/bench_kl.py --from-hidden --tp 1 --paths logits hidden-model logits-fp32 hidden --clock cpu
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kl import _status, run_worker  # noqa: E402
 
-PATHS = ("logits", "logits-fp32", "hidden", "hidden-fwd")
+PATHS = ("logits", "logits-fp32", "hidden", "hidden-model", "hidden-fwd")
+#: the logits path of the same logits precision as each path from hidden states
+PEER = {"hidden": "logits-fp32", "hidden-model": "logits", "hidden-fwd": "logits-fp32"}
 
 
 def _side_logits(groups, xs, weights, block: int):
@@ -103,9 +108,11 @@ def _loss(path, hs, ws, ht, wt, group, chunk_bytes):
 
     from vigos_megatron.losses.vocab_parallel_kl import HiddenRows, LogitRows, kl_rows
 
-    if path == "hidden":
-        return kl_rows(HiddenRows(hs, ws), [HiddenRows(ht[0], wt), HiddenRows(ht[1], wt, coef=-1.0)], reverse=True,
-                       tp_group=group, chunk_bytes=chunk_bytes)
+    if path in ("hidden", "hidden-model"):
+        r = path == "hidden-model"
+        return kl_rows(HiddenRows(hs, ws, rounded=r), [HiddenRows(ht[0], wt, rounded=r),
+                                                       HiddenRows(ht[1], wt, coef=-1.0, rounded=r)],
+                       reverse=True, tp_group=group, chunk_bytes=chunk_bytes)
     if path == "hidden-fwd":
         return _forward_grads_kl(hs, ws, ht, wt, group, chunk_bytes)
     if path == "logits-fp32":
@@ -183,7 +190,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hidden", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="hidden", choices=PATHS)
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    p.add_argument("--paths", nargs="+", default=[p for p in PATHS if p != "hidden-fwd"], choices=PATHS,
+                   help="hidden-fwd: the design not chosen (an fp32 [V/tp, H] accumulator from forward to backward)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=2048, help="hidden size (3B-shaped: 2048)")
@@ -209,15 +217,19 @@ def main(argv=None) -> None:
     print(f"\nKL forward+backward from the same inputs, {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
           f"1 student + 2 teacher rows per token, {args.threads} CPU threads total, median of {args.reps}, "
           f"{args.clock} clock")
-    print(f"{'path':<11}{'TP':>3}{'tokens':>7}{'time s':>9}{'x logits':>9}{'peak GiB':>10}{'x logits':>9}"
+    print(f"{'path':<13}{'TP':>3}{'tokens':>7}{'time s':>9}{'x logits':>9}{'x peer':>8}{'peak GiB':>10}{'x logits':>9}"
           f"{'beyond dW GiB':>15}{'loss':>13}")
-    ref = {(r["tp"], r["tokens"]): r for r in rows if r["path"] == "logits"}
+    by = {(r["path"], r["tp"], r["tokens"]): r for r in rows}
     for r in rows:
-        base = ref.get((r["tp"], r["tokens"]))
+        base = by.get(("logits", r["tp"], r["tokens"]))
+        peer = by.get((PEER.get(r["path"], ""), r["tp"], r["tokens"]))
         rel_t = f"{r['time_s'] / base['time_s']:.2f}" if base else ""
+        rel_p = f"{r['time_s'] / peer['time_s']:.2f}" if peer else ""
         rel_m = f"{r['peak_bytes'] / base['peak_bytes']:.3f}" if base else ""
-        print(f"{r['path']:<11}{r['tp']:>3}{r['tokens']:>7}{r['time_s']:>9.2f}{rel_t:>9}{r['peak_bytes'] / gib:>10.3f}"
-              f"{rel_m:>9}{(r['peak_bytes'] - r['grad_w_bytes']) / gib:>15.3f}{r['loss']:>13.5e}")
+        print(f"{r['path']:<13}{r['tp']:>3}{r['tokens']:>7}{r['time_s']:>9.2f}{rel_t:>9}{rel_p:>8}"
+              f"{r['peak_bytes'] / gib:>10.3f}{rel_m:>9}{(r['peak_bytes'] - r['grad_w_bytes']) / gib:>15.3f}"
+              f"{r['loss']:>13.5e}")
+    print("x peer: time over the logits path of the same logits precision (hidden: logits-fp32; hidden-model: logits)")
     print(f"(run time {time.perf_counter() - t_start:.0f} s)")
 
 

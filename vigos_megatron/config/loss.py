@@ -31,11 +31,12 @@ def _settings(name: str) -> type:
 #: (fused Triton kernels for CUDA tensors, torch otherwise), "torch", "triton" (from hidden states: who reduces
 #: each tile); ``from_hidden``: the last
 #: stage hands the loss its final hidden states and output weights and the KL forms each chunk's logits
-#: itself, in fp32 (no [tokens, V/tp] logits kept; false: the logits path, the reference); ``logits_dtype``
-#: (the logits path): the logits the loss reads in a bf16 model, "float32" (the output layer's fp32
+#: itself (no [tokens, V/tp] logits kept; false: the logits path, the reference); ``logits_dtype``
+#: (both paths): the logits the loss reads in a bf16 model, "float32" (the output layer's fp32
 #: accumulator, unrounded: the distillation gradient ``p_S - q_T`` of nearly equal distributions is not
 #: drowned by bf16 rounding; benchmarks/bench_precision.py) or "model" (rounded to bf16: half the logits'
-#: memory, recipes.memory prices both); an fp32 model reads fp32 logits either way
+#: memory on the logits path, bf16 GEMM speed from hidden states on the CPU; recipes.memory prices both);
+#: an fp32 model reads fp32 logits either way
 LossConfig = make_dataclass(
     "LossConfig",
     [("objective", str, field(default="vigos")),

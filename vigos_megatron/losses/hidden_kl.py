@@ -17,7 +17,10 @@ kinds, per weight:
   GEMM (logits are linear in the hidden state), ``x = sum_k c_k/T h_k``: one GEMM per group, VGS's
   ``q_T(.|I,x) - q_T(.|x)`` one GEMM on the difference of the teacher's two hidden rows;
 * low-precision operands (a bf16/fp16 weight on CUDA): one GEMM per term in the model's dtype with
-  an fp32 result (``torch.mm(..., out_dtype=float32)``), scaled by ``c_k/T`` and summed in fp32.
+  an fp32 result (``torch.mm(..., out_dtype=float32)``), scaled by ``c_k/T`` and summed in fp32;
+* rounded (``HiddenRows.rounded``, ``loss.logits_dtype: model``, any device): one GEMM per term in
+  the model's dtype with its result rounded to that dtype, as megatron's bf16 output layer gives it
+  (the logits path's ``model`` logits, the same numbers), then widened, scaled and summed in fp32.
 
 Backward, a low-precision weight on any device: ``dz`` is rounded once to the model's dtype and its
 ``dW``/``dh`` GEMMs run on the model's operands, one per term
@@ -75,12 +78,15 @@ class HiddenRows:
         weight: ``[V/tp, H]`` this rank's vocabulary shard of the output layer for these rows.
         index: optional ``int64 [n]`` row indices selecting the ``n`` tokens scored (``None``: all rows).
         coef: scalar multiplier of this term.
+        rounded: the logits rounded to the weight's dtype, as megatron's output layer returns them
+            (``loss.logits_dtype: model``), instead of the fp32 accumulator; all terms of a call agree.
     """
 
     hidden: Tensor
     weight: Tensor
     index: Tensor | None = None
     coef: float = 1.0
+    rounded: bool = False
 
 
 class Group(NamedTuple):
@@ -106,8 +112,9 @@ class HiddenMeta(NamedTuple):
     chunk_bytes: int
     #: a tile's reductions: ``(tile_stats, tile_grads)`` of torch_kl or triton_kl
     tiles: "TileOps"
-    #: GEMMs on the model's low-precision operands with fp32 results (module doc), else fp32 operands
-    low_precision_gemms: bool
+    #: the forward's GEMM kind (module doc): "fp32" operands, "fp32_out" (low-precision operands, fp32
+    #: results) or "rounded" (low-precision operands and results)
+    gemm: str
 
 
 class TileOps(NamedTuple):
@@ -154,22 +161,22 @@ def _operands(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float, 
     return _term_rows(grp, hs, lo, hi, inv_t)
 
 
-def _group_logits(x, wblk: Tensor) -> Tensor:
+def _group_logits(x, wblk: Tensor, rounded: bool) -> Tensor:
     """fp32 ``[c, Vb]`` logits of one group's operands ``x`` (:func:`_operands`)."""
     if isinstance(x, Tensor):
         return x @ wblk.t()
     out = None
     for rows, scale in x:
-        z = matmul_fp32_out(rows, wblk.t())
+        z = torch.mm(rows.to(wblk.dtype), wblk.t()).float() if rounded else matmul_fp32_out(rows, wblk.t())
         out = z.mul_(scale) if out is None else out.add_(z, alpha=scale)
     return out
 
 
-def _side(groups, xs, wblk) -> Tensor:
+def _side(groups, xs, wblk, rounded: bool) -> Tensor:
     """A side's fp32 tile ``[c, Vb]`` (already divided by T): the sum of its groups' logits."""
     out = None
     for grp, x in zip(groups, xs):
-        z = _group_logits(x, wblk[grp.weight])
+        z = _group_logits(x, wblk[grp.weight], rounded)
         out = z if out is None else out.add_(z)
     return out
 
@@ -213,11 +220,11 @@ def _tiles(meta: HiddenMeta, hs, ws, n: int):
     vb, c = _tile_shape(n, ws, meta.chunk_bytes)
     for v0 in range(0, v, vb):
         v1 = min(v, v0 + vb)
-        wblk = [w[v0:v1] if meta.low_precision_gemms else w[v0:v1].to(torch.float32) for w in ws]
+        wblk = [w[v0:v1].to(torch.float32) if meta.gemm == "fp32" else w[v0:v1] for w in ws]
         for lo in range(0, n, c):
             hi = min(n, lo + c)
             xs = [[_operands(g, hs, lo, hi, meta.inv_t, wblk[g.weight]) for g in groups] for groups in meta.sides]
-            a, b = (_side(groups, x, wblk) for groups, x in zip(meta.sides, xs))
+            a, b = (_side(groups, x, wblk, meta.gemm == "rounded") for groups, x in zip(meta.sides, xs))
             yield v0, v1, wblk, lo, hi, xs, a, b
         yield v0, v0, wblk, n, n, None, None, None
 
@@ -339,13 +346,21 @@ def hidden_kl_rows(s_terms: Sequence[HiddenRows], t_terms: Sequence[HiddenRows],
                    triton: bool = False, low_precision_gemms: bool | None = None) -> Tensor:
     """fp32 ``[n]`` per-token KL of validated :class:`HiddenRows` terms (``reverse``: bool ``[n]``);
     ``triton``: each tile reduced by the Triton kernels (CUDA tensors, or the CPU interpreter);
-    ``low_precision_gemms``: the GEMM kind (module doc; ``None``: low-precision operands for bf16/fp16
-    weights on CUDA; on the CPU the same numbers come from widened operands, at fp32 GEMM speed)."""
+    ``low_precision_gemms``: unrounded logits from low-precision operands with fp32 results (module
+    doc; ``None``: for bf16/fp16 weights on CUDA; on the CPU the same numbers come from widened
+    operands, at fp32 GEMM speed); terms with ``rounded`` take the rounded GEMMs whatever the device."""
     sides, hiddens, weights = _slots((s_terms, t_terms))
+    rounded = {t.rounded for t in (*s_terms, *t_terms)}
+    if len(rounded) > 1:
+        raise ValueError("HiddenRows.rounded: the terms of one KL call disagree (all rounded or none)")
+    low_precision = all(w.dtype in (torch.bfloat16, torch.float16) for w in weights)
     if low_precision_gemms is None:
         low_precision_gemms = weights[0].is_cuda
-    low_precision_gemms = bool(low_precision_gemms) and all(w.dtype in (torch.bfloat16, torch.float16)
-                                                            for w in weights)
+    gemm = "fp32"
+    if low_precision and rounded.pop():
+        gemm = "rounded"
+    elif low_precision and low_precision_gemms:
+        gemm = "fp32_out"
     meta = HiddenMeta(sides, len(hiddens), reverse, 1.0 / float(temperature), clip, tp_group, bool(want_a),
-                      bool(want_b), int(chunk_bytes), tile_ops(triton, reverse.device), low_precision_gemms)
+                      bool(want_b), int(chunk_bytes), tile_ops(triton, reverse.device), gemm)
     return _HiddenKL.apply(meta, *hiddens, *weights)

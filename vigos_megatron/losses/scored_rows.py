@@ -54,6 +54,8 @@ class HiddenOutput:
     teacher_hidden: Tensor
     teacher_weight: Tensor
     teacher_offset: int = 0
+    #: logits rounded to the model's dtype (``loss.logits_dtype: model``; :class:`HiddenRows`)
+    rounded: bool = False
 
     def __post_init__(self):
         # detached once: terms sharing a weight tensor are summed before one output GEMM
@@ -68,12 +70,12 @@ class HiddenOutput:
 
     def student(self, index: Tensor, *, coef: float = 1.0, detach: bool = False) -> HiddenRows:
         if detach:
-            return HiddenRows(*self._constant["student"], index, coef)
-        return HiddenRows(self.student_hidden, self.student_weight, index, coef)
+            return HiddenRows(*self._constant["student"], index, coef, self.rounded)
+        return HiddenRows(self.student_hidden, self.student_weight, index, coef, self.rounded)
 
     def teacher(self, index: Tensor, *, coef: float = 1.0) -> HiddenRows:
         idx = index - self.teacher_offset if self.teacher_offset else index
-        return HiddenRows(*self._constant["teacher"], idx, coef)
+        return HiddenRows(*self._constant["teacher"], idx, coef, self.rounded)
 
 
 def scored_rows(output) -> LogitsOutput | HiddenOutput:

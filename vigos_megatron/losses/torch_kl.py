@@ -97,7 +97,8 @@ def side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
 
     ``a``/``b`` are consumed (overwritten). ``g`` is ``[c, 1]`` (incoming gradient / T).
     ``mode`` is ``"forward"``, ``"reverse"`` or ``"mixed"`` (per-token ``reverse``);
-    the single-direction modes work in place on 4 chunk-sized tensors::
+    the single-direction modes work in place on 4 chunk-sized tensors (3 for the reverse KL's side
+    ``a`` alone)::
 
         reverse: da = p_a (la - lb - kl),  db = q_b - p_a
         forward: da = p_a - q_b,           db = q_b (lb - la - kl)
@@ -105,7 +106,7 @@ def side_grads(a, b, lse_a, lse_b, kl, reverse, g, mode: str, need_b: bool):
     la = a.sub_(lse_a[:, None])  # log p_a
     lb = b.sub_(lse_b[:, None])  # log q_b
     pa = torch.exp(la)
-    qb = torch.exp(lb)
+    qb = torch.exp(lb) if (mode != "reverse" or need_b) else None  # reverse, side a only: not needed
     d = la.sub_(lb)  # la - lb
     k = kl[:, None]
     if mode == "reverse":

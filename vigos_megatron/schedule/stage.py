@@ -62,7 +62,8 @@ class StudentTeacherStage(MegatronModule):
             ``[N, H]`` instead of their logits (``loss.from_hidden``).
         fp32_logits: the last stage returns fp32 logits from a bf16 model (the output layer's fp32
             accumulator, not rounded to bf16; ``loss.logits_dtype``,
-            :mod:`vigos_megatron.models.output_logits`); ``False``: logits in the model's dtype.
+            :mod:`vigos_megatron.models.output_logits`); ``False``: logits in the model's dtype (from
+            hidden states: the KL's GEMMs round them the same way, ``HiddenOutput.rounded``).
 
     ``forward(batch)`` takes a :class:`~vigos_megatron.schedule.batch.StreamBatch` and returns
     the stream ``[E, 1, 1]`` (intermediate stages) or, on the last stage, the pair of student and
@@ -116,7 +117,7 @@ class StudentTeacherStage(MegatronModule):
         if not self.from_hidden:
             return LogitsOutput(torch.cat([student_rows, teacher_rows]))
         return HiddenOutput(student_rows, _output_weight(self.student), teacher_rows, _output_weight(self.teacher),
-                            teacher_offset=student_rows.shape[0])
+                            teacher_offset=student_rows.shape[0], rounded=not self.fp32_logits)
 
     def train(self, mode: bool = True):
         """Train/eval the student; the teacher always stays in eval mode."""
