@@ -243,12 +243,16 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def run_worker(script, tp: int, threads: int, worker_args: list[str], what: str) -> dict:
-    """``script --worker *worker_args`` on ``tp`` fresh gloo processes; rank 0's ``RESULT`` line as a dict."""
+def run_worker(script, tp: int, threads: int, worker_args: list[str], what: str, env: dict | None = None,
+               mmap_each: bool = True) -> dict:
+    """``script --worker *worker_args`` on ``tp`` fresh gloo processes (``env``: extra environment; ``mmap_each``:
+    glibc maps every allocation above 128 KiB afresh, so freed memory leaves the RSS); rank 0's ``RESULT`` line as a
+    dict."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}", str(script),
            "--worker", *worker_args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, threads // tp)),
-               MALLOC_MMAP_THRESHOLD_="131072")  # freed chunks go back to the OS, so RSS is meaningful
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, threads // tp)), **(env or {}))
+    if mmap_each:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -21,7 +21,8 @@ tokens; forward+backward, the output-weight gradient counted in every path:
 
 Each case is a fresh ``torch.distributed.run`` (gloo) so peak-RSS readings do not mix; peak memory
 is the process's resident high-water mark above what it held once its inputs existed
-(``/proc/self/clear_refs``), rank 0's.
+(``malloc_trim``, then ``/proc/self/clear_refs``), rank 0's. glibc's allocator keeps its defaults (freed
+tiles are reused, as a training process reuses them), so the time does not count a page fault per tile.
 
     .venv/bin/python benchmarks/bench_kl.py --from-hidden                       # the issue's table (long)
     .venv/bin/python benchmarks/bench_kl.py --from-hidden --hidden 256 --tokens 1024 4096
@@ -31,6 +32,7 @@ is the process's resident high-water mark above what it held once its inputs exi
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -39,6 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kl import _status, run_worker  # noqa: E402
+
+from vigos_megatron.losses.impls import DEFAULT_CHUNK_BYTES  # noqa: E402
 
 PATHS = ("logits", "logits-fp32", "hidden", "hidden-model", "hidden-fwd")
 #: the logits path of the same logits precision as each path from hidden states
@@ -160,6 +164,7 @@ def worker(args) -> None:
     for _ in range(args.reps):
         hs.grad = ws.grad = None
         dist.barrier()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory back to the OS: the base RSS is what is live
         open("/proc/self/clear_refs", "w").write("5")
         base = _status("VmRSS")
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -173,7 +178,8 @@ def worker(args) -> None:
     if rank == 0:
         print("RESULT " + json.dumps({"path": args.path, "tp": tp, "tokens": n, "time_s": sorted(times)[len(times) // 2],
                                        "peak_bytes": peak, "loss": loss,
-                                       "grad_w_bytes": ws.grad.numel() * ws.grad.element_size()}), flush=True)
+                                       "grad_w_bytes": ws.grad.numel() * ws.grad.element_size(),
+                                       "grad_h_bytes": hs.grad.numel() * hs.grad.element_size()}), flush=True)
     dist.destroy_process_group()
 
 
@@ -182,7 +188,9 @@ def launch(path, tp, tokens, args) -> dict:
                       ["--path", path, "--tokens", str(tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
                        "--dtype", args.dtype, "--reps", str(args.reps), "--chunk-bytes", str(args.chunk_bytes),
                        "--clock", args.clock],
-                      f"{path} tp={tp} tokens={tokens}")
+                      f"{path} tp={tp} tokens={tokens}",
+                      # the CPU clock counts work, not OpenMP threads spinning between the many small tile ops
+                      env={"OMP_WAIT_POLICY": "PASSIVE"} if args.clock == "cpu" else None, mmap_each=False)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -198,10 +206,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--chunk-bytes", type=int, default=64 << 20)
+    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="default: loss.chunk_bytes's")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="cpu: rank 0's process CPU time (all its threads), for a machine shared with other work")
+                   help="cpu: rank 0's process CPU time (all its threads; OpenMP waits passive), for a machine "
+                        "shared with other work")
     return p
 
 
@@ -218,7 +227,7 @@ def main(argv=None) -> None:
           f"1 student + 2 teacher rows per token, {args.threads} CPU threads total, median of {args.reps}, "
           f"{args.clock} clock")
     print(f"{'path':<13}{'TP':>3}{'tokens':>7}{'time s':>9}{'x logits':>9}{'x peer':>8}{'peak GiB':>10}{'x logits':>9}"
-          f"{'beyond dW GiB':>15}{'loss':>13}")
+          f"{'beyond dW GiB':>15}{'work GiB':>10}{'loss':>13}")
     by = {(r["path"], r["tp"], r["tokens"]): r for r in rows}
     for r in rows:
         base = by.get(("logits", r["tp"], r["tokens"]))
@@ -228,8 +237,9 @@ def main(argv=None) -> None:
         rel_m = f"{r['peak_bytes'] / base['peak_bytes']:.3f}" if base else ""
         print(f"{r['path']:<13}{r['tp']:>3}{r['tokens']:>7}{r['time_s']:>9.2f}{rel_t:>9}{rel_p:>8}"
               f"{r['peak_bytes'] / gib:>10.3f}{rel_m:>9}{(r['peak_bytes'] - r['grad_w_bytes']) / gib:>15.3f}"
-              f"{r['loss']:>13.5e}")
-    print("x peer: time over the logits path of the same logits precision (hidden: logits-fp32; hidden-model: logits)")
+              f"{(r['peak_bytes'] - r['grad_w_bytes'] - r['grad_h_bytes']) / gib:>10.3f}{r['loss']:>13.5e}")
+    print("x peer: time over the logits path of the same logits precision (hidden: logits-fp32; hidden-model: logits); "
+          "work: beyond both returned gradients (dW, dh)")
     print(f"(run time {time.perf_counter() - t_start:.0f} s)")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import field, make_dataclass
 
 from vigos_megatron.errors import require_at_least, require_one_of
-from vigos_megatron.losses.impls import KL_IMPLS
+from vigos_megatron.losses.impls import DEFAULT_CHUNK_BYTES, KL_IMPLS
 from vigos_megatron.objectives import MODULES, get
 
 
@@ -41,7 +41,7 @@ LossConfig = make_dataclass(
     "LossConfig",
     [("objective", str, field(default="vigos")),
      *[(name, _settings(name), field(default_factory=_settings(name))) for name in MODULES],
-     ("chunk_bytes", int, field(default=64 * 1024 * 1024)),
+     ("chunk_bytes", int, field(default=DEFAULT_CHUNK_BYTES)),
      ("impl", str, field(default="auto")),
      ("from_hidden", bool, field(default=True)),
      ("logits_dtype", str, field(default="float32"))],

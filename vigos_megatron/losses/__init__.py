@@ -5,5 +5,5 @@
 * :mod:`.objectives`: the segmented-distillation and VGS loss functions the objectives
   (:mod:`vigos_megatron.objectives`) build.
 
-Import-light on purpose: the configuration reads :data:`.impls.KL_IMPLS` without importing torch.
+Import-light on purpose: the configuration reads :mod:`.impls` without importing torch.
 """

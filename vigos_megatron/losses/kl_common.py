@@ -15,8 +15,6 @@ from torch import Tensor
 
 from vigos_megatron.collectives import all_reduce, group_size
 
-#: Default bytes of ONE fp32 work tensor ``[chunk, V/tp]``; about 6 are alive at once.
-DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from torch import Tensor
 from vigos_megatron.losses.impls import KL_IMPLS
 from vigos_megatron.collectives import all_reduce, group_size
 from vigos_megatron.losses.hidden_kl import HiddenRows, hidden_kl_rows
-from vigos_megatron.losses.kl_common import DEFAULT_CHUNK_BYTES, LogitRows
+from vigos_megatron.losses.impls import DEFAULT_CHUNK_BYTES
+from vigos_megatron.losses.kl_common import LogitRows
 from vigos_megatron.losses.torch_kl import torch_kl_rows
 
 Direction = Literal["forward", "reverse"]

@@ -108,6 +108,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from vigos_megatron import objectives
+from vigos_megatron.losses.impls import DEFAULT_CHUNK_BYTES
 from vigos_megatron.recipes.shapes import (  # noqa: F401  (ModelShape, LayoutError: part of this module's API)
     LAYER_SPECS,
     RECOMPUTE,
@@ -158,7 +159,7 @@ class Workload:
     logits_at_loss_positions_only: bool = True
     #: the KL from the final hidden states and output weights (no logits kept; ``loss.from_hidden``)
     loss_from_hidden: bool = True
-    loss_chunk_bytes: int = 64 * MIB
+    loss_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     #: ``loss.logits_dtype``: the logits the loss reads, "float32" (unrounded) or "model" (bf16)
     logits_dtype: str = "float32"
 
