@@ -96,29 +96,36 @@ def test_low_precision_gemms_give_the_same_kl():
         assert ((a - b).norm() / b.norm()) < 1e-2
 
 
-def test_rounded_logits_equal_the_logits_path_in_the_model_dtype():
-    """``loss.logits_dtype: model`` from hidden states (``HiddenRows.rounded``): each term's logits are the
-    bf16 output layer's (bf16 GEMM, result rounded), the numbers the logits path reads in that setting:
-    the same KL; gradients within bf16's rounding (both backward passes run on bf16 operands)."""
+def test_rounded_logits_are_the_bf16_output_layers():
+    """``loss.logits_dtype: model`` from hidden states (``HiddenRows.rounded``): a term alone with its weight
+    has the bf16 output layer's logits (bf16 GEMM, result rounded), the numbers the logits path reads in that
+    setting; terms sharing a weight are one bf16 GEMM on their fp32 sum rounded once. The KL equals the logits
+    path fed those logits; gradients within bf16's rounding (both backward passes run on bf16 operands). The
+    logits path's own ``model`` logits (each teacher row rounded, then subtracted) differ by bf16 noise."""
     hs, ws, ht, wt = _case(n=36, dtype=torch.bfloat16)
     idx = torch.arange(35, -1, -1)
     out = {}
-    for path in ("hidden", "logits"):
+    for path in ("hidden", "logits", "rows"):
         h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
         if path == "hidden":
             kl = kl_rows(HiddenRows(h, w, rounded=True), [HiddenRows(ht, wt, idx, rounded=True),
                                                           HiddenRows(ht, wt, coef=-0.5, rounded=True)],
                          reverse=True, temperature=1.4, chunk_bytes=4096)
+        elif path == "logits":
+            x = (ht[idx].float() - 0.5 * ht.float()).to(torch.bfloat16)
+            kl = kl_rows(LogitRows(h @ w.t()), LogitRows(x @ wt.t()), reverse=True, temperature=1.4, impl="torch")
         else:
             zt = ht @ wt.t()
             kl = kl_rows(LogitRows(h @ w.t()), [LogitRows(zt, idx), LogitRows(zt, coef=-0.5)], reverse=True,
                          temperature=1.4, impl="torch")
         (kl * torch.linspace(0.5, 2, 36)).sum().backward()
         out[path] = (kl.detach(), h.grad.float(), w.grad.float())
-    (k_h, gh_h, gw_h), (k_l, gh_l, gw_l) = out["hidden"], out["logits"]
+    (k_h, gh_h, gw_h), (k_l, gh_l, gw_l), (k_r, _, _) = out["hidden"], out["logits"], out["rows"]
     assert torch.allclose(k_h, k_l, rtol=1e-5, atol=1e-6)
     for a, b in ((gh_h, gh_l), (gw_h, gw_l)):
         assert float((a - b).norm() / b.norm()) < 1e-2
+    assert not torch.equal(k_h, k_r)  # the two roundings are different numbers
+    assert torch.allclose(k_h, k_r, rtol=5e-2)
     with pytest.raises(ValueError, match="rounded: the terms of one KL call disagree"):
         kl_rows(HiddenRows(hs, ws, rounded=True), HiddenRows(ht, wt), reverse=True)
 

@@ -18,9 +18,13 @@ kinds, per weight:
   ``q_T(.|I,x) - q_T(.|x)`` one GEMM on the difference of the teacher's two hidden rows;
 * low-precision operands (a bf16/fp16 weight on CUDA): one GEMM per term in the model's dtype with
   an fp32 result (``torch.mm(..., out_dtype=float32)``), scaled by ``c_k/T`` and summed in fp32;
-* rounded (``HiddenRows.rounded``, ``loss.logits_dtype: model``, any device): one GEMM per term in
-  the model's dtype with its result rounded to that dtype, as megatron's bf16 output layer gives it
-  (the logits path's ``model`` logits, the same numbers), then widened, scaled and summed in fp32.
+* rounded (``HiddenRows.rounded``, ``loss.logits_dtype: model``, any device): one GEMM per group in
+  the model's dtype with its result rounded to that dtype, as megatron's bf16 output layer rounds its
+  logits, then widened and scaled by ``1/T`` in fp32. A group of one term multiplies the model's own
+  rows (with ``c/T`` after the GEMM: the logits path's ``model`` logits, the same numbers); a group of
+  several sums its rows in fp32 and rounds the sum once, ``x = bf16(sum_k c_k h_k)`` (VGS's teacher
+  pair: the difference of the two hidden rows, rounded at its own scale, where the logits path rounds
+  each row's logits before they are subtracted).
 
 Backward, a low-precision weight on any device: ``dz`` is rounded once to the model's dtype and its
 ``dW``/``dh`` GEMMs run on the model's operands, one per term
@@ -79,7 +83,8 @@ class HiddenRows:
         index: optional ``int64 [n]`` row indices selecting the ``n`` tokens scored (``None``: all rows).
         coef: scalar multiplier of this term.
         rounded: the logits rounded to the weight's dtype, as megatron's output layer returns them
-            (``loss.logits_dtype: model``), instead of the fp32 accumulator; all terms of a call agree.
+            (``loss.logits_dtype: model``), instead of the fp32 accumulator (terms sharing a weight: one
+            GEMM on their sum, rounded once; module doc); all terms of a call agree.
     """
 
     hidden: Tensor
@@ -153,11 +158,14 @@ def _combined(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float) 
     return out
 
 
-def _operands(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float, wblk: Tensor):
-    """A group's rows for tokens ``lo:hi``: the combined fp32 ``[c, H]`` (fp32 operands), or, for a
-    low-precision weight block, each term's rows in the model's dtype with its scale ``c_k/T``."""
+def _operands(grp: Group, hs: Sequence[Tensor], lo: int, hi: int, inv_t: float, wblk: Tensor, gemm: str):
+    """A group's rows for tokens ``lo:hi``: the combined fp32 ``[c, H]`` (fp32 operands); for the rounded
+    GEMMs of several terms, their fp32 sum rounded once to the model's dtype with the scale ``1/T``;
+    else each term's rows in the model's dtype with its scale ``c_k/T`` (module doc)."""
     if wblk.dtype == torch.float32:
         return _combined(grp, hs, lo, hi, inv_t)
+    if gemm == "rounded" and len(grp.terms) > 1:
+        return [(_combined(grp, hs, lo, hi, 1.0).to(wblk.dtype), inv_t)]
     return _term_rows(grp, hs, lo, hi, inv_t)
 
 
@@ -223,7 +231,8 @@ def _tiles(meta: HiddenMeta, hs, ws, n: int):
         wblk = [w[v0:v1].to(torch.float32) if meta.gemm == "fp32" else w[v0:v1] for w in ws]
         for lo in range(0, n, c):
             hi = min(n, lo + c)
-            xs = [[_operands(g, hs, lo, hi, meta.inv_t, wblk[g.weight]) for g in groups] for groups in meta.sides]
+            xs = [[_operands(g, hs, lo, hi, meta.inv_t, wblk[g.weight], meta.gemm) for g in groups]
+                  for groups in meta.sides]
             a, b = (_side(groups, x, wblk, meta.gemm == "rounded") for groups, x in zip(meta.sides, xs))
             yield v0, v1, wblk, lo, hi, xs, a, b
         yield v0, v0, wblk, n, n, None, None, None
