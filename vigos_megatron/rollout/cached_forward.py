@@ -75,14 +75,20 @@ def check_layer(layer) -> None:
 
 
 def rotary_cos_sin(freqs: Tensor, mscale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)`` of megatron's unfused rope: ``(cos(freqs) * mscale).to(dtype)``, same for sin."""
-    return (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
+    """``(cos, sin_signed)`` of megatron's unfused rope: ``cos = (cos(freqs) * mscale).to(dtype)``,
+    ``sin`` the same of ``sin(freqs)``, ``sin_signed = [-sin_1, sin_2]`` (its halves, last dim) for
+    :func:`apply_rotary`."""
+    sin = (torch.sin(freqs) * mscale).to(dtype)
+    s1, s2 = torch.chunk(sin, 2, dim=-1)
+    return (torch.cos(freqs) * mscale).to(dtype), torch.cat((-s1, s2), dim=-1)
 
 
-def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``t * cos + rotate_half(t) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` (last dim)."""
+def apply_rotary(t: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """``t * cos + rotate_half(t) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` (last dim),
+    computed as ``t * cos + [x2, x1] * sin_signed`` (:func:`rotary_cos_sin`; the same rounding:
+    ``(-x2) * s1 == x2 * (-s1)``)."""
     x1, x2 = torch.chunk(t, 2, dim=-1)
-    return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    return (t * cos) + (torch.cat((x2, x1), dim=-1) * sin_signed)
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -105,29 +111,35 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scal
 
 
 def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float,
-                      chunk: int = 64) -> Tensor:
+                      chunk: int | None = None) -> Tensor:
     """Causal attention of ``sq`` query columns, the last ``sq`` of the ``T`` key columns -> ``[sq, b, Nq * D]``.
 
     ``q`` ``[sq, b, Nq, D]``; ``keys``/``values`` ``[b, G, T, D]`` (views of the cache); ``bias``
     ``[b, 1, sq, T]`` (0 or ``-inf``), ``-inf`` wherever a key lies after its query (query ``i`` is
-    key column ``T - sq + i``). Queries go in chunks of ``chunk`` columns, chunk ``[a, e)`` against
-    keys ``[0, T - sq + e)`` only (the keys after it are masked anyway): torch's flash SDPA (query
-    heads of a group share its key/value head, ``enable_gqa``), about 1.4x faster than one call
-    over all keys on one CPU thread at 435-token prompts.
+    key column ``T - sq + i``). Queries go in chunks of ``chunk`` columns (default 64 on the CPU,
+    all of them elsewhere), chunk ``[a, e)`` against keys ``[0, T - sq + e)`` only (the keys after
+    it are masked anyway): torch's SDPA with the query heads of each key/value group folded into
+    the query axis (``[b, G, (Nq/G) * (e - a), D]`` against ``[b, G, T - sq + e, D]``: no copy of
+    K/V). On one CPU thread at 435-token prompts the chunks make it about 1.4x faster than one
+    call over all keys.
     """
     sq, b, nq, d = q.shape
-    t = keys.shape[2]
-    qh = q.permute(1, 2, 0, 3)  # [b, Nq, sq, D]
+    g, t = keys.shape[1], keys.shape[2]
+    per_group = nq // g
+    chunk = chunk or (64 if q.device.type == "cpu" else sq)
     out = torch.empty((sq, b, nq, d), dtype=q.dtype, device=q.device)
     for a in range(0, sq, chunk):
         e = min(sq, a + chunk)
-        end = t - sq + e
-        # the mask expanded over the heads (a stride-0 view): torch's CPU flash kernel is slower
-        # when it has to broadcast a size-1 head dimension itself
-        mask = bias[:, :, a:e, :end].expand(b, nq, e - a, end)
-        a_ = torch.nn.functional.scaled_dot_product_attention(qh[:, :, a:e], keys[:, :, :end], values[:, :, :end],
-                                                              attn_mask=mask, scale=scale, enable_gqa=True)
-        out[a:e] = a_.permute(2, 0, 1, 3)
+        n, end = e - a, t - sq + e
+        # [n, b, Nq, D] -> [b, Nq, n, D] -> [b, G, (Nq/G) * n, D] (query heads are group-major)
+        qg = q[a:e].permute(1, 2, 0, 3).reshape(b, g, per_group * n, d)
+        # queries of a group share the mask rows, expanded over the groups (a stride-0 view): torch's
+        # CPU flash kernel is slower when it has to broadcast a size-1 head dimension itself
+        mask = bias[:, :, a:e, :end]
+        mask = (mask.repeat(1, 1, per_group, 1) if per_group > 1 else mask).expand(b, g, per_group * n, end)
+        o = torch.nn.functional.scaled_dot_product_attention(qg, keys[:, :, :end], values[:, :, :end],
+                                                             attn_mask=mask, scale=scale)
+        out[a:e] = o.view(b, nq, n, d).permute(2, 0, 1, 3)  # [b, Nq, n, D] -> [n, b, Nq, D]
     return out.view(sq, b, nq * d)
 
 
@@ -304,7 +316,8 @@ class CachedStageForward:
         self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(max(1, self.head_dim))
 
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)`` ``[s, b, 1, D]`` for mrope ``position_ids`` ``[3, b, s]`` (the language model's rotary)."""
+        """``(cos, sin_signed)`` ``[s, b, 1, D]`` (:func:`rotary_cos_sin`) for mrope ``position_ids``
+        ``[3, b, s]`` (the language model's rotary)."""
         freqs = self.rotary(position_ids, self.mrope_section)
         return rotary_cos_sin(freqs, self.mscale, dtype)
 
