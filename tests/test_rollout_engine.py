@@ -207,6 +207,41 @@ def test_eval_modules_compute_exactly_what_the_megatron_modules_compute(setup):
             assert torch.equal(got[0], want[0]) and got[1] is want[1]
 
 
+def test_cached_forward_rope_and_attention_match_references():
+    """The cached forward's rotary is bit-identical to megatron's unfused rope; its chunked causal
+    prefill attention and its decode attention match a float64 softmax over the masked scores."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from vigos_megatron.rollout.cached_forward import apply_rotary, decode_attention, prefill_attention, rotary_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    t, freqs = torch.randn(9, 3, 4, 16, generator=g), torch.randn(9, 3, 1, 16, generator=g) * 5
+    assert torch.equal(apply_rotary(t, *rotary_cos_sin(freqs, 0.7, t.dtype)),
+                       _apply_rotary_pos_emb_bshd(t, freqs, mscale=0.7))
+
+    b, groups, per_group, d, sq, total = 3, 2, 3, 16, 11, 15  # queries: the last 11 of 15 columns
+    q = torch.randn(sq, b, groups * per_group, d, generator=g)
+    keys, values = torch.randn(2, b, groups, total, d, generator=g)
+    cols = torch.arange(total)
+    pad = cols[None, :] < torch.tensor([0, 2, 6])[:, None]  # left padding per row
+    future = cols[None, :] > (total - sq + torch.arange(sq))[:, None]
+    bias = torch.zeros(b, 1, sq, total).masked_fill(pad[:, None, None] | future, float("-inf"))
+    bias = bias.masked_fill(cols == (total - sq + torch.arange(sq))[:, None], 0.0)  # a query sees itself
+
+    def reference(q, bias):  # [sq, b, Nq, D] -> [sq, b, Nq * D], float64
+        k, v = (x.double().repeat_interleave(per_group, dim=1) for x in (keys, values))
+        scores = q.double().permute(1, 2, 0, 3) @ k.transpose(-1, -2) / d**0.5 + bias.double()
+        out = torch.softmax(scores, dim=-1) @ v  # [b, Nq, sq, D]
+        return out.permute(2, 0, 1, 3).reshape(q.shape[0], b, -1)
+
+    want = reference(q, bias)
+    for chunk in (1, 4, 64):
+        got = prefill_attention(q, keys, values, bias, d**-0.5, chunk=chunk)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    last = decode_attention(q[-1].view(b, groups, per_group, d), keys, values, bias[:, :, -1:], d**-0.5)
+    torch.testing.assert_close(last.reshape(1, b, -1).double(), want[-1:], rtol=1e-5, atol=1e-5)
+
+
 def test_onednn_packed_linears_match_the_modules_and_unpack(setup):
     """On the CPU the engine's linears run on a oneDNN copy of the weights during generate: the
     same product up to fp32 rounding, back to the bit-identical matmul after unpack."""

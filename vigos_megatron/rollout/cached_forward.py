@@ -15,12 +15,13 @@ spec) computes, in eval mode::
 with ``rope(t) = t * cos + rotate_half(t) * sin`` (megatron's unfused non-interleaved formula,
 ``cos = cos(freqs) * mscale``), ``freqs`` ``[s, b, 1, D]`` from the language model's own
 ``MultimodalRotaryEmbedding`` for the fed columns' mrope positions, ``cos``/``sin`` computed once
-per forward for all layers. Attention over several columns is
-``torch.nn.functional.scaled_dot_product_attention`` with the query heads of each key/value group
-folded into the query axis (``[b, G, (Nq/G) * s, D]`` against ``[b, G, c1, D]``: no copy of K/V);
-one column (a decode step) is :func:`decode_attention` (two batched GEMMs over the groups); scale
-``1/sqrt(D)`` or the configured ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``)
-must leave every query at least one key (its own column).
+per forward for all layers. Attention over several columns is :func:`prefill_attention`
+(``torch.nn.functional.scaled_dot_product_attention`` in query chunks, each against the cache
+columns up to its last query: no copy of K/V); one column (a decode step) is
+:func:`decode_attention` (two batched GEMMs over the groups); scale ``1/sqrt(D)`` or the configured
+``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``) must leave
+every query at least one key (its own column) and, over several columns, mask every key after
+its query (causal).
 
 The norms, projections, MLP and bias-dropout-add are the layers' modules and parameters, so
 this is the layers' forward with megatron's static-inference ``_adjust_key_value_for_inference``
@@ -74,14 +75,20 @@ def check_layer(layer) -> None:
 
 
 def rotary_cos_sin(freqs: Tensor, mscale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)`` of megatron's unfused rope: ``(cos(freqs) * mscale).to(dtype)``, same for sin."""
-    return (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
+    """``(cos, sin_signed)`` of megatron's unfused rope: ``cos = (cos(freqs) * mscale).to(dtype)``,
+    ``sin`` the same of ``sin(freqs)``, ``sin_signed = [-sin_1, sin_2]`` (its halves, last dim) for
+    :func:`apply_rotary`."""
+    sin = (torch.sin(freqs) * mscale).to(dtype)
+    s1, s2 = torch.chunk(sin, 2, dim=-1)
+    return (torch.cos(freqs) * mscale).to(dtype), torch.cat((-s1, s2), dim=-1)
 
 
-def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``t * cos + rotate_half(t) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` (last dim)."""
+def apply_rotary(t: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """``t * cos + rotate_half(t) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` (last dim),
+    computed as ``t * cos + [x2, x1] * sin_signed`` (:func:`rotary_cos_sin`; the same rounding:
+    ``(-x2) * s1 == x2 * (-s1)``)."""
     x1, x2 = torch.chunk(t, 2, dim=-1)
-    return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    return (t * cos) + (torch.cat((x2, x1), dim=-1) * sin_signed)
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -97,9 +104,43 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scal
     b, g, p, d = q.shape
     t = keys.shape[2]
     scores = torch.bmm(keys.reshape(b * g, t, d), q.reshape(b * g, p, d).transpose(1, 2))  # [bG, T, P]
-    scores = scores.transpose(1, 2).contiguous().view(b, g, p, t).mul_(scale).add_(bias)
+    # bias + scale * scores^T in one pass (the [P, T] layout written there): exactly scores * scale + bias
+    scores = torch.add(bias, scores.transpose(1, 2).view(b, g, p, t), alpha=scale)
     probs = torch.softmax(scores.view(b * g, p, t), dim=-1)
     return torch.bmm(probs, values.reshape(b * g, t, d)).view(b, g, p, d)
+
+
+def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float,
+                      chunk: int | None = None) -> Tensor:
+    """Causal attention of ``sq`` query columns, the last ``sq`` of the ``T`` key columns -> ``[sq, b, Nq * D]``.
+
+    ``q`` ``[sq, b, Nq, D]``; ``keys``/``values`` ``[b, G, T, D]`` (views of the cache); ``bias``
+    ``[b, 1, sq, T]`` (0 or ``-inf``), ``-inf`` wherever a key lies after its query (query ``i`` is
+    key column ``T - sq + i``). Queries go in chunks of ``chunk`` columns (default 64 on the CPU,
+    all of them elsewhere), chunk ``[a, e)`` against keys ``[0, T - sq + e)`` only (the keys after
+    it are masked anyway): torch's SDPA with the query heads of each key/value group folded into
+    the query axis (``[b, G, (Nq/G) * (e - a), D]`` against ``[b, G, T - sq + e, D]``: no copy of
+    K/V). On one CPU thread (4 rows of 435-token prompts, 8/2 heads of 64) the chunks make it
+    1.4-1.7x faster than one call over all keys.
+    """
+    sq, b, nq, d = q.shape
+    g, t = keys.shape[1], keys.shape[2]
+    per_group = nq // g
+    chunk = chunk or (64 if q.device.type == "cpu" else sq)
+    out = torch.empty((sq, b, nq, d), dtype=q.dtype, device=q.device)
+    for a in range(0, sq, chunk):
+        e = min(sq, a + chunk)
+        n, end = e - a, t - sq + e
+        # [n, b, Nq, D] -> [b, Nq, n, D] -> [b, G, (Nq/G) * n, D] (query heads are group-major)
+        qg = q[a:e].permute(1, 2, 0, 3).reshape(b, g, per_group * n, d)
+        # queries of a group share the mask rows, expanded over the groups (a stride-0 view): torch's
+        # CPU flash kernel is slower when it has to broadcast a size-1 head dimension itself
+        mask = bias[:, :, a:e, :end]
+        mask = (mask.repeat(1, 1, per_group, 1) if per_group > 1 else mask).expand(b, g, per_group * n, end)
+        o = torch.nn.functional.scaled_dot_product_attention(qg, keys[:, :, :end], values[:, :, :end],
+                                                             attn_mask=mask, scale=scale)
+        out[a:e] = o.view(b, nq, n, d).permute(2, 0, 1, 3)  # [b, Nq, n, D] -> [n, b, Nq, D]
+    return out.view(sq, b, nq * d)
 
 
 def onednn_packed(weight: Tensor) -> Tensor | None:
@@ -191,7 +232,7 @@ class EvalMLP:
             g, lin = torch.chunk(h, 2, dim=-1)
             if (val := cfg.activation_func_clamp_value) is not None:
                 g, lin = g.clamp(min=None, max=val), lin.clamp(min=-val, max=val)
-            h = cfg.activation_func(g) * (lin + cfg.glu_linear_offset)
+            h = cfg.activation_func(g) * (lin + cfg.glu_linear_offset if cfg.glu_linear_offset else lin)
         else:
             h = cfg.activation_func(h)
         return self.fc2(h)
@@ -275,7 +316,8 @@ class CachedStageForward:
         self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(max(1, self.head_dim))
 
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)`` ``[s, b, 1, D]`` for mrope ``position_ids`` ``[3, b, s]`` (the language model's rotary)."""
+        """``(cos, sin_signed)`` ``[s, b, 1, D]`` (:func:`rotary_cos_sin`) for mrope ``position_ids``
+        ``[3, b, s]`` (the language model's rotary)."""
         freqs = self.rotary(position_ids, self.mrope_section)
         return rotary_cos_sin(freqs, self.mscale, dtype)
 
@@ -293,9 +335,6 @@ class CachedStageForward:
         r0, r1 = rows
         c0, c1 = columns
         s = x.shape[0]
-        per_group = self.q_heads // max(1, self.kv_heads)
-        # queries of a group share the mask rows: [b, 1, per_group * s, c1]
-        grouped = bias.repeat(1, 1, per_group, 1) if s > 1 and per_group > 1 else bias
         cos, sin = rope
         last = len(self.layers) - 1
         for i, (layer, (qkv, proj, mlp, attn_bda, mlp_bda)) in enumerate(zip(self.layers, self.parts)):
@@ -308,7 +347,7 @@ class CachedStageForward:
             if last_column_only and i == last and s > 1:
                 x, q, layer_bias = x[-1:], apply_rotary(q[-1:], cos[-1:], sin[-1:]), bias[:, :, -1:]
             else:
-                q, layer_bias = apply_rotary(q, cos, sin), grouped
+                q, layer_bias = apply_rotary(q, cos, sin), bias
             a = self._attend(q, kbuf[r0:r1, :, :c1], vbuf[r0:r1, :, :c1], layer_bias)
             x = attn_bda(proj(a), x, layer.hidden_dropout)
             x = mlp_bda(mlp(layer.pre_mlp_layernorm(x)), x, layer.hidden_dropout)
@@ -323,11 +362,4 @@ class CachedStageForward:
         if sq == 1:  # a decode step (or the prefill's last column)
             a = decode_attention(q.reshape(b, g, nq // g, d), keys, values, bias, self.scale)
             return a.view(1, b, nq * d)
-        # [sq, b, Nq, D] -> [b, Nq, sq, D] -> [b, G, (Nq/G) * sq, D] (query heads are group-major)
-        qg = q.permute(1, 2, 0, 3).reshape(b, g, (nq // g) * sq, d)
-        # the mask expanded over the groups (a stride-0 view): torch's CPU flash kernel is about 3x
-        # slower per decode step when it has to broadcast a size-1 head dimension itself
-        mask = bias.expand(b, g, qg.shape[2], keys.shape[2])
-        a = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
-        # [b, G, (Nq/G) * sq, D] -> [b, Nq, sq, D] -> [sq, b, Nq * D]
-        return a.reshape(b, nq, sq, d).permute(2, 0, 1, 3).reshape(sq, b, nq * d)
+        return prefill_attention(q, keys, values, bias, self.scale)
