@@ -21,8 +21,10 @@ tokens; forward+backward, the output-weight gradient counted in every path:
 
 Each case is a fresh ``torch.distributed.run`` (gloo) so peak-RSS readings do not mix; peak memory
 is the process's resident high-water mark above what it held once its inputs existed
-(``malloc_trim``, then ``/proc/self/clear_refs``), rank 0's. glibc's allocator keeps its defaults (freed
-tiles are reused, as a training process reuses them), so the time does not count a page fault per tile.
+(``malloc_trim``, then ``/proc/self/clear_refs``), rank 0's. By default glibc's allocator keeps its defaults
+(freed tiles are reused, as a training process reuses them: the time does not count a page fault per tile,
+the peak includes the heap's fragmentation); ``--malloc mmap`` maps every allocation afresh, so the peak is
+the live bytes (measure time and memory in two runs).
 
     .venv/bin/python benchmarks/bench_kl.py --from-hidden                       # the issue's table (long)
     .venv/bin/python benchmarks/bench_kl.py --from-hidden --hidden 256 --tokens 1024 4096
@@ -190,7 +192,8 @@ def launch(path, tp, tokens, args) -> dict:
                        "--clock", args.clock],
                       f"{path} tp={tp} tokens={tokens}",
                       # the CPU clock counts work, not OpenMP threads spinning between the many small tile ops
-                      env={"OMP_WAIT_POLICY": "PASSIVE"} if args.clock == "cpu" else None, mmap_each=False)
+                      env={"OMP_WAIT_POLICY": "PASSIVE"} if args.clock == "cpu" else None,
+                      mmap_each=args.malloc == "mmap")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -208,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="default: loss.chunk_bytes's")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--malloc", default="default", choices=["default", "mmap"],
+                   help="mmap: glibc maps every allocation above 128 KiB afresh, so the peak RSS counts the live bytes "
+                        "only (no reused heap: the time then pays a page fault per tile); default: glibc's defaults")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: rank 0's process CPU time (all its threads; OpenMP waits passive), for a machine "
                         "shared with other work")
@@ -225,7 +231,7 @@ def main(argv=None) -> None:
     gib = 2**30
     print(f"\nKL forward+backward from the same inputs, {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
           f"1 student + 2 teacher rows per token, {args.threads} CPU threads total, median of {args.reps}, "
-          f"{args.clock} clock")
+          f"{args.clock} clock, {args.malloc} malloc")
     print(f"{'path':<13}{'TP':>3}{'tokens':>7}{'time s':>9}{'x logits':>9}{'x peer':>8}{'peak GiB':>10}{'x logits':>9}"
           f"{'beyond dW GiB':>15}{'work GiB':>10}{'loss':>13}")
     by = {(r["path"], r["tp"], r["tokens"]): r for r in rows}

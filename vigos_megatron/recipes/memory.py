@@ -72,9 +72,11 @@ VGS). Stage ``s`` keeps the activations of ``min(pp - s, micro-batches)`` micro-
   (twice that for VGS) and, in both paths, returns the output weight's gradient ``2 V/tp H``
   (bf16, until DDP adds it to the gradient buffer). From hidden states (``loss.from_hidden``, the
   default): the rows' final hidden states ``2 H`` each, the student rows' hidden gradient (fp32
-  in the KL, then bf16: ``6 H``), and the KL's fp32 work tensors (8 x ``loss.chunk_bytes``: the
+  in the KL, then bf16: ``6 H``), and the KL's fp32 work tensors (12 x ``loss.chunk_bytes``: the
   student's and the teacher's weight blocks, the tiles of both sides and their reductions, the
-  block's weight-gradient accumulator) whatever the number of rows. From logits: ``[rows, V/tp]`` kept for the KL's backward, the student
+  token chunk's combined rows, the block's weight-gradient accumulator; measured at the 3B shape
+  with fp32 logits, ``benchmarks/bench_kl.py --from-hidden --malloc mmap``: 11.5) whatever the
+  number of rows. From logits: ``[rows, V/tp]`` kept for the KL's backward, the student
   logits' gradient, and the KL's fp32 chunk temporaries (4 x ``loss.chunk_bytes``);
   ``loss.logits_dtype`` sets their price: ``float32`` (the default; the output layer's fp32
   accumulator, :mod:`vigos_megatron.models.output_logits`) keeps ``4 (C_s + C_t)`` bytes per
@@ -300,7 +302,7 @@ def loss_bytes(w: Workload, h: int, v_local: int, rows_s: int, rows_t: int, h_t:
         return {"hidden states at the loss positions (bf16) + student grad": (rows_s * h + rows_t * h_t) * 2
                 + rows_s * h * 6,
                 **weight_grad,
-                "KL tiles from hidden states (fp32)": min(8 * w.loss_chunk_bytes, 8 * 4 * v_local * (rows_s + rows_t))}
+                "KL tiles from hidden states (fp32)": min(12 * w.loss_chunk_bytes, 12 * 4 * v_local * (rows_s + rows_t))}
     return {**logits_bytes(rows_s, rows_t, v_local, w.logits_dtype),
             **weight_grad,
             "KL chunk temporaries (fp32)": min(4 * w.loss_chunk_bytes, 4 * 4 * v_local * (rows_s + rows_t))}
