@@ -208,6 +208,7 @@ def run(args) -> None:
 
     from vigos_megatron.config.sampling import SamplingConfig
     from vigos_megatron.models.builder import QwenVLBuilder
+    from vigos_megatron.rollout import cpu_attention
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
     from vigos_megatron.runtime import describe, model_device
     from vigos_megatron.startup import local_model_parallel
@@ -292,8 +293,9 @@ def run(args) -> None:
 
     name = {"tiny": "tiny Qwen2.5-VL (fp32)", "small": "small Qwen2.5-VL (fp32, hidden 512, 8 layers)",
             "3b": "Qwen2.5-VL-3B-shaped random model (bf16)"}[args.preset]
+    kernel = "C kernel" if device.type == "cpu" and cpu_attention.kernel() is not None else "batched GEMMs"
     print(f"\n{name}, vocabulary {cfg.text_config.vocab_size}; {describe()}; {args.threads} torch threads; "
-          f"prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), {args.new_tokens} new tokens, greedy; "
+          f"decode attention: {kernel}; prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), {args.new_tokens} new tokens, greedy; "
           f"{args.clock} clock")
     head = f"{'batch':>6}{'engine tok/s':>14}"
     if args.hf:

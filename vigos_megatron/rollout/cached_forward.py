@@ -18,7 +18,7 @@ with ``rope(t) = t * cos + rotate_half(t) * sin`` (megatron's unfused non-interl
 per forward for all layers. Attention over several columns is :func:`prefill_attention`
 (``torch.nn.functional.scaled_dot_product_attention`` in query chunks, each against the cache
 columns up to its last query: no copy of K/V); one column (a decode step) is
-:func:`decode_attention` (two batched GEMMs over the groups); scale ``1/sqrt(D)`` or the configured
+:func:`decode_attention` (a C kernel on the CPU, two batched GEMMs elsewhere); scale ``1/sqrt(D)`` or the configured
 ``softmax_scale``. ``bias`` (``[b, 1, s|1, c1]``, added to the scores: 0 or ``-inf``) must leave
 every query at least one key (its own column) and, over several columns, mask every key after
 its query (causal).
@@ -39,6 +39,7 @@ import math
 import torch
 from torch import Tensor
 
+from vigos_megatron.rollout import cpu_attention
 from vigos_megatron.rollout.kv_cache import RoundKVCache
 
 
@@ -96,11 +97,13 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scal
 
     ``q`` ``[b, G, P, D]`` (the ``P`` query heads of each key/value group), ``keys``/``values``
     ``[b, G, T, D]`` (views of the cache; ``b`` and ``G`` must merge into one stride), ``bias``
-    ``[b, 1, 1, T]`` (0 or ``-inf``). Two batched GEMMs over the ``b * G`` groups, the scores as
-    ``K q^T`` (``[T, D] x [D, P]``: the cache is the tall operand, streamed once), then transposed
-    to ``[P, T]`` (small) for the softmax and ``P V``. On one CPU thread (``P = 4``, ``D = 64``,
-    32 rows, 2,435 columns) this is about 1.2-1.4x faster than torch's flash SDPA kernel.
+    ``[b, 1, 1, T]`` (0 or ``-inf``). fp32 on the CPU: :mod:`cpu_attention`'s kernel where it
+    applies. Otherwise two batched GEMMs over the ``b * G`` groups, the scores as ``K q^T``
+    (``[T, D] x [D, P]``: the cache is the tall operand), then transposed to ``[P, T]`` (small)
+    for the softmax and ``P V``.
     """
+    if cpu_attention.supports(q, keys, values, bias):
+        return cpu_attention.decode_attention(q, keys, values, bias, scale)
     b, g, p, d = q.shape
     t = keys.shape[2]
     scores = torch.bmm(keys.reshape(b * g, t, d), q.reshape(b * g, p, d).transpose(1, 2))  # [bG, T, P]
@@ -120,8 +123,7 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, sca
     all of them elsewhere), chunk ``[a, e)`` against keys ``[0, T - sq + e)`` only (the keys after
     it are masked anyway): torch's SDPA with the query heads of each key/value group folded into
     the query axis (``[b, G, (Nq/G) * (e - a), D]`` against ``[b, G, T - sq + e, D]``: no copy of
-    K/V). On one CPU thread (4 rows of 435-token prompts, 8/2 heads of 64) the chunks make it
-    1.4-1.7x faster than one call over all keys.
+    K/V): on the CPU the keys that the mask hides are not read.
     """
     sq, b, nq, d = q.shape
     g, t = keys.shape[1], keys.shape[2]
@@ -146,10 +148,8 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, sca
 def onednn_packed(weight: Tensor) -> Tensor | None:
     """``weight`` ``[N, K]`` reordered for oneDNN's linear (``x W^T`` through
     ``torch.ops.mkldnn._linear_pointwise``), or ``None`` where that path does not apply (not an
-    fp32 CPU tensor, or a torch without oneDNN). On this project's CPUs (AMD EPYC, torch's MKL)
-    the packed product is 1.1x / 1.6x / 1.4x faster than ``torch.matmul`` at 1 / 8 / 32 rows with
-    the small preset's weights (the GEMM of every decode step); it rounds differently (fp32, other
-    summation order)."""
+    fp32 CPU tensor, or a torch without oneDNN). It rounds differently from ``torch.matmul`` (fp32,
+    another summation order)."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
             or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
