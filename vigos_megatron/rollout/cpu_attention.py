@@ -111,7 +111,9 @@ def kernel() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """Threads for :func:`decode_attention`; one pool per process (``pid``: a forked child has none of
+    its parent's threads)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpu-attention")
 
 
@@ -155,7 +157,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scal
         return fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), bias.data_ptr(), work[k].data_ptr(),
                   out.data_ptr(), cuts[k], cuts[k + 1], g, p, t, d, keys.stride(1), bias.stride(0), scale)
 
-    codes = [part(0)] if n == 1 else [f.result() for f in [_pool(n).submit(part, k) for k in range(n)]]
+    codes = [part(0)] if n == 1 else [f.result() for f in [_pool(n, os.getpid()).submit(part, k) for k in range(n)]]
     if any(codes):
         raise ValueError(f"cpu_attention: operands outside the kernel's shapes (P={p}, D={d})")
     return out
