@@ -295,8 +295,8 @@ def run(args) -> None:
             "3b": "Qwen2.5-VL-3B-shaped random model (bf16)"}[args.preset]
     kernel = "C kernel" if device.type == "cpu" and cpu_attention.kernel() is not None else "batched GEMMs"
     print(f"\n{name}, vocabulary {cfg.text_config.vocab_size}; {describe()}; {args.threads} torch threads; "
-          f"decode attention: {kernel}; prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), {args.new_tokens} new tokens, greedy; "
-          f"{args.clock} clock")
+          f"decode attention: {kernel}; prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), "
+          f"{args.new_tokens} new tokens, greedy; {args.clock} clock")
     head = f"{'batch':>6}{'engine tok/s':>14}"
     if args.hf:
         head += f"{'HF tok/s':>10}{'ratio':>7}"

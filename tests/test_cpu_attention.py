@@ -69,7 +69,8 @@ def test_kernel_and_the_gemm_path_agree_on_the_rounding():
 
 @pytest.mark.parametrize("case", ["head_dim_24", "17_queries", "rows_not_contiguous", "bias_broadcast", "bf16"])
 def test_other_operands_take_the_gemm_path(case):
-    shape = {"head_dim_24": (2, 2, 4, 24, 40, 40), "17_queries": (2, 1, 17, 16, 40, 40)}.get(case, (2, 2, 4, 16, 40, 40))
+    shapes = {"head_dim_24": (2, 2, 4, 24, 40, 40), "17_queries": (2, 1, 17, 16, 40, 40)}
+    shape = shapes.get(case, (2, 2, 4, 16, 40, 40))
     q, keys, values, bias = _operands(*shape)
     if case == "rows_not_contiguous":
         keys = keys.transpose(2, 3).contiguous().transpose(2, 3)

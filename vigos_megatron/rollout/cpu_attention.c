@@ -115,7 +115,7 @@ static const scores_fn SCORES[17] = {0, scores_p1, scores_p2, scores_p3, scores_
             order[l] = l - r + rev;                                                                    \
         }                                                                                              \
         const v16 vscale = (v16){0} + scale;                                                           \
-        float pad[R * 256 + 16], out[16], stage[16 * 16];                                                              \
+        float pad[R * 256 + 16], out[16], stage[16 * 16];                                              \
         for (int64_t t0 = 0; t0 < T; t0 += R) {                                                        \
             const int64_t nr = T - t0 < R ? T - t0 : R;                                                \
             const float *kt = k + t0 * D, *bt = bias + t0;                                             \
