@@ -20,6 +20,11 @@ the remaining tokens) with the step ratio (HF / engine); how many rows produced 
   fraction of the memory-bandwidth roofline: (language-model weight bytes + KV-cache bytes read
   per decode step) / measured copy bandwidth over the mean decode step (CUDA only).
 
+Each of ``--decode-modes`` (the engine's ``decode_mode``) gets its rows: on CUDA by default
+"graphs" (static shapes per batch bucket replayed from CUDA graphs, with the captures of the
+timed call and their time), "static" (the same shapes eagerly: graphs against eager at the same
+buckets) and "dynamic" (exact shapes, eager).
+
 ``--clock cpu`` times everything (both generators, the engine's prefill and decode steps, the copy
 bandwidth) with this process's CPU time instead of the wall clock: on a shared, oversubscribed
 machine the wall clock mostly measures the other processes (one thread: CPU time is the time the
@@ -236,27 +241,34 @@ def run(args) -> None:
         def prompts(b):
             return [RolloutPrompt(*bases[i % len(bases)], sample_id=i) for i in range(b)]
 
-        eng = MegatronRolloutEngine(chunks, hf_config=builder.hf_config, stop_token_ids=never, pad_token_id=0)
-        clock = eng.clock = {"wall": time.perf_counter, "cpu": time.process_time}[args.clock]
+        modes = args.decode_modes or (["graphs", "static", "dynamic"] if device.type == "cuda" else ["dynamic"])
+        clock = {"wall": time.perf_counter, "cpu": time.process_time}[args.clock]
+        engines = {}
+        for mode in modes:
+            engines[mode] = eng = MegatronRolloutEngine(chunks, hf_config=builder.hf_config, stop_token_ids=never,
+                                                        pad_token_id=0, decode_mode=mode)
+            eng.clock = clock
+            eng.generate(prompts(2), SamplingConfig(greedy=True, max_new_tokens=4))  # warm-up
         greedy = SamplingConfig(greedy=True, max_new_tokens=args.new_tokens, max_batch_size=max(args.batches))
-        eng.generate(prompts(2), SamplingConfig(greedy=True, max_new_tokens=4))  # warm-up
         if hf is not None:
             hf_generate(hf, bases, 2, 4, 0)
         plen = max(b[0].numel() for b in bases)
         rows = []
         for b in args.batches:
-            row = dict(batch=b, tps=0.0, hf_tps=0.0)
-            for _ in range(args.repeat):  # best of --repeat, engine and HF alternating
-                sync(device)
-                t0 = clock()
-                outs = eng.generate(prompts(b), greedy)
-                sync(device)
-                wall = clock() - t0
-                st = eng.last_stats
-                n = sum(o.length for o in outs)
-                if n / wall > row["tps"]:
-                    row.update(tps=n / wall, prefill=st.prefill_seconds, kv=st.kv_cache_bytes,
-                               step=st.decode_seconds / max(1, len(st.step_seconds[0])) * 1e3)
+            row = dict(batch=b, hf_tps=0.0, modes={m: dict(tps=0.0) for m in modes})
+            for _ in range(args.repeat):  # best of --repeat, the engine's modes and HF alternating
+                for mode, eng in engines.items():
+                    sync(device)
+                    t0 = clock()
+                    outs = eng.generate(prompts(b), greedy)
+                    sync(device)
+                    wall = clock() - t0
+                    st, r = eng.last_stats, row["modes"][mode]
+                    n = sum(o.length for o in outs)
+                    if n / wall > r["tps"]:
+                        r.update(tps=n / wall, prefill=st.prefill_seconds, kv=st.kv_cache_bytes, outs=outs,
+                                 step=st.decode_seconds / max(1, len(st.step_seconds[0])) * 1e3,
+                                 captures=st.graph_captures, capture_s=st.capture_seconds)
                 if hf is not None:
                     t0 = clock()
                     ref = hf_generate(hf, bases, b, args.new_tokens, 0)
@@ -269,14 +281,17 @@ def run(args) -> None:
                     if b * args.new_tokens / hf_wall > row["hf_tps"]:
                         row.update(hf_tps=b * args.new_tokens / hf_wall, hf_prefill=hf_prefill,
                                    hf_step=(hf_wall - hf_prefill) / max(1, args.new_tokens - 1) * 1e3)
-                    row["same"] = sum(o.token_ids.tolist() == r for o, r in zip(outs, ref))
+                    for r in row["modes"].values():
+                        r["same"] = sum(o.token_ids.tolist() == x for o, x in zip(r["outs"], ref))
             if device.type == "cuda":
                 bw = copy_bandwidth(device, args.copy_bytes, clock)
                 moved = weight_bytes(chunks) + kv_bytes_per_column(cfg, b, 2) * (plen + args.new_tokens / 2)
-                row["roofline"] = moved / bw / (row["step"] / 1e3)
+                for r in row["modes"].values():
+                    r["roofline"] = moved / bw / (r["step"] / 1e3)
             rows.append(row)
         sweep = None
         if args.sweep_batch:
+            eng = engines[modes[0]]
             n_new = args.sweep_tokens + 4
             cfg_s = SamplingConfig(greedy=True, max_new_tokens=n_new, max_batch_size=args.sweep_batch)
             eng.generate(prompts(args.sweep_batch), cfg_s)
@@ -297,27 +312,30 @@ def run(args) -> None:
     print(f"\n{name}, vocabulary {cfg.text_config.vocab_size}; {describe()}; {args.threads} torch threads; "
           f"decode attention: {kernel}; prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), "
           f"{args.new_tokens} new tokens, greedy; {args.clock} clock")
-    head = f"{'batch':>6}{'engine tok/s':>14}"
+    cols = [("batch", 6, lambda row, mode, r: row["batch"]), ("decode", 8, lambda row, mode, r: mode),
+            ("engine tok/s", 14, lambda row, mode, r: f"{r['tps']:.1f}")]
     if args.hf:
-        head += f"{'HF tok/s':>10}{'ratio':>7}"
-    head += f"{'prefill s':>11}" + (f"{'HF':>7}" if args.hf else "") + f"{'ms/step':>9}"
+        cols += [("HF tok/s", 10, lambda row, mode, r: f"{row['hf_tps']:.1f}"),
+                 ("ratio", 7, lambda row, mode, r: f"{r['tps'] / row['hf_tps']:.2f}")]
+    cols.append(("prefill s", 11, lambda row, mode, r: f"{r['prefill']:.3f}"))
     if args.hf:
-        head += f"{'HF':>8}{'ratio':>7}"
-    head += f"{'KV MiB':>8}" + (f"{'= HF':>7}" if args.hf else "") + (f"{'roofline':>10}" if device.type == "cuda" else "")
-    print(head)
-    for r in rows:
-        line = f"{r['batch']:>6}{r['tps']:>14.1f}"
-        if args.hf:
-            line += f"{r['hf_tps']:>10.1f}{r['tps'] / r['hf_tps']:>7.2f}"
-        line += f"{r['prefill']:>11.3f}" + (f"{r['hf_prefill']:>7.2f}" if args.hf else "") + f"{r['step']:>9.2f}"
-        if args.hf:
-            line += f"{r['hf_step']:>8.2f}{r['hf_step'] / r['step']:>7.2f}"
-        line += f"{r['kv'] / 2**20:>8.1f}"
-        if args.hf:
-            line += f"{str(r['same']) + '/' + str(r['batch']):>7}"
-        if "roofline" in r:
-            line += f"{r['roofline']:>9.1%}"
-        print(line)
+        cols.append(("HF", 7, lambda row, mode, r: f"{row['hf_prefill']:.2f}"))
+    cols.append(("ms/step", 9, lambda row, mode, r: f"{r['step']:.2f}"))
+    if args.hf:
+        cols += [("HF", 8, lambda row, mode, r: f"{row['hf_step']:.2f}"),
+                 ("ratio", 7, lambda row, mode, r: f"{row['hf_step'] / r['step']:.2f}")]
+    cols.append(("KV MiB", 8, lambda row, mode, r: f"{r['kv'] / 2**20:.1f}"))
+    if args.hf:
+        cols.append(("= HF", 7, lambda row, mode, r: f"{r['same']}/{row['batch']}"))
+    if device.type == "cuda":
+        cols.append(("roofline", 10, lambda row, mode, r: f"{r['roofline']:.1%}"))
+    if "graphs" in modes:
+        cols += [("captures", 10, lambda row, mode, r: r["captures"]),
+                 ("s", 7, lambda row, mode, r: f"{r['capture_s']:.2f}")]
+    print("".join(f"{title:>{width}}" for title, width, _ in cols))
+    for row in rows:
+        for mode, r in row["modes"].items():
+            print("".join(f"{value(row, mode, r):>{width}}" for _, width, value in cols))
     if sweep:
         ms = sweep["ms"]
         growth = ms[args.sweep_tokens] - ms[20]
@@ -346,6 +364,9 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (steadier on a shared, oversubscribed machine)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--decode-modes", nargs="+", choices=["dynamic", "static", "graphs"],
+                   help="the engine's decode modes to time, each beside HF (default: graphs, static and dynamic "
+                        "on CUDA, dynamic elsewhere); the prefix sweep uses the first")
     args = p.parse_args()
     if not args.prompt_len:
         args.prompt_len = 435 if args.preset == "small" else 512

@@ -4,8 +4,10 @@ In process (TP=1 on one gloo rank): the vocabulary-parallel sampler against Hugg
 warpers; greedy generation against HF ``generate`` on the ViGOS student context (two image+text
 prompts of different lengths, left-padded into one batch); the KV-cached path against full
 recomputation; prompts longer than ``prefill_max_tokens`` (column-chunked prefill); seeded sampling
-independent of batch composition; buffers released and model state restored. Multi-process
-(slow, gloo): TP=2, PP=2 and TP2xPP2 give HF's greedy tokens and the TP=1 sampled tokens
+independent of batch composition; buffers released and model state restored; the static decode
+step (bucketed rows, every cache column: a CUDA graph's body, run eagerly) against the dynamic one;
+on a GPU, CUDA graphs against that eager static step. Multi-process (slow, gloo): TP=2, PP=2 and
+TP2xPP2 (static decode) give HF's greedy tokens and the TP=1 sampled tokens
 (tests/dist/rollout_parity.py).
 """
 
@@ -309,6 +311,46 @@ def test_kv_cache_equals_full_recomputation(setup):
     assert cached.last_stats.kv_cache_bytes > 0 and full.last_stats.kv_cache_bytes == 0
 
 
+def _five_rows_ending_apart(setup):
+    """Five prompts (the two student prompts, distinct sample ids) and stop ids under which the
+    seeded rows end at different steps (so the live rows go 5 -> 4 -> 3 ...)."""
+    many = [RolloutPrompt(**{**vars(setup["prompts"][i % 2]), "sample_id": i}) for i in range(5)]
+    first = _ids(_engine(setup).generate(many, sampling_config("card"), step=3))
+    return many, setup["stops"] + [row[min(k, len(row) - 1)] for row, k in zip(first, (4, 11, 8, 14, 2))]
+
+
+def test_static_decode_gives_the_dynamic_tokens_through_the_buckets(setup):
+    """decode_mode "static" (a CUDA graph's body run eagerly: rows in buckets 1, 2, 4, 5, every cache
+    column attended, the column index a tensor) gives the dynamic path's tokens and finish reasons,
+    while finished rows leave padding slots in a bucket; its buffers are released with the round."""
+    many, stops = _five_rows_ending_apart(setup)
+    kw = dict(hf_config=setup["builder"].hf_config, stop_token_ids=stops, pad_token_id=setup["stops"][1])
+    dyn = MegatronRolloutEngine(setup["chunks"], **kw)
+    static = MegatronRolloutEngine(setup["chunks"], decode_mode="static", **kw)
+    padded = 0
+    for cfg in (SamplingConfig(greedy=True, max_new_tokens=MAX_NEW), sampling_config("card")):
+        a, b = dyn.generate(many, cfg, step=3), static.generate(many, cfg, step=3)
+        print(f"{'greedy' if cfg.greedy else 'sampled'}: lengths {[o.length for o in b]}, "
+              f"{static.last_stats.padding_rows} padding rows")
+        assert _ids(a) == _ids(b) and [o.finish_reason for o in a] == [o.finish_reason for o in b]
+        assert len({o.length for o in b}) > (1 if cfg.greedy else 2)
+        padded += static.last_stats.padding_rows
+        assert all(r() is None for r in static.last_buffers)
+    assert padded > 0 and dyn.last_stats.padding_rows == 0 and static.last_stats.graph_captures == 0
+
+
+def test_decode_mode_is_checked_and_buckets_cover_every_batch(setup):
+    from vigos_megatron.rollout.static_decode import batch_buckets
+
+    assert [batch_buckets(b) for b in (1, 2, 5, 8)] == [[1], [1, 2], [1, 2, 4, 5], [1, 2, 4, 8]]
+    bad = [dict(decode_mode="eager"), dict(decode_mode="static", use_kv_cache=False)]
+    if next(setup["chunks"][0].parameters()).device.type != "cuda":
+        bad.append(dict(decode_mode="graphs"))
+    for kw in bad:
+        with pytest.raises(ValueError, match="decode_mode: expected one of dynamic, static, graphs"):
+            _engine(setup, **kw)
+
+
 def test_prompts_longer_than_prefill_max_tokens_are_prefilled_in_column_chunks(setup):
     """Every prompt exceeds 64 tokens: each row is prefilled alone in chunks of 64 columns that attend
     to the rotated keys cached by the chunks before them; same tokens as HF and as one-block prefill."""
@@ -429,6 +471,33 @@ def test_cuda_memory_returns_to_its_pre_generation_level(tiny_dir):
         assert after == before
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_replay_the_eager_static_step(tiny_dir, setup):
+    """bf16 on CUDA: the decode steps replayed from CUDA graphs give exactly the tokens of the same
+    static step run eagerly (same buckets, so the same GEMM shapes), one capture per bucket used."""
+    from vigos_megatron.models.builder import QwenVLBuilder
+    from vigos_megatron.startup import local_model_parallel
+
+    many, stops = _five_rows_ending_apart(setup)
+    with local_model_parallel():
+        builder = QwenVLBuilder.from_hf(tiny_dir, dtype=torch.bfloat16)
+        chunks = builder.build_from_hf(tiny_dir)
+        assert next(chunks[0].parameters()).is_cuda
+        kw = dict(hf_config=builder.hf_config, stop_token_ids=stops, pad_token_id=stops[1])
+        graphs = MegatronRolloutEngine(chunks, **kw)
+        eager = MegatronRolloutEngine(chunks, decode_mode="static", **kw)
+        assert graphs.decode_mode == "graphs"
+        for cfg in (SamplingConfig(greedy=True, max_new_tokens=MAX_NEW), sampling_config("card")):
+            a, b = graphs.generate(many, cfg, step=3), eager.generate(many, cfg, step=3)
+            st = graphs.last_stats
+            print(f"lengths {[o.length for o in a]}: {st.graph_captures} captures in {st.capture_seconds:.3f} s, "
+                  f"{st.padding_rows} padding rows")
+            assert _ids(a) == _ids(b) and [o.finish_reason for o in a] == [o.finish_reason for o in b]
+            assert 1 <= st.graph_captures <= 4 and eager.last_stats.graph_captures == 0
+            assert all(r() is None for r in graphs.last_buffers)
+
+
 # --------------------------------------------------------------------------- TP / PP (gloo processes)
 
 
@@ -448,6 +517,8 @@ def tp1_sampled(setup):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_model_parallel_generation_matches_hf_and_tp1(torchrun, setup, tp1_sampled, tp, pp):
     extra = [] if pp == 1 else ["--prefill-max-tokens", 200]  # prefill in row groups through the pipeline
+    if tp * pp == 4:  # the static decode step (a CUDA graph's body, run eagerly) through TP and PP
+        extra += ["--decode-mode", "static"]
     r = _results(torchrun("rollout_parity.py", tp * pp, "--tp", tp, "--pp", pp, "--hf", setup["dir"], *extra))
     print(f"TP={tp} PP={pp}: greedy==HF {r['greedy_matches_hf']}, finish {r['finish_reasons']}, "
           f"sampler mismatches {r['sampler_mismatches']}")

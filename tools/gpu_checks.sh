@@ -11,7 +11,8 @@
 #   kl       benchmarks/bench_kl.py --device cuda        (issue 10: share of copy bandwidth, extra memory)
 #   student  benchmarks/bench_student.py --profile 25 (issue 12: ms/step, TFLOP/s, peak vs HF sdpa,
 #            and the top operators of one step of each path)
-#   rollout  benchmarks/bench_rollout.py --preset 3b     (generated tokens/s, roofline share)
+#   rollout  benchmarks/bench_rollout.py --preset 3b     (generated tokens/s, roofline share; CUDA graphs,
+#            the same static shapes eagerly, dynamic shapes; HF generate beside them)
 #   step     benchmarks/bench_step.py --preset 3b        (ViGOS step vs SFT, padding)
 #   precision  benchmarks/bench_precision.py --nproc-per-node 1 (issue 24: one tiny ViGOS step in bf16
 #            against fp32 on CUDA, identical rollouts; local/sdpa x bf16/fp32 logits)

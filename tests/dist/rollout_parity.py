@@ -1,6 +1,6 @@
 """Worker: the rollout engine under TP/PP (gloo) - greedy == HF generate, seeded sampling, sampler parity.
 
-Usage: torchrun ... rollout_parity.py --tp T --pp P --hf DIR [--prefill-max-tokens N]
+Usage: torchrun ... rollout_parity.py --tp T --pp P --hf DIR [--prefill-max-tokens N] [--decode-mode M]
 
 Every rank builds its chunks, generates the two student prompts of ``rollout_common`` (greedy, then
 each of ``SAMPLING_CASES``) with an extra stop token that ends one row early (so finished rows
@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--pp", type=int, required=True)
     ap.add_argument("--hf", required=True)
     ap.add_argument("--prefill-max-tokens", type=int, default=32768)
+    ap.add_argument("--decode-mode", default="dynamic")
     args = ap.parse_args()
 
     import torch.distributed as dist
@@ -77,7 +78,7 @@ def main():
     builder = QwenVLBuilder.from_hf(args.hf, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     chunks = builder.build_from_hf(args.hf)
     engine = MegatronRolloutEngine(chunks, hf_config=builder.hf_config, stop_token_ids=stops, pad_token_id=stops[1],
-                                   prefill_max_tokens=args.prefill_max_tokens)
+                                   prefill_max_tokens=args.prefill_max_tokens, decode_mode=args.decode_mode)
 
     outputs = {}
     greedy = engine.generate(prompts, SamplingConfig(greedy=True, max_new_tokens=16))

@@ -322,9 +322,14 @@ class CachedStageForward:
         return rotary_cos_sin(freqs, self.mscale, dtype)
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: RoundKVCache, rows: tuple[int, int],
-                 columns: tuple[int, int], bias: Tensor, *, last_column_only: bool = False,
+                 columns: tuple[int, int] | Tensor, bias: Tensor, *, last_column_only: bool = False,
                  deepstack: tuple[Tensor, list] | None = None) -> Tensor:
         """Hidden states ``[s, b, H]`` after this stage's layers (see the module docstring).
+
+        ``columns``: ``(c0, c1)``; or, for one column on static shapes (a CUDA graph's body), an
+        int64 ``[1]`` tensor on the cache's device holding that column: K and V are written there
+        (``index_copy_``) and every cache column is attended (``bias`` ``[b, 1, 1, T]`` hides
+        those not written yet).
 
         ``last_column_only``: only the last column's output is wanted (``[1, b, H]``): the last
         layer still stores every column's K and V but attends, projects and runs its MLP for the
@@ -333,7 +338,8 @@ class CachedStageForward:
         (row-major order), as Bridge's ``Qwen3VLTransformerBlock`` does.
         """
         r0, r1 = rows
-        c0, c1 = columns
+        static = isinstance(columns, Tensor)
+        c0, c1 = (0, cache.kv.shape[4]) if static else columns
         s = x.shape[0]
         cos, sin = rope
         last = len(self.layers) - 1
@@ -342,8 +348,12 @@ class CachedStageForward:
             q, k, v = qkv(h)
             k = apply_rotary(k, cos, sin)
             kbuf, vbuf = cache.layer(i)
-            kbuf[r0:r1, :, c0:c1] = k.permute(1, 2, 0, 3)
-            vbuf[r0:r1, :, c0:c1] = v.permute(1, 2, 0, 3)
+            if static:
+                kbuf[r0:r1].index_copy_(2, columns, k.permute(1, 2, 0, 3).to(kbuf.dtype))
+                vbuf[r0:r1].index_copy_(2, columns, v.permute(1, 2, 0, 3).to(vbuf.dtype))
+            else:
+                kbuf[r0:r1, :, c0:c1] = k.permute(1, 2, 0, 3)
+                vbuf[r0:r1, :, c0:c1] = v.permute(1, 2, 0, 3)
             if last_column_only and i == last and s > 1:
                 x, q, layer_bias = x[-1:], apply_rotary(q[-1:], cos[-1:], sin[-1:]), bias[:, :, -1:]
             else:

@@ -24,6 +24,9 @@
   step for all layers, and attention reads the rotated cache as it is (nothing over the prefix is
   recomputed: the cost per token grows only by reading the cache). Rows that finished are
   compacted out of the cache (:meth:`RoundKVCache.compact`) and cost nothing afterwards.
+  ``decode_mode`` "graphs" (the default on CUDA) runs the step on static shapes per batch bucket
+  and replays it from a CUDA graph (:mod:`~vigos_megatron.rollout.static_decode`); "static" runs
+  those shapes eagerly; "dynamic" (the default elsewhere) the exact shapes.
 * **Pipeline.** Each stage receives ``[S, B_live, H]`` from the previous stage and sends its
   output on (:mod:`~vigos_megatron.rollout.pipeline_p2p`, plain send/recv over the PP group);
   the last stage computes only the last column's logits ``[B_live, V/tp]`` (final norm and
@@ -76,6 +79,7 @@ from vigos_megatron.rollout.prompt_batch import (
     prompt_mrope_positions,
 )
 from vigos_megatron.rollout.sampling import sample_next_tokens
+from vigos_megatron.rollout.static_decode import DECODE_MODES, StaticDecode
 from vigos_megatron.runtime import model_device
 
 FINISH_STOP = "stop"
@@ -133,6 +137,10 @@ class GenerationStats:
     step_seconds: list[list[float]] = field(default_factory=list)
     #: largest KV cache held on this rank (bytes)
     kv_cache_bytes: int = 0
+    #: static decode: rows computed as bucket padding (summed over steps); CUDA graphs captured, and their time
+    padding_rows: int = 0
+    graph_captures: int = 0
+    capture_seconds: float = 0.0
 
 
 def _unwrap(chunk):
@@ -164,6 +172,7 @@ class MegatronRolloutEngine:
             or column chunks of one row when a prompt is longer). Default: 32768 on CUDA; 2048 on
             the CPU, where larger blocks make the element-wise work several times slower per token
             (activations of tens of MB leave the caches and are page-faulted in at every op).
+        decode_mode: one of ``DECODE_MODES`` (module docstring); default "graphs" on CUDA, else "dynamic".
     """
 
     def __init__(
@@ -176,6 +185,7 @@ class MegatronRolloutEngine:
         pg_collection=None,
         use_kv_cache: bool = True,
         prefill_max_tokens: int | None = None,
+        decode_mode: str | None = None,
     ):
         if len(chunks) != 1:
             raise ValueError(f"MegatronRolloutEngine takes one model chunk per rank (no virtual pipeline), got {len(chunks)}")
@@ -193,8 +203,9 @@ class MegatronRolloutEngine:
         stops = [int(s) for s in stop_token_ids]
         if not stops:
             raise ValueError("stop_token_ids: give at least one token id (e.g. <|im_end|>)")
+        cuda = model_device(self.chunks).type == "cuda"
         if prefill_max_tokens is None:
-            prefill_max_tokens = 32768 if model_device(self.chunks).type == "cuda" else 2048
+            prefill_max_tokens = 32768 if cuda else 2048
         if prefill_max_tokens < 1:
             raise ValueError(f"prefill_max_tokens: must be >= 1, got {prefill_max_tokens}")
         self.stop_token_ids = tuple(stops)
@@ -202,6 +213,11 @@ class MegatronRolloutEngine:
         self.use_kv_cache = bool(use_kv_cache)
         self.prefill_max_tokens = int(prefill_max_tokens)
         self.stage = CachedStageForward(self.lm) if self.use_kv_cache else None
+        mode = decode_mode or ("graphs" if cuda and use_kv_cache else "dynamic")
+        if mode not in DECODE_MODES or (mode == "graphs" and not cuda) or (mode != "dynamic" and not use_kv_cache):
+            raise ValueError(f"decode_mode: expected one of {', '.join(DECODE_MODES)} ('graphs' on CUDA, "
+                             f"'dynamic' without the KV cache), got {decode_mode!r}")
+        self.decode_mode = mode
 
         pg = pg_collection if pg_collection is not None else self.lm.pg_collection
         tp = getattr(pg, "tp", None)
@@ -334,6 +350,8 @@ class MegatronRolloutEngine:
         b, plen = rnd.batch_size, rnd.prompt_length
         stats.prompt_tokens += sum(rnd.lengths)
         cache = self._new_cache(rnd) if self.use_kv_cache else None
+        static = (StaticDecode(self, rnd, cache, capture=self.decode_mode == "graphs")
+                  if cache is not None and self.decode_mode != "dynamic" else None)
         tokens = torch.full((b, max_new), self.pad_token_id, dtype=torch.int64, device=device)
         self._track(rnd.input_ids, rnd.positions, rnd.key_pad, rnd.sample_ids, tokens)
 
@@ -349,7 +367,7 @@ class MegatronRolloutEngine:
         stats.prefill_seconds += self.clock() - t0
         if cache is not None:
             stats.kv_cache_bytes = max(stats.kv_cache_bytes, cache.nbytes())
-            self._track(*cache.buffers())
+            self._track(*cache.buffers(), *(static.buffers() if static is not None else ()))
 
         step_times: list[float] = []
         t_dec = self.clock()
@@ -364,7 +382,9 @@ class MegatronRolloutEngine:
                     cache.compact(torch.tensor(live, dtype=torch.int64, device=device), length=col)
                 slots = [slots[s] for s in live]
             rows = torch.tensor(slots, dtype=torch.int64, device=device)
-            if cache is not None:
+            if static is not None:
+                logits = static.step(rows, tokens[rows, t - 1], col)
+            elif cache is not None:
                 logits = self._decode_cached(rnd, rows, tokens[rows, t - 1], col, cache)
             else:
                 logits = self._decode_recompute(rnd, rows, tokens, prompt_embeds, deepstack, t)
@@ -382,6 +402,8 @@ class MegatronRolloutEngine:
                 raise RuntimeError(f"row {i} left the decode loop without a finish reason")
             out.append(RolloutCompletion(token_ids=tokens_cpu[i, : n_gen[i]].clone(), finish_reason=reason))
             stats.generated_tokens += n_gen[i]
+        if static is not None:
+            static.release()
         if cache is not None:
             cache.release()
         return out
@@ -491,7 +513,8 @@ class MegatronRolloutEngine:
         st = self.stage
         return RoundKVCache(layers=len(st.layers), batch=rnd.batch_size, columns=rnd.max_columns,
                             kv_heads=st.kv_heads, head_dim=st.head_dim, dtype=self.lm.config.params_dtype,
-                            key_pad=rnd.key_pad)
+                            key_pad=rnd.key_pad, prompt_columns=rnd.prompt_length,
+                            zeroed=self.decode_mode != "dynamic")
 
     def _prefill_chunks(self, batch: int, plen: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """``((r0, r1), (c0, c1))`` blocks of at most ``prefill_max_tokens`` tokens covering ``[B, P]``:
@@ -533,6 +556,7 @@ class MegatronRolloutEngine:
     def _decode_cached(self, rnd: PromptRound, rows: Tensor, feed: Tensor, col: int, cache: RoundKVCache):
         """One token per live slot ``[0, n)`` (round rows ``rows``) at cache column ``col``; keys ``[0, col]``."""
         n = rows.numel()
+        cache.open_column(col)
         x = self.lm.embedding(input_ids=feed[:, None], position_ids=None) if self.pre_process else None
         rope = self.stage.rope(rnd.positions[:, rows, col : col + 1], self.lm.config.params_dtype)
         return self._cached_forward(x, rope, cache, (0, n), (col, col + 1), cache.bias[:n, None, None, : col + 1])
@@ -548,6 +572,10 @@ class MegatronRolloutEngine:
         if not self.post_process:
             self.pp.send_next(h.to(self.pipe_dtype))
             return None
+        return self.logits(h)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Last stage: ``[rows, V/tp]`` logits of hidden states ``h`` ``[1, rows, H]`` (final norm, output layer)."""
         norm = self.lm.decoder.final_layernorm
         if norm is not None:
             h = norm(h)

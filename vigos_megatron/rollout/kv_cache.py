@@ -12,8 +12,12 @@ is: a decode step costs ``O(columns)`` reads and never re-rotates the prefix (me
 ``StaticInferenceContext`` stores un-rotated keys and rotates ``[0, end)`` at every step).
 
 ``bias[b, c]`` (``[B, T]``, model dtype) is the additive attention mask of column ``c`` of slot
-``b``: 0 where it may be attended to, ``-inf`` on left padding. A decode step at column ``c`` uses
-the view ``bias[:n, None, None, :c + 1]`` (built once per round, nothing rebuilt per step).
+``b``: 0 where it may be attended to, ``-inf`` on left padding and on the generated columns not
+yet written (columns ``>= prompt_columns``). A decode step at column ``c`` opens that column
+(:meth:`RoundKVCache.open_column`: one ``[B]`` write) and uses the view
+``bias[:n, None, None, :c + 1]``, or all ``T`` columns on static shapes
+(:mod:`~vigos_megatron.rollout.static_decode`; there the cache is zero-filled, so that masked
+columns contribute exact zeros).
 
 Live rows are kept in the first slots: :meth:`RoundKVCache.compact` moves the rows still
 generating to the front so that a decode step runs on ``[0, n_live)`` only (finished rows stop
@@ -35,21 +39,31 @@ import torch
 class RoundKVCache:
     """Rotated-key KV cache of ``layers`` layers for ``batch`` rows of ``columns`` columns.
 
-    ``key_pad``: bool ``[batch, columns]``, True on padding columns (``bias`` is ``-inf`` there).
+    ``key_pad``: bool ``[batch, columns]``, True on padding columns (``bias`` is ``-inf`` there);
+    columns from ``prompt_columns`` on are generated (``-inf`` until opened); ``zeroed``: fill K and
+    V with zeros (else left uninitialised: a dynamic step never reads a column before writing it).
     """
 
     def __init__(self, *, layers: int, batch: int, columns: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, key_pad: torch.Tensor):
+                 dtype: torch.dtype, key_pad: torch.Tensor, prompt_columns: int, zeroed: bool = False):
         if batch < 1 or columns < 1:
             raise ValueError(f"KV cache needs batch >= 1 and columns >= 1, got {batch}, {columns}")
         if tuple(key_pad.shape) != (batch, columns):
             raise ValueError(f"key_pad: expected [{batch}, {columns}], got {tuple(key_pad.shape)}")
-        self.kv = torch.empty((layers, 2, batch, kv_heads, columns, head_dim), dtype=dtype, device=key_pad.device)
-        self.bias = torch.zeros((batch, columns), dtype=dtype, device=key_pad.device).masked_fill_(key_pad, float("-inf"))
+        if not 0 < prompt_columns <= columns:
+            raise ValueError(f"prompt_columns: expected 1..{columns}, got {prompt_columns}")
+        shape, dev = (layers, 2, batch, kv_heads, columns, head_dim), key_pad.device
+        self.kv = torch.zeros(shape, dtype=dtype, device=dev) if zeroed else torch.empty(shape, dtype=dtype, device=dev)
+        self.bias = torch.zeros((batch, columns), dtype=dtype, device=dev).masked_fill_(key_pad, float("-inf"))
+        self.bias[:, prompt_columns:] = float("-inf")
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K, V)`` of layer ``index`` of this stage, each ``[B, G, T, D]`` (views)."""
         return self.kv[index, 0], self.kv[index, 1]
+
+    def open_column(self, column: int) -> None:
+        """Make generated column ``column`` visible to every slot (before the step that writes it)."""
+        self.bias[:, column] = 0.0
 
     # ----------------------------------------------------------------- bookkeeping
 
