@@ -648,3 +648,42 @@ def test_a_stop_while_the_checkpoint_writer_starts_is_kept_and_the_writer_surviv
                           env=subprocess_env({"VIGOS_FORCE_CPU": "1"}))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stop noticed True" in proc.stdout and "server alive True" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_checkpoint_writer_server_ends_with_a_killed_rank():
+    """Subprocess: the write-results server ignores stop signals (above), so a rank killed with SIGKILL
+    cannot shut it down: its watchdog kills it once the rank is gone, and ends too."""
+    import psutil
+
+    code = textwrap.dedent("""
+        import multiprocessing, time
+        from vigos_megatron.training.checkpoint import start_checkpoint_writer
+
+        start_checkpoint_writer()
+        print("server", *[p.pid for p in multiprocessing.active_children()], flush=True)
+        time.sleep(300)
+    """)
+    from vigos_megatron.testing.distributed import subprocess_env
+
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=subprocess_env({"VIGOS_FORCE_CPU": "1"}))
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["server"] and len(line) == 2, line
+        server = psutil.Process(int(line[1]))
+        watchdogs = [c for c in psutil.Process(proc.pid).children() if "pidfd_open" in " ".join(c.cmdline())]
+        assert len(watchdogs) == 1 and server.is_running()
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def gone(p):
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 30
+    while not (gone(server) and gone(watchdogs[0])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(server) and gone(watchdogs[0])

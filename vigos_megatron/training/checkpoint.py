@@ -235,7 +235,15 @@ def start_checkpoint_writer() -> None:
     another thread of this process (the rank has several), where the stop handler records it, or
     stays pending until the mask is restored. (Setting the signals to ``SIG_IGN`` here instead
     would discard a stop that arrives during the server's start, a second or more: a preemption
-    right after a resume would then reach no rank.)"""
+    right after a resume would then reach no rank.)
+
+    A server that no stop signal ends must not outlive its rank: when the rank is killed (SIGKILL,
+    an out-of-memory kill) it is not shut down, and nothing else would end it. On Linux a
+    watchdog (:data:`_WATCHDOG`, a small interpreter started with the same mask) holds a pidfd of
+    the server and the read end of a pipe whose write end only this rank holds (and a child forked
+    from it without ``exec``, while it runs); the kernel closes that end when the rank ends,
+    however it ends, and the watchdog then kills the server."""
+    import multiprocessing
     import signal
     from multiprocessing import resource_tracker
 
@@ -245,11 +253,53 @@ def start_checkpoint_writer() -> None:
         return
     # multiprocessing's resource tracker UNBLOCKS SIGTERM and SIGINT after it starts: start it first
     resource_tracker.ensure_running()
+    before = set(multiprocessing.active_children())
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         filesystem_async.get_write_results_queue()
+        for server in set(multiprocessing.active_children()) - before:
+            _watch_server(server.pid)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+#: the watchdog of a write-results server: pidfd of the server (argv[1]) first, then wait for the
+#: end of stdin (the rank's end of the pipe closes with the rank) and kill the server
+_WATCHDOG = """import os, signal, sys
+try:
+    fd = os.pidfd_open(int(sys.argv[1]))
+except OSError:  # a kernel without pidfds (< 5.3), or the server is gone already
+    sys.exit(0)
+sys.stdin.buffer.read()
+try:
+    signal.pidfd_send_signal(fd, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+#: the watchdogs started by this process (kept so that they are never collected while running)
+_WATCHDOGS: list = []
+
+
+def _watch_server(pid: int) -> None:
+    """Start the watchdog of server ``pid`` (Linux: pidfds; elsewhere nothing). The pipe's write end
+    stays open for the life of this process (it is not inherited by exec'd children)."""
+    import os
+    import subprocess
+    import sys
+
+    if not (hasattr(os, "pidfd_open") and sys.platform.startswith("linux")):
+        return
+    read_end, write_end = os.pipe()
+    try:
+        _WATCHDOGS.append(subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=read_end,
+                                           stdout=subprocess.DEVNULL, close_fds=True))
+    except OSError:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
 
 def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list, model: list, optimizer, scheduler,
                              hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None,
