@@ -2,9 +2,9 @@
 
 TP=1 in process: greedy equals HF ``generate`` token for token (two left-padded student prompts of
 different image sizes; attention sharpened so that a wrong position or a missing deepstack feature
-changes the tokens) through the KV cache with the local and sdpa specs and through full
-recomputation (sdpa); the local spec's recomputation path is refused (Bridge's Qwen3-VL attention
-ignores the padding mask there). Multi-process (slow): TP=2 and PP=2 give HF's greedy tokens and
+changes the tokens) through the KV cache with the local and sdpa specs (local: also the static
+decode step) and through full recomputation (sdpa); the local spec's recomputation path is
+refused (Bridge's Qwen3-VL attention ignores the padding mask there). Multi-process (slow): TP=2 and PP=2 give HF's greedy tokens and
 the TP=1 sampled tokens (tests/dist/rollout_parity.py).
 """
 
@@ -59,12 +59,14 @@ def _engine(s, impl: str, **kw):
                                  pad_token_id=s["stops"][1], **kw)
 
 
-@pytest.mark.parametrize("impl,kv", [("local", True), ("sdpa", True), ("sdpa", False)],
-                         ids=["local-cache", "sdpa-cache", "sdpa-recompute"])
-def test_greedy_equals_hf_generate(setup3, impl, kv):
+@pytest.mark.parametrize("impl,kv,mode", [("local", True, "dynamic"), ("local", True, "static"),
+                                          ("sdpa", True, "dynamic"), ("sdpa", False, "dynamic")],
+                         ids=["local-cache", "local-static", "sdpa-cache", "sdpa-recompute"])
+def test_greedy_equals_hf_generate(setup3, impl, kv, mode):
     grids = [p.image_grid_thw.tolist() for p in setup3["prompts"]]
     assert grids[0] != grids[1]
-    outs = _engine(setup3, impl, use_kv_cache=kv).generate(setup3["prompts"], SamplingConfig(greedy=True, max_new_tokens=MAX_NEW))
+    eng = _engine(setup3, impl, use_kv_cache=kv, decode_mode=mode)
+    outs = eng.generate(setup3["prompts"], SamplingConfig(greedy=True, max_new_tokens=MAX_NEW))
     got = [o.token_ids.tolist() for o in outs]
     assert got == [truncate_at(r, setup3["stops"]) for r in setup3["ref"]]
     assert sorted(o.finish_reason for o in outs) == ["length", "stop"]

@@ -24,9 +24,9 @@
   step for all layers, and attention reads the rotated cache as it is (nothing over the prefix is
   recomputed: the cost per token grows only by reading the cache). Rows that finished are
   compacted out of the cache (:meth:`RoundKVCache.compact`) and cost nothing afterwards.
-  ``decode_mode`` "graphs" (the default on CUDA) runs the step on static shapes per batch bucket
-  and replays it from a CUDA graph (:mod:`~vigos_megatron.rollout.static_decode`); "static" runs
-  those shapes eagerly; "dynamic" (the default elsewhere) the exact shapes.
+  ``decode_mode`` "graphs" (default on CUDA at TP=1) replays the step on static shapes per batch
+  bucket from CUDA graphs (:mod:`~vigos_megatron.rollout.static_decode`), "static" runs those
+  shapes eagerly, "dynamic" (default elsewhere) the exact shapes.
 * **Pipeline.** Each stage receives ``[S, B_live, H]`` from the previous stage and sends its
   output on (:mod:`~vigos_megatron.rollout.pipeline_p2p`, plain send/recv over the PP group);
   the last stage computes only the last column's logits ``[B_live, V/tp]`` (final norm and
@@ -42,8 +42,8 @@
   model's device (:func:`vigos_megatron.runtime.model_device`).
 * **CPU GEMMs.** On the CPU (fp32) the stage's linears run through oneDNN on a copy of the
   weights reordered at the start of each :meth:`generate` call and dropped at its end
-  (:meth:`~vigos_megatron.rollout.cached_forward.EvalLinear.pack`): 1.1-1.6x faster than MKL's
-  ``matmul`` there; the last bits of the logits differ from the training forward's.
+  (:meth:`~vigos_megatron.rollout.cached_forward.EvalLinear.pack`); the last bits of the logits
+  differ from the training forward's.
 
 Requirements: megatron-core ``TransformerLayer`` s with ``SelfAttention`` and a dense MLP (the
 local or sdpa spec; :func:`~vigos_megatron.rollout.cached_forward.check_layer` says what else),
@@ -137,7 +137,7 @@ class GenerationStats:
     step_seconds: list[list[float]] = field(default_factory=list)
     #: largest KV cache held on this rank (bytes)
     kv_cache_bytes: int = 0
-    #: static decode: rows computed as bucket padding (summed over steps); CUDA graphs captured, and their time
+    #: static decode: rows computed as bucket padding (summed over steps); CUDA graphs captured, their time
     padding_rows: int = 0
     graph_captures: int = 0
     capture_seconds: float = 0.0
@@ -172,7 +172,8 @@ class MegatronRolloutEngine:
             or column chunks of one row when a prompt is longer). Default: 32768 on CUDA; 2048 on
             the CPU, where larger blocks make the element-wise work several times slower per token
             (activations of tens of MB leave the caches and are page-faulted in at every op).
-        decode_mode: one of ``DECODE_MODES`` (module docstring); default "graphs" on CUDA, else "dynamic".
+        decode_mode: one of ``DECODE_MODES`` (module docstring); default "graphs" on CUDA without
+            tensor parallelism, else "dynamic".
     """
 
     def __init__(
@@ -213,16 +214,17 @@ class MegatronRolloutEngine:
         self.use_kv_cache = bool(use_kv_cache)
         self.prefill_max_tokens = int(prefill_max_tokens)
         self.stage = CachedStageForward(self.lm) if self.use_kv_cache else None
-        mode = decode_mode or ("graphs" if cuda and use_kv_cache else "dynamic")
-        if mode not in DECODE_MODES or (mode == "graphs" and not cuda) or (mode != "dynamic" and not use_kv_cache):
-            raise ValueError(f"decode_mode: expected one of {', '.join(DECODE_MODES)} ('graphs' on CUDA, "
-                             f"'dynamic' without the KV cache), got {decode_mode!r}")
-        self.decode_mode = mode
 
         pg = pg_collection if pg_collection is not None else self.lm.pg_collection
         tp = getattr(pg, "tp", None)
         self.tp_group = tp if tp is not None and dist.get_world_size(tp) > 1 else None
         self.tp_rank = dist.get_rank(tp) if self.tp_group is not None else 0
+        # graphs by default only where no tensor-parallel collective would be captured
+        mode = decode_mode or ("graphs" if cuda and use_kv_cache and self.tp_group is None else "dynamic")
+        if mode not in DECODE_MODES or (mode == "graphs" and not cuda) or (mode != "dynamic" and not use_kv_cache):
+            raise ValueError(f"decode_mode: expected one of {', '.join(DECODE_MODES)} ('graphs' on CUDA, "
+                             f"'dynamic' without the KV cache), got {decode_mode!r}")
+        self.decode_mode = mode
         self.pp = PipelineLinks.of(getattr(pg, "pp", None))
         self.pre_process, self.post_process = bool(self.model.pre_process), bool(self.model.post_process)
         if (self.pp.is_first, self.pp.is_last) != (self.pre_process, self.post_process):
@@ -476,19 +478,6 @@ class MegatronRolloutEngine:
         deepstack = DeepstackRows(mask, [torch.cat(d).to(emb.dtype) for d in deep_rows]) if n_deep else None
         return emb.transpose(0, 1).contiguous(), deepstack
 
-    @staticmethod
-    def _deepstack_kwargs(deepstack: DeepstackRows | None, rows, end: int) -> dict:
-        """The language model's deepstack arguments for round rows ``rows`` over columns ``[0, end)``
-        (columns past the prompt hold generated text: no image token)."""
-        if deepstack is None:
-            return {}
-        mask = deepstack.mask[rows]
-        index = torch.cumsum(deepstack.mask.flatten(), 0).view_as(deepstack.mask) - 1
-        idx = index[rows][mask]
-        full = torch.zeros((mask.shape[0], end), dtype=torch.bool, device=mask.device)
-        full[:, : mask.shape[1]] = mask
-        return {"visual_pos_masks": full, "deepstack_visual_embeds": [f[idx] for f in deepstack.feats]}
-
     def _stage_forward(self, decoder_input, position_ids: Tensor, mask: Tensor, context, seq_len: int, rows: int,
                        deepstack_kwargs: dict):
         """This stage's language model on ``rows`` rows of ``seq_len`` tokens; last stage -> ``[rows, V/tp]`` logits."""
@@ -535,8 +524,8 @@ class MegatronRolloutEngine:
             for r0, r1 in ((r0, min(b, r0 + g)) for r0 in range(0, b, g)):
                 mask = causal_padding_mask(rnd.key_pad[r0:r1], 0, plen)
                 x = prompt_embeds[:, r0:r1] if prompt_embeds is not None else None
-                parts.append(self._stage_forward(x, rnd.positions[:, r0:r1, :plen], mask, None, plen, r1 - r0,
-                                                 self._deepstack_kwargs(deepstack, slice(r0, r1), plen)))
+                deep = deepstack.model_kwargs(slice(r0, r1), plen) if deepstack is not None else {}
+                parts.append(self._stage_forward(x, rnd.positions[:, r0:r1, :plen], mask, None, plen, r1 - r0, deep))
             return torch.cat(parts) if self.post_process else None
         dev = rnd.key_pad.device
         for (r0, r1), (c0, c1) in self._prefill_chunks(b, plen):
@@ -594,5 +583,5 @@ class MegatronRolloutEngine:
             gen = self.lm.embedding(input_ids=tokens[rows, :t], position_ids=None)  # [t, n, H]
             x = torch.cat([prompt_embeds[:, rows], gen], dim=0)
         mask = causal_padding_mask(rnd.key_pad[rows], 0, end)
-        return self._stage_forward(x, rnd.positions[:, rows, :end], mask, None, end, rows.numel(),
-                                   self._deepstack_kwargs(deepstack, rows, end))
+        deep = deepstack.model_kwargs(rows, end) if deepstack is not None else {}
+        return self._stage_forward(x, rnd.positions[:, rows, :end], mask, None, end, rows.numel(), deep)

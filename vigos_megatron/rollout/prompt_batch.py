@@ -82,6 +82,16 @@ class DeepstackRows:
         idx = index[r0:r1, c0:c1][m]
         return m, [f[idx] for f in self.feats]
 
+    def model_kwargs(self, rows, end: int) -> dict:
+        """The language model's deepstack arguments for round rows ``rows`` (a slice or an index
+        tensor) over columns ``[0, end)`` (columns past the prompt hold generated text: no image token)."""
+        mask = self.mask[rows]
+        index = torch.cumsum(self.mask.flatten(), 0).view_as(self.mask) - 1
+        idx = index[rows][mask]
+        full = torch.zeros((mask.shape[0], end), dtype=torch.bool, device=mask.device)
+        full[:, : mask.shape[1]] = mask
+        return {"visual_pos_masks": full, "deepstack_visual_embeds": [f[idx] for f in self.feats]}
+
 
 def build_round(prompt_ids: list[torch.Tensor], prompt_positions: list[torch.Tensor], sample_ids: list[int], *,
                 max_new_tokens: int, pad_token_id: int, device) -> PromptRound:
