@@ -4,8 +4,8 @@ TP=1 in process: greedy equals HF ``generate`` token for token (two left-padded 
 different image sizes; attention sharpened so that a wrong position or a missing deepstack feature
 changes the tokens) through the KV cache with the local and sdpa specs (local: also the static
 decode step) and through full recomputation (sdpa); the local spec's recomputation path is
-refused (Bridge's Qwen3-VL attention ignores the padding mask there). Multi-process (slow): TP=2 and PP=2 give HF's greedy tokens and
-the TP=1 sampled tokens (tests/dist/rollout_parity.py).
+refused (Bridge's Qwen3-VL attention ignores the padding mask there). Multi-process (slow): TP=2
+and PP=2 give HF's greedy tokens and the TP=1 sampled tokens (tests/dist/rollout_parity.py).
 """
 
 from __future__ import annotations
