@@ -37,6 +37,7 @@ against ``col + 1`` on the dynamic path.
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
 import torch
@@ -131,8 +132,13 @@ class StaticDecode:
                     self._body(nb)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._body(nb)
+            gc.freeze()  # torch.cuda.graph collects garbage on entry: cheap over a frozen heap
+            try:
+                # thread_local: CUDA calls of other threads (NCCL's watchdog) are not capture errors
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    out = self._body(nb)
+            finally:
+                gc.unfreeze()
             self.graphs[nb] = (graph, out)
             e.last_stats.graph_captures += 1
             e.last_stats.capture_seconds += e.clock() - t0
