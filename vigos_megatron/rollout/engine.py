@@ -545,10 +545,15 @@ class MegatronRolloutEngine:
     def _decode_cached(self, rnd: PromptRound, rows: Tensor, feed: Tensor, col: int, cache: RoundKVCache):
         """One token per live slot ``[0, n)`` (round rows ``rows``) at cache column ``col``; keys ``[0, col]``."""
         n = rows.numel()
+        x, rope = self.decode_inputs(rnd, rows, feed, col, cache)
+        return self._cached_forward(x, rope, cache, (0, n), (col, col + 1), cache.bias[:n, None, None, : col + 1])
+
+    def decode_inputs(self, rnd: PromptRound, rows: Tensor, feed: Tensor, col: int, cache: RoundKVCache):
+        """Open cache column ``col``; return the first stage's embeddings ``[1, n, H]`` of ``feed``
+        (other stages: None) and the step's rotary ``(cos, sin)`` ``[1, n, 1, D]`` (round rows ``rows``)."""
         cache.open_column(col)
         x = self.lm.embedding(input_ids=feed[:, None], position_ids=None) if self.pre_process else None
-        rope = self.stage.rope(rnd.positions[:, rows, col : col + 1], self.lm.config.params_dtype)
-        return self._cached_forward(x, rope, cache, (0, n), (col, col + 1), cache.bias[:n, None, None, : col + 1])
+        return x, self.stage.rope(rnd.positions[:, rows, col : col + 1], self.lm.config.params_dtype)
 
     def _cached_forward(self, x, rope, cache: RoundKVCache, rows: tuple[int, int], cols: tuple[int, int], bias,
                         deepstack: tuple[Tensor, list] | None = None):

@@ -74,23 +74,25 @@ class DeepstackRows:
     mask: torch.Tensor
     feats: list
 
+    def _feats(self, rows, columns) -> tuple[torch.Tensor, list]:
+        """``(mask[rows, columns], feats)`` with the features of that block's image tokens, in its mask's
+        row-major order (``feats`` rows are numbered in the whole mask's row-major order)."""
+        index = torch.cumsum(self.mask.flatten(), 0).view_as(self.mask) - 1
+        m = self.mask[rows][:, columns]
+        idx = index[rows][:, columns][m]
+        return m, [f[idx] for f in self.feats]
+
     def block(self, rows: tuple[int, int], columns: tuple[int, int]) -> tuple[torch.Tensor, list]:
         """``(mask [b, s], feats)`` of the rows/columns block, features in the block mask's row-major order."""
-        (r0, r1), (c0, c1) = rows, columns
-        index = torch.cumsum(self.mask.flatten(), 0).view_as(self.mask) - 1
-        m = self.mask[r0:r1, c0:c1]
-        idx = index[r0:r1, c0:c1][m]
-        return m, [f[idx] for f in self.feats]
+        return self._feats(slice(*rows), slice(*columns))
 
     def model_kwargs(self, rows, end: int) -> dict:
         """The language model's deepstack arguments for round rows ``rows`` (a slice or an index
         tensor) over columns ``[0, end)`` (columns past the prompt hold generated text: no image token)."""
-        mask = self.mask[rows]
-        index = torch.cumsum(self.mask.flatten(), 0).view_as(self.mask) - 1
-        idx = index[rows][mask]
+        mask, feats = self._feats(rows, slice(None))
         full = torch.zeros((mask.shape[0], end), dtype=torch.bool, device=mask.device)
         full[:, : mask.shape[1]] = mask
-        return {"visual_pos_masks": full, "deepstack_visual_embeds": [f[idx] for f in self.feats]}
+        return {"visual_pos_masks": full, "deepstack_visual_embeds": feats}
 
 
 def build_round(prompt_ids: list[torch.Tensor], prompt_positions: list[torch.Tensor], sample_ids: list[int], *,

@@ -70,11 +70,10 @@ def batch_buckets(batch: int) -> list[int]:
 
 
 class StaticDecode:
-    """The decode steps of one round on static shapes (module docstring); ``capture``: CUDA graphs."""
+    """The decode steps of one round on static shapes (module docstring); ``capture``: CUDA graphs
+    (the engine allows it for CUDA models only)."""
 
     def __init__(self, engine: MegatronRolloutEngine, rnd: PromptRound, cache: RoundKVCache, *, capture: bool):
-        if capture and rnd.key_pad.device.type != "cuda":
-            raise ValueError(f"decode_mode 'graphs' needs CUDA tensors, the round is on {rnd.key_pad.device}")
         self.engine, self.rnd, self.cache = engine, rnd, cache
         self.buckets = batch_buckets(rnd.batch_size)
         b, dev = rnd.batch_size, rnd.key_pad.device
@@ -98,12 +97,9 @@ class StaticDecode:
         e, n = self.engine, rows.numel()
         nb = next(b for b in self.buckets if b >= n)
         e.last_stats.padding_rows += nb - n
-        self.cache.open_column(col)
-        if e.pre_process:
-            x = e.lm.embedding(input_ids=feed[:, None], position_ids=None)
-        else:
+        x, (cos, sin) = e.decode_inputs(self.rnd, rows, feed, col, self.cache)
+        if x is None:
             x = e.pp.recv_prev((1, n, e.hidden_size), e.pipe_dtype, self.x.device)
-        cos, sin = e.stage.rope(self.rnd.positions[:, rows, col : col + 1], e.lm.config.params_dtype)
         self.x[:, :n].copy_(x)
         self.cos[:, :n].copy_(cos)
         self.sin[:, :n].copy_(sin)
