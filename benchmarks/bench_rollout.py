@@ -213,7 +213,7 @@ def run(args) -> None:
 
     from vigos_megatron.config.sampling import SamplingConfig
     from vigos_megatron.models.builder import QwenVLBuilder
-    from vigos_megatron.rollout import cpu_attention
+    from vigos_megatron.rollout import cpu_attention, cpu_linear
     from vigos_megatron.rollout.engine import MegatronRolloutEngine, RolloutPrompt
     from vigos_megatron.runtime import describe, model_device
     from vigos_megatron.startup import local_model_parallel
@@ -308,9 +308,12 @@ def run(args) -> None:
 
     name = {"tiny": "tiny Qwen2.5-VL (fp32)", "small": "small Qwen2.5-VL (fp32, hidden 512, 8 layers)",
             "3b": "Qwen2.5-VL-3B-shaped random model (bf16)"}[args.preset]
-    kernel = "C kernel" if device.type == "cpu" and cpu_attention.kernel() is not None else "batched GEMMs"
+    cpu = device.type == "cpu"
+    attention = "C kernel" if cpu and cpu_attention.kernel() is not None else "batched GEMMs"
+    linears = "C kernel" if cpu and cpu_linear.kernel() is not None else ("oneDNN" if cpu else "torch")
     print(f"\n{name}, vocabulary {cfg.text_config.vocab_size}; {describe()}; {args.threads} torch threads; "
-          f"decode attention: {kernel}; prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), "
+          f"decode attention: {attention}; linears: {linears}; "
+          f"prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), "
           f"{args.new_tokens} new tokens, greedy; {args.clock} clock")
     cols = [("batch", 6, lambda row, mode, r: row["batch"]), ("decode", 8, lambda row, mode, r: mode),
             ("engine tok/s", 14, lambda row, mode, r: f"{r['tps']:.1f}")]

@@ -244,20 +244,28 @@ def test_cached_forward_rope_and_attention_match_references():
     torch.testing.assert_close(last.reshape(1, b, -1).double(), want[-1:], rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_packed_linears_match_the_modules_and_unpack(setup):
-    """On the CPU the engine's linears run on a oneDNN copy of the weights during generate: the
-    same product up to fp32 rounding, back to the bit-identical matmul after unpack."""
+@pytest.mark.parametrize("kernel", ["panels", "onednn"])
+def test_packed_linears_match_the_modules_and_unpack(setup, kernel, monkeypatch):
+    """On the CPU the engine's linears run on a packed copy of the weights during generate (the C
+    kernel's panels; oneDNN's layout where that kernel is unavailable): the same product up to fp32
+    rounding, back to the bit-identical matmul after unpack."""
+    from vigos_megatron.rollout import cpu_linear
     from vigos_megatron.rollout.cached_forward import EvalLinear
 
+    if kernel == "onednn":
+        monkeypatch.setattr(cpu_linear, "kernel", lambda: None)
+    elif cpu_linear.kernel() is None:
+        pytest.skip("no C kernel")
     layer = setup["chunks"][0].language_model.decoder.layers[0]
     x = torch.randn(5, 3, layer.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         lin = EvalLinear(layer.mlp.linear_fc1)
         want = layer.mlp.linear_fc1(x)[0]
         packed = lin.pack()
-        assert packed is not None and lin.packed is packed
+        assert packed is not None
+        assert isinstance(lin.packed, cpu_linear.Panels) == (kernel == "panels")
         got = lin(x)[0]
-        print(f"oneDNN vs matmul: max |diff| {(got - want).abs().max().item():.1e}")
+        print(f"{kernel} vs matmul: max |diff| {(got - want).abs().max().item():.1e}")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         lin.unpack()
         assert lin.packed is None and torch.equal(lin(x)[0], want)

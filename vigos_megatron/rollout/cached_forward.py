@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor
 
-from vigos_megatron.rollout import cpu_attention
+from vigos_megatron.rollout import cpu_attention, cpu_linear
 from vigos_megatron.rollout.kv_cache import RoundKVCache
 
 
@@ -161,11 +161,12 @@ class EvalLinear:
     input) in eval mode: ``(x W^T + b, None)``, or ``(x W^T, b)`` with ``skip_bias_add``; a
     row-parallel product is all-reduced over its TP group before the bias. Anything else: the module.
 
-    :meth:`pack` (on the CPU) computes ``x W^T`` with a oneDNN copy of ``W`` (:func:`onednn_packed`)
-    until :meth:`unpack`; the copy is taken when packing, so pack again after the weights change."""
+    :meth:`pack` (on the CPU, fp32) computes ``x W^T`` from a packed copy of ``W`` until :meth:`unpack`:
+    :mod:`cpu_linear`'s panels, or oneDNN's layout (:func:`onednn_packed`) where that kernel cannot be
+    built; the copy is taken when packing, so pack again after the weights change."""
 
-    #: oneDNN copy of the weight while packed (None: torch.matmul on the module's weight)
-    packed: Tensor | None = None
+    #: packed copy of the weight while packed (None: torch.matmul on the module's weight)
+    packed: cpu_linear.Panels | Tensor | None = None
 
     def __init__(self, module):
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -184,8 +185,15 @@ class EvalLinear:
             self.group = None
 
     def pack(self) -> Tensor | None:
-        """Switch to the oneDNN product where it applies (:func:`onednn_packed`); returns the copy."""
-        self.packed = onednn_packed(self.module.weight) if self.plain else None
+        """Switch to a packed product where one applies; returns the packed tensor (None: none)."""
+        if not self.plain:
+            self.packed = None
+            return None
+        w = self.module.weight
+        self.packed = cpu_linear.pack(w)
+        if self.packed is not None:
+            return self.packed.data
+        self.packed = onednn_packed(w)
         return self.packed
 
     def unpack(self) -> None:
@@ -195,7 +203,9 @@ class EvalLinear:
         mod = self.module
         if not self.plain:
             return mod(x)
-        if self.packed is not None:
+        if isinstance(self.packed, cpu_linear.Panels):
+            y = cpu_linear.linear(x, self.packed)
+        elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
             y = torch.matmul(x, mod.weight.t())
@@ -296,7 +306,7 @@ class CachedStageForward:
         output = (EvalLinear(lm.output_layer) if lm.post_process and not lm.share_embeddings_and_output_weights
                   else None)
         self.output = output if output is not None and output.plain else None
-        #: every direct linear of the stage (packed for oneDNN during a generation on the CPU)
+        #: every direct linear of the stage (packed during a generation on the CPU: :meth:`EvalLinear.pack`)
         self.linears = [lin for qkv, proj, mlp, _, _ in self.parts for lin in (qkv.linear, proj, mlp.fc1, mlp.fc2)]
         if self.output is not None:
             self.linears.append(self.output)

@@ -10,111 +10,35 @@ dimension and reads the cache well below the copy bandwidth; the kernel loads ev
 row once and keeps the ``P`` products of a tile in registers. fp32 only, head dim a multiple of 16
 up to 256.
 
-The C source is compiled with the system's C compiler (``$CC``, else ``cc``) at ``-O3
--march=native`` into ``$XDG_CACHE_HOME/vigos_megatron`` (default ``~/.cache``), named by the hash
-of the source, the compiler's version and the CPU's flags (one file per machine type on a shared
-home), written atomically (concurrent processes may build it at once). Where no compiler works,
-:func:`kernel` returns ``None`` after one warning and callers use their torch path. ``ctypes``
-releases the GIL during a call, so :func:`decode_attention` splits the groups over
-``torch.get_num_threads()`` threads.
+The C source is built on first use by :mod:`cpu_kernels` (the system's C compiler; where none
+works, :func:`kernel` is None and callers use their torch path); :func:`decode_attention` splits
+the groups over ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from vigos_megatron.rollout import cpu_kernels
+from vigos_megatron.rollout.cpu_kernels import F32, I64, PTR
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
-_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compiler() -> tuple[str, str] | None:
-    """``(path, version line)`` of ``$CC`` or ``cc``; None without one."""
-    cc = shutil.which(os.environ.get("CC") or "cc")
-    if cc is None:
-        return None
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return cc, out.splitlines()[0] if out else cc
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "vigos_megatron"
-
-
-def _build() -> Path:
-    """The shared library for this source, compiler and CPU (built if absent); raises on failure."""
-    found = _compiler()
-    if found is None:
-        raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'} not found or not working)")
-    cc, version = found
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_attention-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {(res.stderr or res.stdout).strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.decode_attention.argtypes = [PTR] * 6 + [I64] * 8 + [F32]
+    lib.decode_attention.restype = ctypes.c_int
 
 
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (one warning) where it cannot be built or loaded."""
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("CPU decode attention: the C kernel is unavailable (%s); using torch's batched GEMMs", exc)
-        return None
-    lib.decode_attention.argtypes = [_PTR] * 6 + [_I64] * 8 + [_F32]
-    lib.decode_attention.restype = ctypes.c_int
-    return lib
-
-
-@functools.cache
-def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
-    """Threads for :func:`decode_attention`; one pool per process (``pid``: a forked child has none of
-    its parent's threads)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpu-attention")
+    return cpu_kernels.load(SOURCE, _declare, "torch's batched GEMMs for the decode attention")
 
 
 def supports(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> bool:
@@ -146,18 +70,14 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scal
     """
     b, g, p, d = q.shape
     t = keys.shape[2]
-    groups = b * g
-    n = min(torch.get_num_threads(), groups) if groups * t * d >= PARALLEL_ELEMENTS else 1
-    cuts = [groups * k // n for k in range(n + 1)]
-    work = torch.empty((n, p, t), dtype=torch.float32)
     out = torch.empty((b, g, p, d), dtype=torch.float32)
     fn = kernel().decode_attention
 
-    def part(k: int) -> int:
-        return fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), bias.data_ptr(), work[k].data_ptr(),
-                  out.data_ptr(), cuts[k], cuts[k + 1], g, p, t, d, keys.stride(1), bias.stride(0), scale)
+    def part(i0: int, i1: int) -> int:
+        work = torch.empty((p, t), dtype=torch.float32)  # this piece's scores
+        return fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), bias.data_ptr(), work.data_ptr(),
+                  out.data_ptr(), i0, i1, g, p, t, d, keys.stride(1), bias.stride(0), scale)
 
-    codes = [part(0)] if n == 1 else [f.result() for f in [_pool(n, os.getpid()).submit(part, k) for k in range(n)]]
-    if any(codes):
+    if any(cpu_kernels.run_split(part, b * g, b * g * t * d >= PARALLEL_ELEMENTS)):
         raise ValueError(f"cpu_attention: operands outside the kernel's shapes (P={p}, D={d})")
     return out

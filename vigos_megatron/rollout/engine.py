@@ -40,10 +40,11 @@
   of megatron's global attention workspace are released before :meth:`generate` returns
   (``last_buffers`` holds weak references to them for tests). Everything is allocated on the
   model's device (:func:`vigos_megatron.runtime.model_device`).
-* **CPU GEMMs.** On the CPU (fp32) the stage's linears run through oneDNN on a copy of the
-  weights reordered at the start of each :meth:`generate` call and dropped at its end
-  (:meth:`~vigos_megatron.rollout.cached_forward.EvalLinear.pack`); the last bits of the logits
-  differ from the training forward's.
+* **CPU GEMMs.** On the CPU (fp32) the stage's linears run on a copy of the weights packed at
+  the start of each :meth:`generate` call and dropped at its end
+  (:meth:`~vigos_megatron.rollout.cached_forward.EvalLinear.pack`: :mod:`~vigos_megatron.rollout.cpu_linear`'s
+  C kernel, oneDNN where it cannot be built); the last bits of the logits differ from the training
+  forward's.
 
 Requirements: megatron-core ``TransformerLayer`` s with ``SelfAttention`` and a dense MLP (the
 local or sdpa spec; :func:`~vigos_megatron.rollout.cached_forward.check_layer` says what else),
@@ -316,7 +317,7 @@ class MegatronRolloutEngine:
             with torch.no_grad(), preserve_global_memory_buffer():
                 for m in modules:
                     m.training = False
-                if self.stage is not None:  # the current weights, copied for oneDNN on the CPU
+                if self.stage is not None:  # the current weights, packed on the CPU
                     self._track(*(lin.pack() for lin in self.stage.linears))
                 for r0 in range(0, len(order), sampling.max_batch_size):
                     rows = order[r0 : r0 + sampling.max_batch_size]
