@@ -310,7 +310,7 @@ def run(args) -> None:
             "3b": "Qwen2.5-VL-3B-shaped random model (bf16)"}[args.preset]
     cpu = device.type == "cpu"
     attention = "C kernel" if cpu and cpu_attention.kernel() is not None else "batched GEMMs"
-    linears = "C kernel" if cpu and cpu_linear.kernel() is not None else ("oneDNN" if cpu else "torch")
+    linears = "C kernel" if cpu and cpu_linear.kernel() is not None else ("oneDNN or torch" if cpu else "torch")
     print(f"\n{name}, vocabulary {cfg.text_config.vocab_size}; {describe()}; {args.threads} torch threads; "
           f"decode attention: {attention}; linears: {linears}; "
           f"prompts {sorted({b[0].numel() for b in bases})} tokens (image+text), "

@@ -301,6 +301,7 @@ def _watch_server(pid: int) -> None:
     finally:
         os.close(read_end)
 
+
 def save_training_checkpoint(run_dir, state: TrainState, *, student_chunks: list, model: list, optimizer, scheduler,
                              hf_source_dir, settings: dict | None = None, keep_last: int = 0, log=None,
                              background: "BackgroundSaves | None" = None) -> Path:
